@@ -1,8 +1,23 @@
-"""attnlang: a compiler for attention sparsity patterns."""
+"""attnlang: a compiler for attention sparsity patterns.
+
+>>> import attnlang
+>>> from attnlang import causal, sliding
+>>> fn = attnlang.compile(causal & sliding(256), tokens=4096)     # doctest: +SKIP
+>>> out = fn(q, k, v)                                              # doctest: +SKIP
+
+``import attnlang`` stays light: torch and triton load only when a pattern runs.
+"""
+from attnlang.api import Compiled, compile, make_plan, mask, parse, resolve
 from attnlang.errors import AttnError
 from attnlang.pattern import (
-    Pattern, Layout, axial, block, causal, full, global_, grid, halo, keys, neighborhood, none,
+    Layout, Pattern, axial, block, causal, full, global_, grid, halo, keys, neighborhood, none,
     queries, random, same, sink, sliding, strided, valid, window,
 )
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "AttnError", "Compiled", "Layout", "Pattern", "axial", "block", "causal", "compile", "full",
+    "global_", "grid", "halo", "keys", "make_plan", "mask", "neighborhood", "none", "parse",
+    "queries", "random", "resolve", "same", "sink", "sliding", "strided", "valid", "window",
+]

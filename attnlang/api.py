@@ -1,0 +1,212 @@
+"""The public front door: parse, mask, plan and compile patterns.
+
+A *spec* is any of: a :class:`~attnlang.pattern.Pattern`; a pattern expression built in Python
+(``causal & sliding(256)``, then give ``tokens=`` or let a 1-D length bind at call time); a
+``pathlib.Path``; a ``str`` naming an existing file or ending in ``.attn``; or any other ``str``,
+taken as source text.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+
+from attnlang.errors import AttnError, did_you_mean
+from attnlang.pattern import ByHead, Expr, Pattern
+
+if TYPE_CHECKING:  # pragma: no cover
+    from attnlang.grammar import Module
+    from attnlang.plan import Plan
+
+MASK_LIMIT_BYTES = 1 << 30
+
+
+def parse(spec: str | os.PathLike) -> "Module":
+    """Parse ``.attn`` text or a file into a Module (patterns, constants, macros).
+
+    >>> m = parse("pattern swa(N = 64) { tokens n[N]\\n attend causal & sliding(8) }")
+    >>> m.names
+    ['swa']
+    """
+    from attnlang.grammar import load
+
+    if isinstance(spec, (str, os.PathLike)):
+        text, name = _read(spec)
+        return load(text, name)
+    raise AttnError(f"parse() takes .attn text or a path, got {type(spec).__name__}")
+
+
+def _read(spec: str | os.PathLike) -> tuple[str, str]:
+    """Source text and its display name for a path or a string."""
+    if isinstance(spec, os.PathLike) or (isinstance(spec, str) and "\n" not in spec and (
+            spec.endswith(".attn") or os.path.isfile(spec))):
+        path = pathlib.Path(spec)
+        try:
+            return path.read_text(encoding="utf-8"), str(spec)
+        except FileNotFoundError:
+            raise AttnError(f"no such file: {spec}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise AttnError(f"cannot read {spec}: {e}") from None
+    return spec, "<string>"
+
+
+def resolve(spec: Any, pattern: str | None = None, *, n: int | None = None, tokens: Any = None,
+            heads: int | None = None, **params: Any) -> Pattern:
+    """Turn any spec into a bound :class:`Pattern` (``n`` binds a 1-D length left open)."""
+    if isinstance(spec, Pattern):
+        if params or tokens is not None or pattern is not None:
+            raise AttnError("a Pattern is already bound: pass no pattern=, tokens= or parameters with it")
+        return spec
+    if isinstance(spec, (Expr, ByHead, Mapping)):
+        if params or pattern is not None:
+            raise AttnError(f"parameters {sorted(params)} only apply to .attn specs; "
+                            "build the expression with the values instead")
+        if tokens is None and n is None:
+            raise AttnError("a pattern expression needs a token layout: pass tokens=N, "
+                            "tokens=(T, H, W) or tokens={'t': T, 'h': H, 'w': W}")
+        return Pattern.create(spec, tokens if tokens is not None else n, heads=heads)
+    if isinstance(spec, (str, os.PathLike)):
+        if tokens is not None or heads is not None:
+            raise AttnError("tokens= and heads= apply to Python-built patterns; in .attn files "
+                            "set them with a `tokens` / `heads` line or pattern parameters")
+        return parse(spec).instantiate(pattern, params, n=n)
+    raise AttnError(f"cannot use a {type(spec).__name__} as a pattern spec",
+                    hint="give a Pattern, a pattern expression, a path or .attn source text")
+
+
+def mask(spec: Any, pattern: str | None = None, *, heads: int | None = None,
+         inputs: Mapping[str, Any] | None = None, tokens: Any = None, **params: Any) -> np.ndarray:
+    """The dense boolean mask ``[heads, N, N]`` of a pattern, for inspection and tests.
+
+    >>> from attnlang import causal, sliding
+    >>> mask(causal & sliding(1), tokens=3)[0].astype(int).tolist()
+    [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
+    """
+    p = resolve(spec, pattern, tokens=tokens, **params)
+    h = heads or p.heads or 1
+    size = h * p.n * p.n
+    if size > MASK_LIMIT_BYTES:
+        raise AttnError(f"the dense mask of '{p.name}' would take {size / 2**30:.1f} GiB "
+                        f"({h} heads x {p.n} x {p.n}); mask() refuses more than 1 GiB",
+                        hint="use attnlang.make_plan(...) for large sizes, or smaller parameters")
+    return p.mask(heads=h, inputs=inputs)
+
+
+def make_plan(spec: Any, pattern: str | None = None, *, inputs: Mapping[str, Any] | None = None,
+              tokens: Any = None, block_m: int | None = None, block_n: int | None = None,
+              order: str | None = None, **params: Any) -> "Plan":
+    """Plan a pattern's tile schedule without evaluating the N x N mask.
+
+    >>> from attnlang import causal, sliding
+    >>> make_plan(causal & sliding(256), tokens=4096).stats()["tile_bound"] > 5
+    True
+    """
+    from attnlang.planner import make_plan as _plan
+
+    p = resolve(spec, pattern, tokens=tokens, **params)
+    np_inputs = None if inputs is None else {k: np.asarray(v) for k, v in inputs.items()}
+    return _plan(p, inputs=np_inputs, block_m=block_m, block_n=block_n, order=order)
+
+
+class Compiled:
+    """A compiled pattern: call it like attention, ``fn(q, k, v, scale=None, return_lse=False, **inputs)``.
+
+    Tensors are ``[B, H, N, D]``; K/V may have fewer heads (GQA) when ``H % Hkv == 0``.
+    Returns ``out`` (and ``lse [B, H, N]`` in fp32 with ``return_lse=True``).
+    """
+
+    def __init__(self, spec: Any, pattern: str | None, backend: str | None, tokens: Any,
+                 heads: int | None, params: dict[str, Any]):
+        self._spec, self._name, self._tokens, self._heads, self._params = spec, pattern, tokens, heads, params
+        self.backend = backend
+        self._patterns: dict[int | None, Pattern] = {}
+        self._static = self._try_static()
+
+    def _try_static(self) -> Pattern | None:
+        """Bind now when possible; a 1-D length left open is bound from the tensors at call time."""
+        spec = self._spec
+        if isinstance(spec, (Expr, ByHead, Mapping)) and self._tokens is None:
+            return None
+        if isinstance(spec, (str, os.PathLike)):
+            module = parse(spec)
+            if module.needs_length(self._name, self._params):
+                self._module = module
+                return None
+        return resolve(spec, self._name, tokens=self._tokens, heads=self._heads, **self._params)
+
+    def pattern_for(self, n: int) -> Pattern:
+        """The bound pattern for sequence length ``n``."""
+        if self._static is not None:
+            return self._static
+        if n not in self._patterns:
+            if isinstance(self._spec, (Expr, ByHead, Mapping)):
+                self._patterns[n] = resolve(self._spec, n=n, heads=self._heads)
+            else:
+                self._patterns[n] = self._module.instantiate(self._name, self._params, n=n)
+        return self._patterns[n]
+
+    @property
+    def pattern(self) -> Pattern:
+        if self._static is None:
+            raise AttnError("this pattern's length binds at call time; use pattern_for(n)")
+        return self._static
+
+    def plan(self, n: int | None = None, inputs: Mapping[str, Any] | None = None) -> "Plan":
+        """The tile plan (for one batch item's ``inputs`` when the pattern reads any)."""
+        from attnlang.planner import make_plan as _plan
+
+        p = self._static if n is None else self.pattern_for(n)
+        if p is None:
+            raise AttnError("this pattern's length binds at call time: pass n=")
+        return _plan(p, inputs=None if inputs is None else {k: np.asarray(v) for k, v in inputs.items()})
+
+    def __call__(self, q, k, v, scale: float | None = None, return_lse: bool = False, **inputs: Any):
+        from attnlang.runtime.call import check_call
+        from attnlang.runtime.dispatch import run
+
+        n = q.shape[2] if hasattr(q, "shape") and len(q.shape) == 4 else None
+        p = self._static if self._static is not None or n is None else self.pattern_for(n)
+        if p is None:
+            raise AttnError(f"q must be a tensor [B, H, N, D], got {type(q).__name__} "
+                            f"{tuple(getattr(q, 'shape', ()))}")
+        call = check_call(p, q, k, v, scale, inputs, _planner)
+        out, lse = run(call, self.backend)
+        return (out, lse) if return_lse else out
+
+    def __repr__(self) -> str:
+        p = self._static
+        what = f"'{p.name}' tokens {p.layout.to_attn()}" if p else "(length bound at call time)"
+        return f"<attnlang.Compiled {what} backend={self.backend or 'auto'}>"
+
+
+def _planner(pattern: Pattern, inputs):
+    from attnlang.planner import make_plan as _plan
+
+    return _plan(pattern, inputs=inputs)
+
+
+def compile(spec: Any, pattern: str | None = None, backend: str | None = None, *, tokens: Any = None,
+            heads: int | None = None, **params: Any) -> Compiled:
+    """Compile a pattern into an attention callable.
+
+    >>> import torch, attnlang
+    >>> from attnlang import causal, sliding
+    >>> fn = attnlang.compile(causal & sliding(4), tokens=32)
+    >>> q = k = v = torch.randn(1, 2, 32, 16)
+    >>> fn(q, k, v).shape
+    torch.Size([1, 2, 32, 16])
+
+    ``backend`` is ``None`` (the fastest that supports the call), ``"torch"``, ``"flex"``,
+    ``"triton"`` or ``"reference"``; ``**params`` override the pattern's parameters.
+    """
+    from attnlang.runtime import BACKENDS
+
+    if backend is not None and not isinstance(backend, str):
+        raise AttnError(f"backend must be a name, got {backend!r}")
+    if backend is not None and backend not in BACKENDS:
+        raise AttnError(f"unknown backend '{backend}'{did_you_mean(backend, BACKENDS)}",
+                        hint=f"valid backends: {', '.join(BACKENDS)}")
+    return Compiled(spec, pattern, backend, tokens, heads, params)
+

@@ -1,0 +1,1 @@
+"""Code generation: Plan + Pattern -> Triton source text (imports neither torch nor triton)."""

@@ -1,0 +1,1 @@
+"""Front end: .attn text -> AST with spans -> Pattern IR, with every diagnostic."""
