@@ -7,8 +7,9 @@
 
 ``import attnlang`` stays light: torch and triton load only when a pattern runs.
 """
-from attnlang.api import Compiled, compile, make_plan, mask, parse, resolve
+from attnlang.api import Compiled, compile, make_plan, mask, parse, resolve, to_block_mask
 from attnlang.errors import AttnError
+from attnlang.simulate import simulate
 from attnlang.pattern import (
     Layout, Pattern, axial, block, causal, full, global_, grid, halo, keys, neighborhood, none,
     queries, random, same, sink, sliding, strided, valid, window,
@@ -19,5 +20,6 @@ __version__ = "0.1.0"
 __all__ = [
     "AttnError", "Compiled", "Layout", "Pattern", "axial", "block", "causal", "compile", "full",
     "global_", "grid", "halo", "keys", "make_plan", "mask", "neighborhood", "none", "parse",
-    "queries", "random", "resolve", "same", "sink", "sliding", "strided", "valid", "window",
+    "queries", "random", "resolve", "same", "simulate", "sink", "sliding", "strided", "to_block_mask", "valid",
+    "window",
 ]

@@ -1,0 +1,511 @@
+"""The speedup simulator: Plan -> Report (how much faster than dense, and where it is lost).
+
+For a plan and a hardware target it gives, as speedups over the dense kernel of the same backend
+(same tile shapes, every tile full, natural order), forward and backward:
+
+1. ``flop_bound``     -- ``heads * N^2 / allowed pairs``: what an element-sparse kernel could reach;
+2. ``tile_bound``     -- dense tiles / visited tiles: what any kernel with these tiles can reach;
+3. ``schedule_bound`` -- the tile work with per-tile costs (partial tiles pay the mask), per-CTA
+   overhead, uneven work between query tiles and wave quantisation over the target's SMs
+   (CTAs list-scheduled in launch order); never above ``tile_bound``;
+4. ``predicted``      -- the schedule plus the overheads the plan adds outside the tile loop:
+   token permutation passes and index-table reads (tabulated plans only).
+
+>>> from attnlang import causal, sliding
+>>> r = simulate(causal & sliding(256), "h100", tokens=8192, heads=16)
+>>> r.forward.flop_bound > r.forward.tile_bound >= r.forward.schedule_bound > 1
+True
+
+The model is deliberately simple and every number it uses is in the target profile
+(:mod:`attnlang.targets`); ``docs/simulator.md`` explains it and shows how it was validated.
+"""
+from __future__ import annotations
+
+import heapq
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from attnlang.errors import AttnError
+from attnlang.pattern import Env
+from attnlang.plan import Plan
+from attnlang.targets import PassCosts, Target, load_target
+
+SCHEMA = "attnlang.report/1"
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+# Share of the backward tile work done in the dK/dV pass (CTA per key tile): it recomputes S and
+# dP and forms dV and dK (4 matmuls); the dQ pass (CTA per query tile) does 3 (S, dP, dQ).
+DKDV_SHARE = 4 / 7
+COMPONENTS = ("full tiles", "partial tiles", "row padding", "mask", "tile fixed", "CTA overhead", "idle")
+
+
+@dataclass(frozen=True)
+class Direction:
+    """Bounds, times and the time breakdown of one direction (forward or backward)."""
+
+    flop_bound: float
+    tile_bound: float
+    schedule_bound: float
+    predicted: float  # speedup including the overheads
+    dense_s: float  # the dense kernel's time
+    kernel_s: float  # the sparse kernel's scheduled time (no overheads)
+    time_s: float  # kernel_s + overheads
+    overheads_s: Mapping[str, float]  # "permute", "index_tables"
+    breakdown_s: Mapping[str, float]  # kernel_s split by COMPONENTS (sums to kernel_s)
+    clamped: bool = False  # the schedule model beat the tile bound (wave luck) and was clamped
+
+    def gaps(self) -> dict[str, float]:
+        """The factors between the bounds: flop/tile, tile/schedule, schedule/predicted."""
+        return {"tile granularity": _ratio(self.flop_bound, self.tile_bound),
+                "schedule": _ratio(self.tile_bound, self.schedule_bound),
+                "overheads": _ratio(self.schedule_bound, self.predicted)}
+
+
+@dataclass(frozen=True)
+class Report:
+    """What the simulator predicts for one plan on one target; print it, or export it."""
+
+    pattern: str
+    target: str
+    target_description: str
+    dtype: str
+    head_dim: int
+    batch: int
+    heads: int
+    n: int
+    n_kernel: int
+    block_m: int
+    block_n: int
+    order: str  # "natural" or "permuted"
+    analytic: bool  # loop bounds in closed form (no index tables)
+    tiles: Mapping[str, int]  # dense, visited, full, partial (summed over heads)
+    allowed_pairs: int  # summed over heads
+    density: float
+    forward: Direction
+    backward: Direction
+    closed_form: Mapping[str, str] | None = None
+    notes: tuple[str, ...] = ()
+
+    # The forward numbers are what most users ask for first.
+    @property
+    def flop_bound(self) -> float:
+        return self.forward.flop_bound
+
+    @property
+    def tile_bound(self) -> float:
+        return self.forward.tile_bound
+
+    @property
+    def schedule_bound(self) -> float:
+        return self.forward.schedule_bound
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (infinite bounds as ``None``); the JSON schema of ``to_json``."""
+        d = asdict(self)
+        for key in ("forward", "backward"):
+            d[key]["gaps"] = getattr(self, key).gaps()
+        d["schema"] = SCHEMA
+        return _finite(d)
+
+    def to_json(self) -> str:
+        """JSON, schema ``attnlang.report/1`` (see ``docs/simulator.md``)."""
+        return json.dumps(self.to_dict(), indent=1)
+
+    def _rows(self) -> list[tuple[str, str, str]]:
+        f, b = self.forward, self.backward
+        rows = [(name, _x(getattr(f, attr)), _x(getattr(b, attr))) for name, attr in (
+            ("FLOP bound", "flop_bound"), ("tile bound", "tile_bound"),
+            ("schedule bound", "schedule_bound"), ("predicted speedup", "predicted"))]
+        rows += [("dense time", _t(f.dense_s), _t(b.dense_s)), ("predicted time", _t(f.time_s), _t(b.time_s))]
+        for c in COMPONENTS:
+            rows.append((f"  {c}", _share(f.breakdown_s[c], f.time_s), _share(b.breakdown_s[c], b.time_s)))
+        for o in f.overheads_s:
+            rows.append((f"  {o.replace('_', ' ')}", _share(f.overheads_s[o], f.time_s),
+                         _share(b.overheads_s[o], b.time_s)))
+        return rows
+
+    def _header(self) -> list[str]:
+        t = self.tiles
+        out = [f"{self.pattern} on {self.target} ({self.target_description}), {self.dtype}, "
+               f"D = {self.head_dim}, B = {self.batch}, H = {self.heads}",
+               f"N = {self.n}, tiles {self.block_m} x {self.block_n}, {self.order} order, "
+               f"{'analytic' if self.analytic else 'tabulated'} plan: visited {t['visited']} of "
+               f"{t['dense']} tiles ({t['full']} full, {t['partial']} partial)",
+               f"allowed pairs {self.allowed_pairs} (density {self.density:.4g})"]
+        if self.closed_form:
+            cf = self.closed_form
+            out.append(f"closed form: pairs = {cf['pairs']}   [{cf['symbols']}]")
+            if "tiles" in cf:
+                out.append(f"             visited tiles = {cf['tiles']}   (square tiles of B tokens)")
+        return out
+
+    def __str__(self) -> str:
+        rows = [("", "forward", "backward")] + self._rows()
+        w0 = max(len(r[0]) for r in rows)
+        w1 = max(len(r[1]) for r in rows)
+        body = [f"{a:<{w0}}  {b:>{w1}}  {c:>10}" for a, b, c in rows]
+        body.insert(1, "-" * len(body[0]))
+        gaps = "; ".join(f"{k} {_x(v)}" for k, v in self.forward.gaps().items())
+        return "\n".join(self._header() + [""] + body + ["", f"forward gaps: {gaps}"]
+                         + [f"note: {n}" for n in self.notes])
+
+    def to_markdown(self) -> str:
+        head = "\n".join(f"* {line}" for line in self._header())
+        table = ["| | forward | backward |", "| --- | ---: | ---: |"]
+        table += [f"| {a.strip()} | {b} | {c} |" for a, b, c in self._rows()]
+        notes = "".join(f"\n* note: {n}" for n in self.notes)
+        return f"### {self.pattern} on {self.target}\n\n{head}{notes}\n\n" + "\n".join(table) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# The front door
+# --------------------------------------------------------------------------------------------
+
+def simulate(spec: Any, target: "str | Target" = "h100", pattern: str | None = None, *,
+             dtype: str | None = None, head_dim: int = 128, batch: int = 1, heads: int | None = None,
+             inputs: Mapping[str, Any] | None = None, tokens: Any = None,
+             block_m: int | None = None, block_n: int | None = None, **params: Any) -> Report:
+    """Predict the speedup of a pattern over dense attention on ``target``.
+
+    ``spec`` is anything :func:`attnlang.make_plan` takes (a file, source text, a Pattern, an
+    expression with ``tokens=``), a :class:`~attnlang.Compiled`, or a ready :class:`Plan`.
+    ``dtype`` defaults to bf16 on GPUs and fp32 on the CPU; ``heads`` to the pattern's own
+    ``heads`` line, else 8. ``**params`` override the pattern's parameters.
+
+    >>> simulate("pattern p { tokens n[4096]\\n attend full }", "a100").forward.schedule_bound
+    1.0
+    """
+    tgt = load_target(target)
+    plan = _plan_of(spec, pattern, inputs, tokens, block_m, block_n, params)
+    return simulate_plan(plan, tgt, dtype=dtype, head_dim=head_dim, batch=batch, heads=heads, inputs=inputs)
+
+
+def _plan_of(spec, pattern, inputs, tokens, block_m, block_n, params) -> Plan:
+    from attnlang.api import Compiled, make_plan
+
+    if isinstance(spec, Plan):
+        return spec
+    if isinstance(spec, Compiled):
+        return spec.plan(inputs=inputs)
+    return make_plan(spec, pattern, inputs=inputs, tokens=tokens, block_m=block_m, block_n=block_n, **params)
+
+
+def simulate_plan(plan: Plan, target: "str | Target" = "h100", *, dtype: str | None = None,
+                  head_dim: int = 128, batch: int = 1, heads: int | None = None,
+                  inputs: Mapping[str, Any] | None = None) -> Report:
+    """The model itself, for a given plan (see the module docstring)."""
+    tgt = load_target(target)
+    dtype = dtype or ("bf16" if tgt.kind == "gpu" else "fp32")
+    if dtype not in DTYPE_BYTES:
+        raise AttnError(f"unknown dtype '{dtype}'", hint=f"valid: {', '.join(DTYPE_BYTES)}")
+    tgt.peak(dtype)  # raises for a dtype the target lacks
+    p = plan.pattern
+    heads = heads if heads is not None else (p.heads or 8)
+    for name, v in (("head_dim", head_dim), ("batch", batch), ("heads", heads)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise AttnError(f"{name} = {v!r} must be a positive integer")
+    if p.heads is not None and heads != p.heads:
+        raise AttnError(f"pattern '{p.name}' declares heads {p.heads}; got heads = {heads}")
+
+    head_groups = [plan.group_for_head(h) for h in range(heads)]
+    per_group = {id(g): _count_pairs(plan, g, inputs) for g in head_groups}
+    pairs = sum(per_group[id(g)] for g in head_groups)
+    dense_tiles = -(-p.n // plan.block_m) * -(-p.n // plan.block_n) * heads
+    full = sum(g.full.nnz for g in head_groups)
+    partial = sum(g.partial.nnz for g in head_groups)
+    visited = full + partial
+    flop_bound = _ratio(heads * p.n * p.n, pairs)
+    tile_bound = _ratio(dense_tiles, visited)
+    analytic = all(g.analytic is not None for g in head_groups)
+
+    notes = list(plan.notes)
+    directions = {}
+    for direction in ("forward", "backward"):
+        costs = getattr(tgt, direction)
+        tile_s = _tile_seconds(tgt, costs, dtype, head_dim, plan.block_m, plan.block_n)
+        d, clamped = _direction(plan, tgt, costs, tile_s, direction, heads, batch, dtype, head_dim,
+                                flop_bound, tile_bound, analytic)
+        directions[direction] = d
+        if clamped:
+            notes.append(f"{direction}: the sparse launch fills the last wave better than the dense one; "
+                         "schedule bound clamped to the tile bound")
+    from attnlang.closed_form import derive
+
+    cf = derive(p) if len({id(g) for g in head_groups}) == 1 and not p.inputs else None
+    return Report(p.name, tgt.name, tgt.description, dtype, head_dim, batch, heads, p.n, plan.n_kernel,
+                  plan.block_m, plan.block_n, "natural" if plan.order is None else "permuted", analytic,
+                  {"dense": dense_tiles, "visited": visited, "full": full, "partial": partial}, pairs,
+                  pairs / (heads * p.n * p.n), directions["forward"], directions["backward"],
+                  cf.describe() if cf is not None else None, tuple(notes))
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+def _tile_seconds(tgt: Target, costs: PassCosts, dtype: str, head_dim: int, bm: int, bn: int) -> tuple[float, float]:
+    """``(full tile seconds, fixed part)`` on one unit at ``head_dim``.
+
+    The profile's efficiency is the dense kernel's at ``tgt.head_dim``; the part of a tile's
+    time that is not the fixed cost scales with the head dim (it is matmul work).
+    """
+    rate = tgt.peak(dtype) / tgt.units
+    ref = 4.0 * bm * bn * tgt.head_dim * costs.flop_ratio / (rate * costs.efficiency)
+    fixed = min(costs.tile_fixed_ns * 1e-9, ref)
+    return fixed + (ref - fixed) * head_dim / tgt.head_dim, fixed
+
+
+@dataclass(frozen=True)
+class PassWork:
+    """The work of one kernel pass, per CTA in launch order (one entry per CTA)."""
+
+    share: float  # fraction of a direction's tile work done in this pass
+    full: np.ndarray  # full tiles per CTA
+    partial: np.ndarray  # partial tiles per CTA
+    padding: np.ndarray  # dummy slots per CTA (executors that pad ragged rows)
+    masked: np.ndarray  # slots per CTA that pay the mask
+
+
+def pass_work(plan: Plan, tgt: Target, direction: str, heads: int, batch: int = 1,
+              dense: bool = False) -> list[PassWork]:
+    """How the target's executor walks the plan: the passes of ``direction`` and their CTAs.
+
+    GPUs: the forward is one CTA per query tile; the backward a dK/dV pass (CTA per key tile,
+    transposed tables) and a dQ pass. An executor with ``pad_rows`` (the torch backend) gives
+    every query tile of a head group as many slots as its widest row, and with
+    ``mask_whole_row`` a row with any partial or dummy slot pays the mask on all of them.
+    ``dense=True`` is the same backend's dense kernel: every tile full, natural order.
+    """
+    ex = tgt.executor
+    nq, nk = -(-plan.n // plan.block_m), -(-plan.n // plan.block_n)
+    if direction == "forward" or ex.backward == "query-major":
+        specs = [(1.0, lambda g: (g.full.counts(), g.partial.counts()), nq, nk)]
+    else:
+        specs = [(DKDV_SHARE, lambda g: (g.full_t.counts(), g.partial_t.counts()), nk, nq),
+                 (1 - DKDV_SHARE, lambda g: (g.full.counts(), g.partial.counts()), nq, nk)]
+    out = []
+    for share, counts_of, dense_ctas, dense_width in specs:
+        if dense:
+            n = dense_ctas * heads * batch
+            z = np.zeros(n, dtype=np.int64)
+            out.append(PassWork(share, np.full(n, dense_width, dtype=np.int64), z, z, z))
+            continue
+        per_head = {}
+        for h in range(heads):
+            g = plan.group_for_head(h)
+            if id(g) not in per_head:
+                f, p = counts_of(g)
+                pad = (int((f + p).max(initial=0)) - (f + p)) if ex.pad_rows else np.zeros_like(f)
+                masked = np.where((p > 0) | (pad > 0), f + p + pad, 0) if ex.mask_whole_row else p
+                per_head[id(g)] = (f, p, pad, masked)
+        # Launch order: batch, then heads, then tiles (the grid's fastest axis).
+        cols = [np.concatenate([per_head[id(plan.group_for_head(h))][i] for h in range(heads)] * batch)
+                for i in range(4)]
+        out.append(PassWork(share, *cols))
+    return out
+
+
+def _direction(plan, tgt, costs, tile_s, direction, heads, batch, dtype, head_dim,
+               flop_bound, tile_bound, analytic) -> tuple[Direction, bool]:
+    t_full, fixed = tile_s
+    cta = costs.cta_overhead_ns * 1e-9
+    idx = 0.0 if analytic else tgt.index_read_ns * 1e-9
+    comp = dict.fromkeys(COMPONENTS, 0.0)
+    dense_s = kernel_s = with_idx_s = 0.0
+    for dw in pass_work(plan, tgt, direction, heads, batch, dense=True):
+        dense_s += _makespan(cta + dw.full * t_full * dw.share, tgt.units)
+    for w in pass_work(plan, tgt, direction, heads, batch):
+        tf, fx = t_full * w.share, fixed * w.share
+        slots = w.full + w.partial + w.padding
+        works = cta + slots * tf + w.masked * tf * costs.mask_cost
+        comp["full tiles"] += float(w.full.sum()) * (tf - fx)
+        comp["partial tiles"] += float(w.partial.sum()) * (tf - fx)
+        comp["row padding"] += float(w.padding.sum()) * (tf - fx)
+        comp["mask"] += float(w.masked.sum()) * tf * costs.mask_cost
+        comp["tile fixed"] += float(slots.sum()) * fx
+        comp["CTA overhead"] += len(works) * cta
+        span = _makespan(works, tgt.units)
+        kernel_s += span
+        with_idx_s += _makespan(works + (w.full + w.partial) * idx, tgt.units) if idx else span
+    busy = sum(comp.values())
+    comp = {k: v / tgt.units for k, v in comp.items()}
+    comp["idle"] = max(kernel_s - busy / tgt.units, 0.0)
+    overheads = {"permute": _permute_seconds(plan, tgt, dtype, head_dim, batch, heads),
+                 "index_tables": with_idx_s - kernel_s}
+    time_s = kernel_s + sum(overheads.values())
+    schedule = _ratio(dense_s, kernel_s)
+    clamped = schedule > tile_bound
+    schedule = min(schedule, tile_bound)
+    predicted = min(_ratio(dense_s, time_s), schedule)
+    return Direction(flop_bound, tile_bound, schedule, predicted, dense_s, kernel_s, time_s, overheads,
+                     comp, clamped), clamped
+
+
+def _makespan(works: np.ndarray, units: int) -> float:
+    """Greedy list scheduling of CTAs in launch order onto ``units`` SMs (what the hardware does)."""
+    if len(works) == 0:
+        return 0.0
+    if units == 1:
+        return float(works.sum())
+    if len(works) <= units:
+        return float(works.max())
+    if works.min() == works.max():
+        return math.ceil(len(works) / units) * float(works[0])
+    heap = works[:units].tolist()
+    heapq.heapify(heap)
+    for w in works[units:].tolist():
+        heapq.heapreplace(heap, heap[0] + w)
+    return max(heap)
+
+
+def _permute_seconds(plan: Plan, tgt: Target, dtype: str, head_dim: int, batch: int, heads: int) -> float:
+    """Gathering Q, K, V into kernel order and scattering O back (forward; dO, dQ, dK, dV in
+    the backward): four tensors read and written once each, at the target's bandwidth."""
+    if plan.order is None:
+        return 0.0
+    nbytes = 4 * 2 * batch * heads * plan.n_kernel * head_dim * DTYPE_BYTES[dtype]
+    return nbytes / (tgt.bandwidth_gbs * 1e9)
+
+
+def _count_pairs(plan: Plan, group, inputs: Mapping[str, Any] | None) -> int:
+    """Allowed pairs of one head group: from the plan when it knows, else from a closed form,
+    else full-tile areas plus the predicate evaluated on partial tiles only (O(visited work))."""
+    if plan.allowed_pairs is not None:
+        return int(plan.allowed_pairs[plan.groups.index(group)])
+    p = plan.pattern
+    if not p.inputs:
+        from attnlang.closed_form import derive
+
+        cf = derive(p, group.lo)
+        if cf is not None:
+            return cf.count()
+    order = np.arange(plan.n) if plan.order is None else np.asarray(plan.order)
+    qpos, kpos = _pad(order, plan.q_tiles * plan.block_m), _pad(order, plan.kv_tiles * plan.block_n)
+    expr = p.expr_for_head(group.lo)
+    env = Env(p.layout, {k: np.asarray(v) for k, v in (inputs or {}).items()}, group.lo)
+    total = group.full.nnz * plan.block_m * plan.block_n
+    rows = np.repeat(np.arange(group.partial.rows), group.partial.counts())
+    cols = group.partial.indices.astype(np.int64)
+    chunk = max(1, (1 << 22) // (plan.block_m * plan.block_n))
+    qoff, koff = np.arange(plan.block_m), np.arange(plan.block_n)
+    for s in range(0, len(rows), chunk):
+        qi = qpos[rows[s:s + chunk, None] * plan.block_m + qoff][:, :, None]
+        ki = kpos[cols[s:s + chunk, None] * plan.block_n + koff][:, None, :]
+        ok = (qi >= 0) & (ki >= 0)
+        allowed = expr.allowed(p.layout.points(np.maximum(qi, 0)), p.layout.points(np.maximum(ki, 0)), env)
+        total += int((allowed & ok).sum())
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# Sweeps
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One size of a sweep: the parameter value and the forward/backward bounds there."""
+
+    value: int
+    n: int
+    flop_bound: float
+    tile_bound: float
+    schedule_bound: float
+    predicted: float
+    backward_predicted: float
+    time_s: float
+
+
+def parse_sweep(text: str) -> tuple[str, list[int]]:
+    """``N=1k..1M`` -> ``("N", [1024, 2048, ..., 1048576])`` (doubling; k = 1024, M = 1024^2).
+
+    >>> parse_sweep("r=64..512")
+    ('r', [64, 128, 256, 512])
+    """
+    name, sep, rng = text.partition("=")
+    lo_s, dots, hi_s = rng.partition("..")
+    if not sep or not name.strip().isidentifier() or not dots:
+        raise AttnError(f"--sweep {text!r} must look like NAME=LO..HI", hint="e.g. --sweep N=1k..1M")
+    lo, hi = _size(lo_s, text), _size(hi_s, text)
+    if lo < 1 or hi < 1:
+        raise AttnError(f"--sweep {text!r}: sizes must be positive, got {lo}..{hi}")
+    if lo > hi:
+        raise AttnError(f"--sweep {text!r}: the range is empty (lo {lo} > hi {hi})",
+                        hint=f"write {name.strip()}={hi_s.strip()}..{lo_s.strip()}")
+    values = []
+    v = lo
+    while v < hi:
+        values.append(v)
+        v *= 2
+    return name.strip(), values + [hi]
+
+
+def _size(s: str, whole: str) -> int:
+    s = s.strip()
+    mult = {"k": 1 << 10, "K": 1 << 10, "m": 1 << 20, "M": 1 << 20}.get(s[-1:], 1)
+    digits = s[:-1] if mult > 1 else s
+    if not digits.isdigit():
+        raise AttnError(f"--sweep {whole!r}: {s!r} is not a size",
+                        hint="sizes are integers, optionally with k (x1024) or M (x1024^2), e.g. 4k")
+    return int(digits) * mult
+
+
+def sweep(spec: Any, name: str, values: Sequence[int], target: "str | Target" = "h100",
+          pattern: str | None = None, *, progress: Callable[[Iterable], Iterable] | None = None,
+          **kw: Any) -> list[SweepPoint]:
+    """Simulate at each value of one pattern parameter (``name``), e.g. ``N`` from 1k to 1M.
+
+    Allowed pairs come from the closed form where one exists (no counting per size).
+    """
+    tgt = load_target(target)
+    sim_kw = {k: kw.pop(k) for k in ("dtype", "head_dim", "batch", "heads") if k in kw}
+    out = []
+    for v in (progress(values) if progress else values):
+        r = simulate(spec, tgt, pattern, **sim_kw, **{**kw, name: v})
+        out.append(SweepPoint(v, r.n, r.forward.flop_bound, r.forward.tile_bound, r.forward.schedule_bound,
+                              r.forward.predicted, r.backward.predicted, r.forward.time_s))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Formatting
+# --------------------------------------------------------------------------------------------
+
+def _pad(order: np.ndarray, length: int) -> np.ndarray:
+    """Kernel position -> token index, padded with -1 (no token) to whole tiles."""
+    return np.concatenate([order, np.full(length - len(order), -1, dtype=order.dtype)])
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else math.inf
+
+
+def _finite(x: Any) -> Any:
+    if isinstance(x, float):
+        return None if math.isinf(x) or math.isnan(x) else x
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def _x(v: float) -> str:
+    return "inf" if math.isinf(v) else f"{v:.2f}x"
+
+
+def _t(s: float) -> str:
+    for unit, f in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if s >= f:
+            return f"{s / f:.3g} {unit}"
+    return f"{s * 1e9:.3g} ns"
+
+
+def _share(part: float, total: float) -> str:
+    return f"{100 * part / total:.1f}%" if total else "-"
+
+
+__all__ = ["COMPONENTS", "Direction", "PassWork", "pass_work", "Report", "SCHEMA", "SweepPoint", "parse_sweep", "simulate",
+           "simulate_plan", "sweep"]

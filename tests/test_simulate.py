@@ -1,0 +1,233 @@
+"""The speedup simulator: bounds on hand-computable cases, laws on random patterns, formats, errors."""
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import attnlang
+from attnlang.errors import AttnError
+from attnlang.pattern import Pattern, and_, block, causal, full, sliding
+from attnlang.plan import Plan
+from attnlang.simulate import COMPONENTS, SCHEMA, parse_sweep, simulate
+from attnlang.targets import known_targets, load_target, target_from_dict
+from strategies import exprs, patterns
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TARGETS = ("h100", "h200", "b200", "a100", "cpu")
+
+
+def oracle_plan(expr, n, bm=64, bn=64):
+    p = Pattern.create(expr, n, name="p")
+    return Plan.from_mask(p, p.mask(), bm, bn)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_dense_is_one(target):
+    r = simulate(full, target, tokens=2048)
+    for d in (r.forward, r.backward):
+        assert d.flop_bound == d.tile_bound == 1.0
+        assert d.schedule_bound == pytest.approx(1.0)
+        assert d.predicted == pytest.approx(1.0)
+
+
+def test_block_diagonal_tile_aligned_is_exact():
+    r = simulate(oracle_plan(block(512), 4096, 128, 128), "h100", heads=4)
+    assert r.flop_bound == r.tile_bound == 8.0
+    assert r.tiles["partial"] == 0 and r.tiles["visited"] == 4 * 8 * 16
+    assert 1 < r.schedule_bound <= 8.0
+
+
+def test_causal_diagonal_correction():
+    n, b = 4096, 128
+    r = simulate(oracle_plan(causal, n, b, b), "a100")
+    t = n // b
+    assert r.flop_bound == pytest.approx(2 * n / (n + 1))  # N^2 / (N (N + 1) / 2)
+    assert r.tile_bound == pytest.approx(2 * t / (t + 1))  # the diagonal tiles are visited whole
+    assert r.tiles["partial"] == r.heads * t
+    assert r.schedule_bound < r.tile_bound  # partial tiles pay the mask, rows are uneven
+
+
+def test_torch_executor_pads_rows():
+    # The CPU executor gives every query tile the widest row's slots: causal gains nothing there.
+    r = simulate(oracle_plan(causal, 2048, 128, 128), "cpu")
+    assert r.forward.breakdown_s["row padding"] > 0
+    assert r.schedule_bound < 1.0 < r.tile_bound
+
+
+def test_breakdown_sums_to_kernel_time():
+    r = simulate(oracle_plan(causal & sliding(300), 2048), "h100", heads=16)
+    for d in (r.forward, r.backward):
+        assert set(d.breakdown_s) == set(COMPONENTS)
+        assert sum(d.breakdown_s.values()) == pytest.approx(d.kernel_s)
+        assert d.time_s == pytest.approx(d.kernel_s + sum(d.overheads_s.values()))
+        assert d.overheads_s["index_tables"] > 0  # an oracle plan is tabulated
+        assert d.time_s > 0 and d.dense_s > 0
+
+
+def _padding(plan):
+    return plan.q_tiles * plan.block_m * plan.kv_tiles * plan.block_n / plan.n ** 2
+
+
+@settings(max_examples=30)
+@given(patterns(max_n=256, max_leaves=4), st.sampled_from([16, 32, 64]), st.sampled_from([16, 32, 64]),
+       st.sampled_from(TARGETS))
+def test_bounds_are_ordered(p, bm, bn, target):
+    plan = Plan.from_mask(p, p.mask(), bm, bn)
+    r = simulate(plan, target, heads=3)
+    for d in (r.forward, r.backward):
+        assert d.predicted <= d.schedule_bound <= d.tile_bound
+        if math.isfinite(d.flop_bound):
+            assert d.tile_bound <= d.flop_bound * _padding(plan) * (1 + 1e-9)
+        assert d.schedule_bound > 0
+
+
+@settings(max_examples=30)
+@given(st.data())
+def test_sparser_never_lower_flop_bound(data):
+    p = data.draw(patterns(max_n=200, max_leaves=3))
+    extra = data.draw(exprs(p.layout, max_leaves=2))
+    q = Pattern.create(and_(p.attend, extra), p.layout)
+    ra = simulate(Plan.from_mask(p, p.mask(), 32, 32), "h100")
+    rb = simulate(Plan.from_mask(q, q.mask(), 32, 32), "h100")
+    assert rb.flop_bound >= ra.flop_bound
+
+
+@settings(max_examples=25)
+@given(patterns(max_n=200, max_leaves=4), st.sampled_from([16, 48]))
+def test_pair_count_from_plan_equals_mask(p, b):
+    # Without the plan's own count, the simulator counts pairs from full tiles + partial tiles.
+    plan = dataclasses.replace(Plan.from_mask(p, p.mask(), b, b), allowed_pairs=None)
+    assert simulate(plan, "h100", heads=1).allowed_pairs == int(p.mask()[0].sum())
+
+
+def test_json_schema():
+    r = simulate(causal & sliding(64), "h100", tokens=1024, heads=2)
+    doc = json.loads(r.to_json())
+    assert doc["schema"] == SCHEMA
+    for key, typ in (("pattern", str), ("target", str), ("dtype", str), ("head_dim", int), ("batch", int),
+                     ("heads", int), ("n", int), ("block_m", int), ("block_n", int), ("allowed_pairs", int),
+                     ("density", float), ("tiles", dict), ("notes", list)):
+        assert isinstance(doc[key], typ), key
+    assert set(doc["tiles"]) == {"dense", "visited", "full", "partial"}
+    for d in ("forward", "backward"):
+        sec = doc[d]
+        for key in ("flop_bound", "tile_bound", "schedule_bound", "predicted", "dense_s", "kernel_s", "time_s"):
+            assert isinstance(sec[key], float), (d, key)
+        assert set(sec["breakdown_s"]) == set(COMPONENTS)
+        assert set(sec["overheads_s"]) == {"permute", "index_tables"}
+        assert set(sec["gaps"]) == {"tile granularity", "schedule", "overheads"}
+    assert doc["closed_form"]["pairs"] == "(2*N - r)*(r + 1)/2"
+    empty = json.loads(simulate(attnlang.none, "h100", tokens=256).to_json())
+    assert empty["forward"]["flop_bound"] is None  # infinite bounds are null
+
+
+def test_text_and_markdown():
+    r = simulate(causal & sliding(64), "b200", tokens=1024)
+    text = str(r)
+    assert "FLOP bound" in text and "schedule bound" in text and "closed form" in text
+    md = r.to_markdown()
+    assert md.startswith("### ") and "| FLOP bound |" in md
+
+
+def test_targets_are_data():
+    assert set(TARGETS) <= set(known_targets())
+    for name in TARGETS:
+        t = load_target(name)
+        assert t.units >= 1 and t.forward.efficiency > 0
+    assert load_target("h200").bandwidth_gbs > load_target("h100").bandwidth_gbs
+
+
+def test_unknown_target_lists_known():
+    with pytest.raises(AttnError) as e:
+        simulate(full, "h10", tokens=256)
+    msg = e.value.render()
+    assert "unknown target 'h10'" in msg and "h100" in msg and "a100" in msg and "cpu" in msg
+
+
+def test_profile_with_missing_fields(tmp_path):
+    doc = json.loads(open(load_target("h100").path).read())
+    del doc["units"], doc["forward"]["mask_cost"]
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(AttnError) as e:
+        load_target(str(path))
+    assert "'units'" in str(e.value) and "'forward.mask_cost'" in str(e.value)
+    with pytest.raises(AttnError, match="efficiency"):
+        target_from_dict({**doc, "units": 1, "forward": {**doc["forward"], "mask_cost": 0, "efficiency": 2}})
+
+
+def test_user_profile_wins(tmp_path, monkeypatch):
+    doc = json.loads(open(load_target("cpu").path).read())
+    doc["description"] = "my calibrated machine"
+    (tmp_path / "cpu.json").write_text(json.dumps(doc))
+    monkeypatch.setenv("ATTNLANG_TARGETS", str(tmp_path))
+    assert load_target("cpu").description == "my calibrated machine"
+
+
+def test_bad_dtype_and_sizes():
+    with pytest.raises(AttnError, match="fp8"):
+        simulate(full, "a100", tokens=256, dtype="fp8")
+    with pytest.raises(AttnError, match="heads"):
+        simulate(full, "h100", tokens=256, heads=0)
+
+
+def test_parse_sweep():
+    assert parse_sweep("N=1k..8k") == ("N", [1024, 2048, 4096, 8192])
+    assert parse_sweep("r=3..10") == ("r", [3, 6, 10])
+    for bad, words in (("N=8k..1k", "empty"), ("N=abc..1k", "not a size"), ("N=0..16", "positive"),
+                       ("N1k..2k", "NAME=LO..HI"), ("N=1k", "NAME=LO..HI")):
+        with pytest.raises(AttnError, match=words):
+            parse_sweep(bad)
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "attnlang.cli", "simulate", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def run_main(capsys, *args):
+    from attnlang.cli import main
+
+    rc = main(["simulate", *args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_cli_subprocess_json_sweep():
+    r = cli(os.path.join("examples", "swa.attn"), "--set", "N=8192", "--json", "--sweep", "N=8k..32k")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["schema"] == "attnlang.sweep/1" and [p["value"] for p in doc["points"]] == [8192, 16384, 32768]
+    assert doc["points"][-1]["flop_bound"] > doc["points"][0]["flop_bound"]
+    assert doc["report"]["schema"] == SCHEMA
+
+
+def test_cli_formats(tmp_path, capsys):
+    swa = os.path.join(ROOT, "examples", "swa.attn")
+    rc, out, err = run_main(capsys, swa, "--set", "N=16384", "--target", "h200")
+    assert rc == 0, err
+    assert "schedule bound" in out
+    png = tmp_path / "swa.png"
+    rc, out, err = run_main(capsys, swa, "--set", "N=1024", "--set", "W=128", "--sweep", "N=1k..4k", "--png", str(png))
+    assert rc == 0, err
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+    png2 = tmp_path / "tiles.png"  # large N: the tile map instead of the mask, bars instead of a sweep
+    rc, out, err = run_main(capsys, swa, "--png", str(png2))
+    assert rc == 0 and png2.stat().st_size > 1000
+    rc, out, err = run_main(capsys, swa, "--md", "--target", "cpu", "--head-dim", "64")
+    assert rc == 0 and "| FLOP bound |" in out
+
+
+def test_cli_errors(capsys):
+    swa = os.path.join(ROOT, "examples", "swa.attn")
+    rc, out, err = run_main(capsys, swa, "--target", "h1000")
+    assert rc == 1 and "known targets" in err and "Traceback" not in err
+    rc, out, err = run_main(capsys, swa, "--sweep", "N=1M..1k")
+    assert rc == 1 and "empty" in err
+    rc, out, err = run_main(capsys, swa, "--sweep", "N=1k..x")
+    assert rc == 1 and "not a size" in err
