@@ -16,9 +16,10 @@ A :class:`Plan` is how a pattern runs, never what it means: it refers to its
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -104,11 +105,19 @@ class HeadGroup:
     full: BlockTable  # per query tile: key tiles entirely allowed (no mask work)
     partial_t: BlockTable  # per key tile: query tiles (backward dK/dV)
     full_t: BlockTable
-    analytic: TileRange | None = None  # closed-form ranges, when the planner derived them
+    # A TileRange, or a zero-argument function deriving one (sympy costs milliseconds and only
+    # codegen reads it, so the planner defers it); None when the plan has no closed form.
+    closed_form: Callable[[], TileRange | None] | TileRange | None = field(default=None, compare=False, repr=False)
+
+    @functools.cached_property
+    def analytic(self) -> TileRange | None:
+        """Closed-form key-tile ranges of this group, derived on first use; None if tabulated."""
+        cf = self.closed_form
+        return cf() if callable(cf) else cf
 
     @staticmethod
     def of(lo: int, hi: int | None, partial: BlockTable, full: BlockTable,
-           analytic: TileRange | None = None) -> "HeadGroup":
+           analytic: Callable[[], TileRange | None] | TileRange | None = None) -> "HeadGroup":
         return HeadGroup(lo, hi, partial, full, partial.transpose(), full.transpose(), analytic)
 
 

@@ -1,0 +1,933 @@
+"""The planner: Pattern -> Plan without evaluating the N x N mask.
+
+One pipeline of named passes::
+
+    lower      Pattern IR -> planner terms: bands (causal/window merged), per-axis products,
+               token-set leaves (keys/queries/valid), joins (random/same), and/or/not
+    tiles      the ordering (natural or boxes) and both sides' tiles as sets of tokens
+    candidates per query tile, the key tiles that may be non-empty (a superset, from each
+               term's key reach) — never all key tiles unless the pattern needs them
+    classify   EMPTY / PARTIAL / FULL of every candidate, exact per primitive, three-valued
+               logic across terms, per-element check of the rare undecided candidates only
+    tables     CSR tables per head group, their transposes, closed forms (sympy) for 1-D bands
+
+    >>> from attnlang import Pattern, causal, sliding
+    >>> from attnlang.planner import make_plan
+    >>> plan = make_plan(Pattern.create(causal & sliding(256), tokens=4096))
+    >>> plan.stats()["visited"], plan.stats()["full"]
+    (310, 186)
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from attnlang.errors import AttnError
+from attnlang.order import Ordering, TileSet, rcm_order
+from attnlang.pattern import (
+    INF, And, Causal, Empty, Env, Expr, Full, Indices, Keys, Layout, Neighborhood, Not, Or, Pattern,
+    Points, Queries, Random, Range, Same, Valid, Window, ORDERS,
+)
+from attnlang.plan import BlockTable, HeadGroup, Plan, TileRange
+from attnlang.tiling import (
+    EMPTY, FULL, PARTIAL, UNKNOWN, AxisPred, Band, and3, axis_class, band_class, factor, not3, or3,
+    union_class,
+)
+
+DEFAULT_BLOCK = 64
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+CHUNK = 1 << 20  # candidate pairs classified at once
+ELEMENTS = 1 << 22  # token pairs evaluated at once by the per-element check
+
+
+# --------------------------------------------------------------------------------------------
+# lower: the Pattern IR as planner terms
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Axes:
+    """A conjunction of per-axis primitives: one tuple of 1-D predicates per axis."""
+
+    preds: tuple[tuple[AxisPred, ...], ...]
+
+
+@dataclass(frozen=True)
+class Term:
+    """A planner term: ``op`` in full, none, band, axes, keys, queries, valid, random, same,
+    and, or, not."""
+
+    op: str
+    arg: Any = None
+    items: tuple["Term", ...] = ()
+
+
+def lower(e: Expr, layout: Layout) -> Term:
+    """Pattern IR -> planner terms; conjunctions merge their bands and their per-axis factors."""
+    if isinstance(e, Full):
+        return Term("full")
+    if isinstance(e, Empty):
+        return Term("none")
+    if isinstance(e, Causal) and e.axis is None:
+        return Term("band", Band(-INF, 0))
+    if isinstance(e, Window):
+        return Term("band", Band(-e.before, e.after))
+    if isinstance(e, (Keys, Queries, Valid, Random, Same)):
+        return Term(type(e).__name__.lower(), e)
+    if isinstance(e, Not):
+        return Term("not", items=(lower(e.item, layout),))
+    if isinstance(e, Or):
+        return Term("or", items=tuple(lower(i, layout) for i in e.items))
+    if isinstance(e, And):
+        band, axes, rest = None, None, []
+        for t in (lower(i, layout) for i in e.items):
+            if t.op == "band":
+                band = t.arg if band is None else band & t.arg
+            elif t.op == "axes":
+                axes = t.arg if axes is None else Axes(tuple(a + b for a, b in zip(axes.preds, t.arg.preds)))
+            else:
+                rest.append(t)
+        if band is not None and band.empty:
+            return Term("none")
+        items = ([Term("band", band)] if band is not None else []) + \
+                ([Term("axes", axes)] if axes is not None else []) + rest
+        return items[0] if len(items) == 1 else Term("and", items=tuple(items))
+    f = factor(e, layout)
+    if f is None:
+        raise AttnError(f"the planner does not support {type(e).__name__} ({e.to_attn()})",
+                        hint="content-dependent patterns are planned by the runtime from Q and K")
+    return Term("axes", Axes(f))
+
+
+# --------------------------------------------------------------------------------------------
+# Tiles of one plan: geometry shared by every pass
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Ctx:
+    """The ordering, both sides' tiles and one batch item's inputs, with derived per-tile data."""
+
+    layout: Layout
+    ordering: Ordering
+    Q: TileSet
+    K: TileSet
+    inputs: Mapping[str, np.ndarray]
+    _cache: dict = field(default_factory=dict)
+
+    @property
+    def nq(self) -> int:
+        return self.Q.count
+
+    @property
+    def nk(self) -> int:
+        return self.K.count
+
+    def side(self, s: str) -> TileSet:
+        return self.Q if s == "q" else self.K
+
+    def coords(self, s: str):
+        """Per-piece coordinate bounds, flat bounds and flat contiguity ``[T, P]``."""
+        key = ("coords", s)
+        if key not in self._cache:
+            T = self.side(s)
+            dil = np.asarray(self.ordering.dil)
+            sizes = np.asarray(self.layout.sizes)
+            cmin, cmax = T.g + dil * T.lo, T.g + dil * T.hi
+            fmin = np.zeros(cmin.shape[:2], dtype=np.int64)
+            fmax = np.zeros_like(fmin)
+            for a, L in enumerate(self.layout.sizes):
+                fmin, fmax = fmin * L + cmin[..., a], fmax * L + cmax[..., a]
+            ext = T.hi - T.lo + 1
+            later_full = np.ones(ext.shape[:2], dtype=bool)
+            contig = np.ones(ext.shape[:2], dtype=bool)
+            for a in reversed(range(self.layout.rank)):
+                contig &= (ext[..., a] == 1) | ((dil[a] == 1) & later_full)
+                later_full &= (ext[..., a] == sizes[a]) & (dil[a] == 1)
+            self._cache[key] = (cmin, cmax, fmin, fmax, contig)
+        return self._cache[key]
+
+    def bounds(self, s: str):
+        """Per-tile coordinate and flat bounds over valid pieces."""
+        cmin, cmax, fmin, fmax, _ = self.coords(s)
+        v = self.side(s).pvalid
+        big = np.iinfo(np.int64).max
+        lo = np.where(v[..., None], cmin, big).min(1)
+        hi = np.where(v[..., None], cmax, -1).max(1)
+        return lo, hi, np.where(v, fmin, big).min(1), np.where(v, fmax, -1).max(1)
+
+    def tokens(self, s: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(tile, token)`` of every valid kernel position of one side: O(N)."""
+        key = ("tokens", s)
+        if key not in self._cache:
+            T = self.side(s)
+            pos = np.arange(T.count * T.block, dtype=np.int64)
+            tok = self.ordering.tokens_at(pos)
+            ok = tok >= 0
+            self._cache[key] = (pos[ok] // T.block, tok[ok])
+        return self._cache[key]
+
+    def count_tokens(self, s: str, pred) -> np.ndarray:
+        tile, tok = self.tokens(s)
+        return np.bincount(tile[pred(tok)], minlength=self.side(s).count)
+
+
+# --------------------------------------------------------------------------------------------
+# candidates: regions of key tiles per query tile
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Region:
+    """Key tiles that may be non-empty, per query tile: ``boxes`` (per family, half-open
+    tile-grid ranges ``lo, hi`` of shape ``[nq, dims]``), explicit sorted ``pairs``
+    (``qt * nk + kt``), or an ``outer`` product of a query-tile mask and a key-tile mask."""
+
+    kind: str
+    boxes: tuple = ()
+    pairs: np.ndarray | None = None
+    qmask: np.ndarray | None = None
+    kmask: np.ndarray | None = None
+
+    def count(self) -> int:
+        if self.kind == "boxes":
+            return int(sum(np.prod(np.maximum(hi - lo, 0), axis=1).sum() for lo, hi in self.boxes))
+        if self.kind == "pairs":
+            return len(self.pairs)
+        return int(self.qmask.sum()) * int(self.kmask.sum())
+
+    def expand(self, ctx: Ctx) -> np.ndarray:
+        if self.kind == "pairs":
+            return self.pairs
+        if self.kind == "outer":
+            qs, ks = np.nonzero(self.qmask)[0], np.nonzero(self.kmask)[0]
+            return (qs[:, None] * ctx.nk + ks[None, :]).reshape(-1)
+        parts = [_expand_box(ctx, lo, hi) for lo, hi in self.boxes]
+        if not parts:
+            return np.zeros(0, dtype=np.int64)
+        return parts[0] if len(parts) == 1 else np.unique(np.concatenate(parts))
+
+    def contains(self, ctx: Ctx, keys: np.ndarray) -> np.ndarray:
+        qt, kt = np.divmod(keys, ctx.nk)
+        if self.kind == "pairs":
+            i = np.minimum(np.searchsorted(self.pairs, keys), max(len(self.pairs) - 1, 0))
+            return (self.pairs[i] == keys) if len(self.pairs) else np.zeros(len(keys), bool)
+        if self.kind == "outer":
+            return self.qmask[qt] & self.kmask[kt]
+        kc = _kv_grid(ctx)[kt]
+        ok = np.zeros(len(keys), dtype=bool)
+        for lo, hi in self.boxes:
+            ok |= ((kc >= lo[qt]) & (kc < hi[qt])).all(axis=1)
+        return ok
+
+
+def _kv_grid(ctx: Ctx) -> np.ndarray:
+    """Tile-grid coordinates of every key tile ``[nk, dims]``."""
+    if ctx.ordering.is_natural:
+        return np.arange(ctx.nk, dtype=np.int64)[:, None]
+    return ctx.K.grid
+
+
+def _expand_box(ctx: Ctx, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    ext = np.maximum(hi - lo, 0)
+    n = np.prod(ext, axis=1)
+    total = int(n.sum())
+    qt = np.repeat(np.arange(len(n), dtype=np.int64), n)
+    local = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
+    e, start = ext[qt], lo[qt]
+    coords = np.empty_like(e)
+    for a in reversed(range(e.shape[1])):
+        local, coords[:, a] = np.divmod(local, np.maximum(e[:, a], 1))
+    coords += start
+    if ctx.ordering.is_natural:
+        kt = coords[:, 0]
+    else:
+        shape = tuple(U // b for U, b in zip(ctx.ordering.axis_len, ctx.ordering.box_kv))
+        kt = ctx._cache.setdefault("lookup", ctx.ordering.grid_lookup("kv"))[
+            np.ravel_multi_index(tuple(coords.T), shape)]
+    return qt * ctx.nk + kt
+
+
+def _flat_region(ctx: Ctx, klo: np.ndarray, khi: np.ndarray) -> Region:
+    """Key tiles holding tokens with flat index in ``[klo, khi]`` (empty where klo > khi)."""
+    n = ctx.layout.n
+    empty = klo > khi
+    klo, khi = np.clip(klo, 0, n - 1), np.clip(khi, 0, n - 1)
+    if ctx.ordering.is_natural:
+        lo, hi = klo // ctx.K.block, khi // ctx.K.block + 1
+        return Region("boxes", ((lo[:, None], np.where(empty, lo, hi)[:, None]),))
+    # Coordinate bounding box of a flat interval: an axis is free once an outer axis differs.
+    cl, ch = ctx.layout.coords(klo), ctx.layout.coords(khi)
+    same = np.ones(len(klo), dtype=bool)
+    ulo, uhi = [], []
+    for a, L in enumerate(ctx.layout.sizes):
+        ulo.append(np.where(same, cl[a], 0))
+        uhi.append(np.where(same, ch[a], L - 1))
+        same &= cl[a] == ch[a]
+    return _coord_region(ctx, np.stack(ulo, 1), np.stack(uhi, 1), empty, grouped=None)
+
+
+def _coord_region(ctx: Ctx, xlo, xhi, empty, grouped) -> Region:
+    """Key tiles meeting the coordinate box ``[xlo, xhi]`` (inclusive, ``[nq, rank]``).
+
+    ``grouped`` optionally gives per-axis in-group ranges (``(g, lo', hi')``) on
+    dilation-grouped axes; other grouped axes are taken whole.
+    """
+    o = ctx.ordering
+    if o.is_natural:
+        sizes = ctx.layout.sizes
+        flo = np.zeros(len(xlo), dtype=np.int64)
+        fhi = np.zeros_like(flo)
+        for a, L in enumerate(sizes):
+            flo, fhi = flo * L + xlo[:, a], fhi * L + xhi[:, a]
+        return _flat_region(ctx, np.where(empty, 1, flo), np.where(empty, 0, fhi))
+    lo, hi = [], []
+    for a, (d, P, U, b) in enumerate(zip(o.dil, o.group_len, o.axis_len, o.box_kv)):
+        if d == 1:
+            ulo, uhi = xlo[:, a], xhi[:, a]
+        elif grouped is not None and grouped[a] is not None:
+            g, glo, ghi = grouped[a]
+            ulo, uhi = g * P + glo, g * P + ghi
+        else:
+            ulo, uhi = np.zeros(len(xlo), dtype=np.int64), np.full(len(xlo), U - 1)
+        lo.append(ulo // b)
+        hi.append(np.where(empty | (uhi < ulo), ulo // b, uhi // b + 1))
+    return Region("boxes", ((np.stack(lo, 1), np.stack(hi, 1)),))
+
+
+def region(t: Term, ctx: Ctx) -> Region:
+    """Per query tile, a superset of the key tiles where ``t`` allows some pair."""
+    allq, allk = ctx.Q.nvalid > 0, ctx.K.nvalid > 0
+    if t.op in ("full", "not"):
+        return Region("outer", qmask=allq, kmask=allk)
+    if t.op == "none":
+        return Region("boxes")
+    if t.op == "band":
+        _, _, fmin, fmax = ctx.bounds("q")
+        lo = fmin + (t.arg.lo if t.arg.lo != -INF else -ctx.layout.n)
+        hi = fmax + (t.arg.hi if t.arg.hi != INF else ctx.layout.n)
+        return _flat_region(ctx, lo.astype(np.int64), hi.astype(np.int64))
+    if t.op == "axes":
+        cmin, cmax, _, _ = ctx.bounds("q")
+        xlo, xhi, grouped = [], [], []
+        for a, preds in enumerate(t.arg.preds):
+            lo, hi = np.zeros(ctx.nq, dtype=np.int64), np.full(ctx.nq, ctx.layout.sizes[a] - 1)
+            gr = None
+            for p in preds:
+                plo, phi = p.reach(np.minimum(cmin[:, a], cmax[:, a]), cmax[:, a])
+                lo, hi = np.maximum(lo, plo), np.minimum(hi, phi)
+                d = ctx.ordering.dil[a]
+                if d > 1 and p.kind == "nbhd" and p.args[1] == d and gr is None:
+                    gr = (ctx.Q.g[:, 0, a],) + p.reach_grouped(ctx.Q.g[:, 0, a], ctx.Q.lo[:, 0, a],
+                                                               ctx.Q.hi[:, 0, a])
+            xlo.append(lo)
+            xhi.append(hi)
+            grouped.append(gr)
+        xlo, xhi = np.stack(xlo, 1), np.stack(xhi, 1)
+        empty = (xlo > xhi).any(1) | ~allq
+        return _coord_region(ctx, xlo, xhi, empty, grouped)
+    if t.op in ("keys", "queries", "valid"):
+        cq, ck = _token_counts(t, ctx)
+        return Region("outer", qmask=cq > 0, kmask=ck > 0)
+    if t.op in ("random", "same"):
+        keys, _ = _join(t, ctx)
+        return Region("pairs", pairs=keys)
+    regs = [region(i, ctx) for i in t.items]
+    if t.op == "or":
+        if all(r.kind == "boxes" for r in regs) and len({r.boxes[0][0].shape[1] for r in regs if r.boxes}) <= 1:
+            return Region("boxes", tuple(b for r in regs for b in r.boxes))
+        return Region("pairs", pairs=np.unique(np.concatenate([r.expand(ctx) for r in regs])))
+    # and: generate from the most selective child, keep what every other child may allow
+    counts = [r.count() for r in regs]
+    best = int(np.argmin(counts))
+    keys = regs[best].expand(ctx)
+    for i, r in enumerate(regs):
+        if i != best and len(keys):
+            keys = keys[r.contains(ctx, keys)]
+    return Region("pairs", pairs=np.sort(keys))
+
+
+# --------------------------------------------------------------------------------------------
+# classify: exact classes of candidate tile pairs
+# --------------------------------------------------------------------------------------------
+
+def _sel_pred(sel):
+    if isinstance(sel, Range):
+        return lambda tok: (tok >= sel.lo) & (tok < sel.hi)
+    return lambda tok: np.isin(tok, np.asarray(sel.values, dtype=np.int64))
+
+
+def _token_counts(t: Term, ctx: Ctx) -> tuple[np.ndarray, np.ndarray]:
+    """Per tile, how many of its tokens the leaf's token condition holds for (q and k sides)."""
+    key = ("counts", id(t))
+    if key not in ctx._cache:
+        if t.op == "valid":
+            n = _length(ctx.inputs, t.arg.input, ctx.layout.n)
+            pq = pk = lambda tok: tok < n  # noqa: E731
+        elif t.op == "keys":
+            pq, pk = (lambda tok: np.ones(len(tok), bool)), _sel_pred(t.arg.sel)
+        else:
+            pq, pk = _sel_pred(t.arg.sel), (lambda tok: np.ones(len(tok), bool))
+        ctx._cache[key] = (ctx.count_tokens("q", pq), ctx.count_tokens("kv", pk))
+    return ctx._cache[key]
+
+
+def _join(t: Term, ctx: Ctx) -> tuple[np.ndarray, np.ndarray]:
+    """Tile pairs sharing a (query group, key group) relation, with their exact classes.
+
+    ``same``: groups are ids, related when equal. ``random``: groups are blocks, related when
+    drawn. A pair is FULL when every (query group, key group) combination is related.
+    """
+    key = ("join", id(t))
+    if key in ctx._cache:
+        return ctx._cache[key]
+    if t.op == "same":
+        ids = _ids(ctx.inputs, t.arg.input, ctx.layout.n)
+        _, inv = np.unique(ids, return_inverse=True)
+        grp = lambda tok: inv[tok]  # noqa: E731
+        n_groups = int(inv.max()) + 1 if len(inv) else 0
+        rel = np.stack([np.arange(n_groups)] * 2, axis=1)
+    else:
+        B = t.arg.block
+        grp = lambda tok: tok // B  # noqa: E731
+        table = ctx._cache.setdefault(("table", id(t.arg)), t.arg.table(ctx.layout))
+        rel = np.argwhere(table)
+    tg = {}
+    for s in ("q", "kv"):
+        tile, tok = ctx.tokens(s)
+        ng = max(int(rel.max()) + 1 if len(rel) else 1, 1)
+        u = np.unique(tile * ng + grp(tok))
+        tiles, groups = np.divmod(u, ng)
+        order = np.argsort(groups, kind="stable")
+        tiles, groups = tiles[order], groups[order]
+        indptr = np.searchsorted(groups, np.arange(ng + 1))
+        tg[s] = (tiles, indptr, np.bincount(tiles, minlength=ctx.side(s).count))
+    (qtiles, qptr, qn), (ktiles, kptr, kn) = tg["q"], tg["kv"]
+    a, b = rel[:, 0], rel[:, 1]
+    ca, cb = qptr[a + 1] - qptr[a], kptr[b + 1] - kptr[b]
+    # Expand each related (a, b) into its query tiles x key tiles.
+    n1 = ca * cb
+    r = np.repeat(np.arange(len(rel)), n1)
+    local = np.arange(int(n1.sum()), dtype=np.int64) - np.repeat(np.cumsum(n1) - n1, n1)
+    i, j = np.divmod(local, np.maximum(cb[r], 1))
+    qt, kt = qtiles[qptr[a[r]] + i], ktiles[kptr[b[r]] + j]
+    keys, mult = np.unique(qt * ctx.nk + kt, return_counts=True)
+    q_, k_ = np.divmod(keys, ctx.nk)
+    cls = np.where(mult == qn[q_] * kn[k_], FULL, PARTIAL).astype(np.int8)
+    ctx._cache[key] = (keys, cls)
+    return keys, cls
+
+
+def classify(t: Term, ctx: Ctx, qt: np.ndarray, kt: np.ndarray) -> np.ndarray:
+    """Class of each (qt, kt) pair under term ``t``; UNKNOWN where the rules cannot decide."""
+    n = len(qt)
+    if t.op == "full":
+        return np.full(n, FULL, dtype=np.int8)
+    if t.op == "none":
+        return np.full(n, EMPTY, dtype=np.int8)
+    if t.op == "not":
+        return not3(classify(t.items[0], ctx, qt, kt))
+    if t.op in ("and", "or"):
+        cs = [classify(i, ctx, qt, kt) for i in t.items]
+        return and3(cs) if t.op == "and" else or3(cs)
+    if t.op in ("random", "same"):
+        keys, cls = _join(t, ctx)
+        want = qt * ctx.nk + kt
+        if not len(keys):
+            return np.full(n, EMPTY, dtype=np.int8)
+        i = np.minimum(np.searchsorted(keys, want), len(keys) - 1)
+        return np.where(keys[i] == want, cls[i], EMPTY).astype(np.int8)
+    if t.op in ("keys", "queries", "valid"):
+        cq, ck = _token_counts(t, ctx)
+        a, b = cq[qt], ck[kt]
+        full = (a == ctx.Q.nvalid[qt]) & (b == ctx.K.nvalid[kt])
+        return np.where((a == 0) | (b == 0), EMPTY, np.where(full, FULL, PARTIAL)).astype(np.int8)
+    # Piece-level terms: [n, Pq, 1] x [n, 1, Pk], then the union over pieces.
+    valid = ctx.Q.pvalid[qt][:, :, None] & ctx.K.pvalid[kt][:, None, :]
+    if t.op == "band":
+        _, _, qf0, qf1, qc = ctx.coords("q")
+        _, _, kf0, kf1, kc = ctx.coords("kv")
+        c = band_class(t.arg, qf0[qt][:, :, None], qf1[qt][:, :, None], qc[qt][:, :, None],
+                       kf0[kt][:, None, :], kf1[kt][:, None, :], kc[kt][:, None, :])
+        return union_class(c, valid, (1, 2))
+    per_axis = []
+    Q, K = ctx.Q, ctx.K
+    for a, preds in enumerate(t.arg.preds):
+        if preds:
+            per_axis.append(axis_class(
+                preds, Q.g[qt][:, :, None, a], Q.lo[qt][:, :, None, a], Q.hi[qt][:, :, None, a],
+                K.g[kt][:, None, :, a], K.lo[kt][:, None, :, a], K.hi[kt][:, None, :, a],
+                ctx.ordering.dil[a]))
+    if not per_axis:
+        return np.full(n, FULL, dtype=np.int8)
+    c = np.stack(per_axis)
+    prod = np.where((c == EMPTY).any(0), EMPTY, np.where((c == FULL).all(0), FULL, PARTIAL))
+    return union_class(prod, valid, (1, 2))
+
+
+def _allowed(e: Expr, q: Points, k: Points, env: Env, tables: dict) -> np.ndarray:
+    """The IR's own ``allowed``, with Random's drawn table computed once per plan."""
+    if isinstance(e, And):
+        out = _allowed(e.items[0], q, k, env, tables)
+        for i in e.items[1:]:
+            out = out & _allowed(i, q, k, env, tables)
+        return out
+    if isinstance(e, Or):
+        out = _allowed(e.items[0], q, k, env, tables)
+        for i in e.items[1:]:
+            out = out | _allowed(i, q, k, env, tables)
+        return out
+    if isinstance(e, Not):
+        return ~_allowed(e.item, q, k, env, tables)
+    if isinstance(e, Random):
+        t = tables.setdefault(("table", id(e)), e.table(env.layout))
+        return t[q.flat // e.block, k.flat // e.block]
+    return e.allowed(q, k, env)
+
+
+def _elementwise(e: Expr, ctx: Ctx, qt: np.ndarray, kt: np.ndarray) -> np.ndarray:
+    """Exact classes of a few tile pairs by evaluating the predicate on their tokens."""
+    bm, bn = ctx.Q.block, ctx.K.block
+    out = np.empty(len(qt), dtype=np.int8)
+    env = Env(ctx.layout, ctx.inputs)
+    step = max(1, ELEMENTS // (bm * bn))
+    for s in range(0, len(qt), step):
+        tq = ctx.ordering.tokens_at(qt[s:s + step, None] * bm + np.arange(bm))
+        tk = ctx.ordering.tokens_at(kt[s:s + step, None] * bn + np.arange(bn))
+        ok = _allowed(e, ctx.layout.points(np.maximum(tq, 0)[:, :, None]),
+                      ctx.layout.points(np.maximum(tk, 0)[:, None, :]), env, ctx._cache)
+        ok = np.broadcast_to(ok, (len(tq), bm, bn))
+        v = (tq >= 0)[:, :, None] & (tk >= 0)[:, None, :]
+        out[s:s + step] = np.where((ok | ~v).all((1, 2)), FULL,
+                                   np.where((ok & v).any((1, 2)), PARTIAL, EMPTY))
+    return out
+
+
+def plan_group(e: Expr, ctx: Ctx) -> tuple[BlockTable, BlockTable, int]:
+    """Partial and full tables of one head group; also how many pairs needed element checks."""
+    t = lower(e, ctx.layout)
+    keys = np.unique(region(t, ctx).expand(ctx))  # sorted by (qt, kt) for the CSR tables
+    qt, kt = np.divmod(keys, ctx.nk)
+    keep = (ctx.Q.nvalid[qt] > 0) & (ctx.K.nvalid[kt] > 0)
+    qt, kt = qt[keep], kt[keep]
+    cls = np.empty(len(qt), dtype=np.int8)
+    for s in range(0, len(qt), CHUNK):
+        cls[s:s + CHUNK] = classify(t, ctx, qt[s:s + CHUNK], kt[s:s + CHUNK])
+    todo = np.nonzero(cls == UNKNOWN)[0]
+    if len(todo):
+        cls[todo] = _elementwise(e, ctx, qt[todo], kt[todo])
+    # Padding or a ragged tail makes a tile partial: the kernel must mask those positions.
+    cls[(cls == FULL) & ~(ctx.Q.complete[qt] & ctx.K.complete[kt])] = PARTIAL
+    part, full = cls == PARTIAL, cls == FULL
+    return (_csr(qt[part], kt[part], ctx.nq, ctx.nk), _csr(qt[full], kt[full], ctx.nq, ctx.nk), len(todo))
+
+
+def _csr(qt: np.ndarray, kt: np.ndarray, rows: int, cols: int) -> BlockTable:
+    """CSR from pairs already sorted by (qt, kt)."""
+    indptr = np.zeros(rows + 1, dtype=np.int64)
+    np.cumsum(np.bincount(qt, minlength=rows), out=indptr[1:])
+    return BlockTable(indptr, kt.astype(np.int32), cols)
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+
+def _ids(inputs: Mapping[str, np.ndarray], name: str, n: int) -> np.ndarray:
+    ids = np.asarray(inputs[name])
+    if ids.size != n or ids.ndim > 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise AttnError(f"runtime input '{name}' has shape {ids.shape} and dtype {ids.dtype}",
+                        hint=f"give one batch item's ids: an integer array of shape [{n}]")
+    return ids.reshape(-1).astype(np.int64)
+
+
+def _length(inputs: Mapping[str, np.ndarray], name: str, n: int) -> int:
+    v = np.asarray(inputs[name])
+    if v.size != 1 or not np.issubdtype(v.dtype, np.integer):
+        raise AttnError(f"runtime input '{name}' = {v!r} is not one length",
+                        hint=f"give one batch item's length: an integer between 0 and {n}")
+    return int(v.reshape(()))
+
+
+def _check_inputs(pattern: Pattern, inputs: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
+    got = {k: np.asarray(v) for k, v in (inputs or {}).items()}
+    missing = [i.name for i in pattern.inputs if i.name not in got]
+    if missing:
+        raise AttnError(
+            f"pattern '{pattern.name}' needs runtime input(s) {', '.join(missing)} to be planned",
+            hint="pass inputs={" + ", ".join(f"'{m}': ..." for m in missing) + "} (one batch item)")
+    for i in pattern.inputs:
+        (_ids if i.kind == "ids" else _length)(got, i.name, pattern.n)
+    return got
+
+
+# --------------------------------------------------------------------------------------------
+# Tile shapes and order
+# --------------------------------------------------------------------------------------------
+
+def _pow2_ok(v: int) -> bool:
+    return isinstance(v, (int, np.integer)) and v in BLOCK_SIZES
+
+
+def _check_block(name: str, v: Any) -> int:
+    if not _pow2_ok(v):
+        raise AttnError(f"{name} = {v!r} is not a supported tile size",
+                        hint=f"valid: a power of two in {', '.join(map(str, BLOCK_SIZES))}")
+    return int(v)
+
+
+def _check_box(name: str, box: tuple[int, ...], layout: Layout) -> tuple[int, ...]:
+    if len(box) != layout.rank or math.prod(box) not in BLOCK_SIZES:
+        raise AttnError(
+            f"schedule tile {name} = {box} is not a valid box for tokens {layout.to_attn()}",
+            hint=f"give {layout.rank} extents whose product is a power of two in "
+                 f"{BLOCK_SIZES[0]}..{BLOCK_SIZES[-1]}, e.g. {_balanced(layout, DEFAULT_BLOCK)}")
+    return tuple(int(b) for b in box)
+
+
+def _nested(bq: tuple[int, ...], bk: tuple[int, ...]) -> bool:
+    return all(b % a == 0 for a, b in zip(bq, bk)) or all(a % b == 0 for a, b in zip(bq, bk))
+
+
+def _dilation(pattern: Pattern) -> tuple[int, ...]:
+    """Per-axis dilation grouping: the neighborhoods' dilation where they all agree."""
+    rank = pattern.layout.rank
+    seen: list[set[int]] = [set() for _ in range(rank)]
+    for _, _, e in pattern.exprs():
+        for node in e.walk():
+            if isinstance(node, Neighborhood):
+                for a in range(rank):
+                    seen[a].add(node.dilation[a])
+    return tuple(next(iter(s)) if len(s) == 1 else 1 for s in seen)
+
+
+def _candidate_boxes(layout: Layout, dil: tuple[int, ...], volume: int) -> list[tuple[int, ...]]:
+    """Power-of-two boxes of ``volume`` tokens, least padding first, at most 12."""
+    lens = [-(-L // d) for L, d in zip(layout.sizes, dil)]
+    exps = range(int(math.log2(volume)) + 1)
+    boxes = [tuple(1 << e for e in c) for c in itertools.product(exps, repeat=layout.rank)
+             if sum(c) == math.log2(volume)]
+
+    def waste(b):
+        return (math.prod(-(-g // x) * x for g, x in zip(lens, b)), max(b) / min(b))
+    return sorted(boxes, key=waste)[:12]
+
+
+def _balanced(layout: Layout, volume: int) -> tuple[int, ...]:
+    return _candidate_boxes(layout, (1,) * layout.rank, volume)[0]
+
+
+def _block_sparse_box(pattern: Pattern) -> tuple[int, ...] | None:
+    """A neighborhood with stride == window dividing every axis is blocked attention: tiles
+    equal to the window are exactly its blocks (when the window is a valid box)."""
+    for _, _, e in pattern.exprs():
+        for node in e.walk():
+            if isinstance(node, Neighborhood) and not any(node.causal) and \
+                    node.stride == node.window and math.prod(node.window) in BLOCK_SIZES and \
+                    all((L // d) % K == 0 and L % d == 0 for L, K, d in
+                        zip(pattern.layout.sizes, node.window, node.dilation)):
+                return node.window
+    return None
+
+
+def _grow(box: tuple[int, ...], volume: int, layout: Layout) -> tuple[int, ...]:
+    """Double the roomiest axis of ``box`` until it holds ``volume`` tokens (nested boxes)."""
+    box = list(box)
+    while math.prod(box) < volume:
+        a = max(range(len(box)), key=lambda i: (layout.sizes[i] / box[i], i))
+        box[a] *= 2
+    return tuple(box)
+
+
+def make_plan(pattern: Pattern, *, inputs: Mapping[str, np.ndarray] | None = None,
+              block_m: int | None = None, block_n: int | None = None,
+              order: str | None = None) -> Plan:
+    """Plan a pattern: tile sizes, token order and the exact tile tables of every head group.
+
+    Explicit arguments override ``pattern.schedule``, which overrides the planner's choice.
+    ``inputs`` are one batch item's runtime inputs (``ids [N]`` for ``same``, a 0-d length for
+    ``valid``). Work grows with the visited tiles, never with N²:
+
+    >>> from attnlang import Pattern, neighborhood
+    >>> p = Pattern.create(neighborhood(window=(8, 8), stride=(8, 8)), tokens=(32, 32))
+    >>> s = make_plan(p).stats()
+    >>> s["tile_bound"] == s["flop_bound"]
+    True
+    """
+    layout = pattern.layout
+    got = _check_inputs(pattern, inputs)
+    sched = pattern.schedule
+    order = order if order is not None else sched.order
+    if order is not None and order not in ORDERS:
+        raise AttnError(f"unknown order {order!r}", hint=f"valid orders: {', '.join(ORDERS)}")
+    box_q = sched.tile_q if sched.tile_q is not None and len(sched.tile_q) == layout.rank else None
+    box_kv = sched.tile_kv if sched.tile_kv is not None and len(sched.tile_kv) == layout.rank else None
+    if layout.rank == 1:
+        box_q = box_kv = None  # a 1-D "box" is a tile size
+    flat_m = sched.tile_q[0] if sched.tile_q is not None and box_q is None else None
+    flat_n = sched.tile_kv[0] if sched.tile_kv is not None and box_kv is None else None
+    bm = block_m if block_m is not None else flat_m
+    bn = block_n if block_n is not None else flat_n
+    if block_m is not None:
+        box_q = None if box_q is None or math.prod(box_q) != block_m else box_q
+    if block_n is not None:
+        box_kv = None if box_kv is None or math.prod(box_kv) != block_n else box_kv
+    if box_q is not None:
+        box_q = _check_box("q", box_q, layout)
+        bm = math.prod(box_q)
+    if box_kv is not None:
+        box_kv = _check_box("kv", box_kv, layout)
+        bn = math.prod(box_kv)
+    if bm is None and bn is None:
+        bm = bn = DEFAULT_BLOCK
+    bm = _check_block("block_m", bm if bm is not None else bn)
+    bn = _check_block("block_n", bn if bn is not None else bm)
+    if order is None:
+        order = "natural" if layout.rank == 1 or (box_q is None and box_kv is None and
+                                                  (sched.tile_q or sched.tile_kv)) else "tiled"
+
+    notes: list[str] = []
+    if order == "natural":
+        ordering = Ordering.natural(layout)
+        notes.append("natural order: tiles are flat index ranges" +
+                     ("" if layout.rank == 1 else " (row strips of the grid)"))
+        return _finish(pattern, ordering, bm, bn, got, notes)
+
+    dil = _dilation(pattern)
+    if any(d > 1 for d in dil):
+        notes.append(f"dilation groups made contiguous per axis (dilation {dil}): a dilated "
+                     "neighborhood becomes a dense one inside each group")
+    if box_q is not None and box_kv is None:
+        box_kv = box_q if bn == bm else None
+    if box_kv is not None and box_q is None:
+        box_q = box_kv if bn == bm else None
+    if box_q is None or box_kv is None:
+        fixed = box_q or box_kv
+        cands = []
+        if fixed is not None:
+            other = bn if box_kv is None else bm
+            cands = [(box_q or b, box_kv or b) for b in _candidate_boxes(layout, dil, other)
+                     if _nested(fixed, b)] or [(box_q or _grow(fixed, other, layout),
+                                                box_kv or _grow(fixed, other, layout))]
+        else:
+            small = min(bm, bn)
+            sizes = _candidate_boxes(layout, dil, small)
+            sparse = _block_sparse_box(pattern)
+            if sparse is not None and block_m is None and block_n is None and sched.tile_q is None:
+                sizes = [tuple(sparse)] + [b for b in sizes if b != tuple(sparse)]
+            for b in sizes:
+                vol_q, vol_k = (bm, bn) if math.prod(b) == small else (math.prod(b),) * 2
+                g = _grow(b, max(vol_q, vol_k), layout)
+                cands.append((b if vol_q <= vol_k else g, b if vol_k <= vol_q else g))
+        best = None
+        for bq, bk in cands:
+            o = Ordering.boxed(layout, bq, bk, dil)
+            p = _finish(pattern, o, math.prod(bq), math.prod(bk), got, [])
+            work = sum(p.stats(g.lo)["visited"] for g in p.groups) * p.block_m * p.block_n
+            partial = sum(p.stats(g.lo)["partial"] for g in p.groups) * p.block_m * p.block_n
+            score = (work, partial, p.n_kernel)
+            if best is None or score < best[0]:
+                best = (score, bq, bk)
+        _, box_q, box_kv = best
+        notes.append(f"tile boxes q {box_q}, kv {box_kv}: fewest visited token pairs "
+                     f"({best[0][0]}) among {len(cands)} candidate boxes")
+    elif not _nested(box_q, box_kv):
+        raise AttnError(f"schedule tile q = {box_q} and kv = {box_kv} do not nest",
+                        hint="one box must divide the other on every axis, e.g. q = kv")
+    bm, bn = math.prod(box_q), math.prod(box_kv)
+    seq = None
+    if order == "rcm":
+        base = Ordering.boxed(layout, box_q, box_kv, dil)
+        p = _finish(pattern, base, bm, bn, got, [])
+        seq = _rcm_sequence(base, p)
+        notes.append("rcm: boxes relabelled by reverse Cuthill-McKee on the tile graph")
+    ordering = Ordering.boxed(layout, box_q, box_kv, dil, order, seq)
+    notes.append(f"{order} order of boxes; each axis padded to whole boxes "
+                 f"({ordering.n_kernel - layout.n} padding positions)")
+    return _finish(pattern, ordering, bm, bn, got, notes)
+
+
+def _rcm_sequence(base: Ordering, plan: Plan) -> np.ndarray:
+    """Big-box sequence from reverse Cuthill-McKee on boxes that attend to each other."""
+    per_big_q = math.prod(base.big) // plan.block_m
+    per_big_k = math.prod(base.big) // plan.block_n
+    edges = []
+    for g in plan.groups:
+        for table in (g.partial, g.full):
+            rows = np.repeat(np.arange(table.rows), table.counts())
+            edges.append(np.stack([rows // per_big_q, table.indices // per_big_k], 1))
+    perm = rcm_order(len(base.seq), np.unique(np.concatenate(edges), axis=0))
+    return base.seq[perm]
+
+
+def _finish(pattern: Pattern, ordering: Ordering, bm: int, bn: int, inputs, notes: list[str]) -> Plan:
+    layout = pattern.layout
+    ctx = Ctx(layout, ordering, ordering.tiles("q", bm), ordering.tiles("kv", bn), inputs)
+    groups, pairs = [], []
+    checked = 0
+    for lo, hi, e in pattern.exprs():
+        part, full, n_el = plan_group(e, ctx)
+        checked += n_el
+        term = lower(e, layout)
+        analytic = (functools.partial(_analytic, term, layout, ordering, bm, bn, part, full)
+                    if layout.rank == 1 and ordering.is_natural and _band_blocks(term) is not None else None)
+        by_head = not isinstance(pattern.attend, Expr)
+        groups.append(HeadGroup.of(lo, hi if by_head else None, part, full, analytic))
+        pairs.append(_allowed_pairs(term, layout, inputs))
+    if checked:
+        notes = notes + [f"{checked} tile pair(s) undecidable by the rules were checked per element"]
+    if any(g.closed_form is not None for g in groups):
+        notes = notes + ["analytic: closed-form key-tile ranges per query tile (codegen loop bounds, "
+                         "derived on first use)"]
+    allowed = tuple(pairs) if all(p is not None for p in pairs) else None
+    return Plan(pattern, bm, bn, ordering.box_q or (bm,), ordering.box_kv or (bn,),
+                ordering.positions(), tuple(groups), tuple(notes), allowed)
+
+
+# --------------------------------------------------------------------------------------------
+# Closed forms: analytic tile ranges and allowed pair counts
+# --------------------------------------------------------------------------------------------
+
+def _band_blocks(term: Term) -> tuple[Band, list[tuple[int, int]]] | None:
+    """A 1-D conjunction of bands and blocks as (band, [(size, shift)]), else None."""
+    items = term.items if term.op == "and" else (term,)
+    band, blocks = Band(-INF, INF), []
+    for t in items:
+        if t.op == "band":
+            band = band & t.arg
+        elif t.op == "axes" and all(p.kind == "block" for p in t.arg.preds[0]):
+            blocks += [p.args for p in t.arg.preds[0]]
+        elif t.op != "full":
+            return None
+    return band, blocks
+
+
+def _analytic(term: Term, layout: Layout, ordering: Ordering, bm: int, bn: int,
+              part: BlockTable, full: BlockTable) -> TileRange | None:
+    """Closed-form key-tile ranges (sympy, in the symbol ``qt``) for 1-D bands and blocks,
+    kept only when they reproduce the tables exactly."""
+    if layout.rank != 1 or not ordering.is_natural:
+        return None
+    bb = _band_blocks(term)
+    if bb is None:
+        return None
+    band, blocks = bb
+    tr, funcs = _derive_tile_range(band.lo, band.hi, tuple(blocks), layout.n, bm, bn)
+    return tr if _tilerange_matches(funcs, part, full) else None
+
+
+@functools.lru_cache(maxsize=256)
+def _derive_tile_range(band_lo: float, band_hi: float, blocks: tuple[tuple[int, int], ...],
+                       n: int, bm: int, bn: int):
+    """The sympy TileRange of a 1-D band-and-blocks conjunction, and numpy versions of it
+    (cached: deriving costs milliseconds, a serving loop plans the same shapes again)."""
+    import sympy as sp
+
+    band = Band(band_lo, band_hi)
+    qt = sp.Symbol("qt", integer=True, nonnegative=True)
+    qmin, qmax = qt * bm, sp.Min(qt * bm + bm - 1, n - 1)
+    qmax_c = qt * bm + bm - 1  # a complete query tile
+    lo_k, hi_k = [sp.Integer(0)], [sp.Integer(n - 1)]
+    flo, fhi = [sp.Integer(0)], [sp.Integer(n - 1)]
+    if band.lo != -INF:
+        lo_k.append(qmin + int(band.lo))
+        flo.append(qmax_c + int(band.lo))
+    if band.hi != INF:
+        hi_k.append(qmax + int(band.hi))
+        fhi.append(qmin + int(band.hi))
+    for S, o in blocks:
+        lo_k.append(sp.floor((qmin - o) / sp.Integer(S)) * S + o)
+        hi_k.append(sp.floor((qmax - o) / sp.Integer(S)) * S + o + S - 1)
+        flo.append(sp.floor((qmax_c - o) / sp.Integer(S)) * S + o)
+        fhi.append(sp.floor((qmin - o) / sp.Integer(S)) * S + o + S - 1)
+    # floor/ceiling are monotone, so they move inside Max/Min, where sympy's canonical forms
+    # simplify each bound (floor((64*qt - 256)/64) -> qt - 4) without a costly simplify().
+    lo = sp.Max(*(sp.floor(x / bn) for x in lo_k))
+    hi = sp.Min(*(sp.floor(x / bn) for x in hi_k)) + 1
+    full_lo = sp.Max(*(sp.ceiling(x / bn) for x in flo))
+    full_hi = sp.Min(*(sp.floor((x + 1) / bn) for x in fhi), n // bn)
+    if n % bm:
+        full_hi = sp.Piecewise((full_hi, qt < n // bm), (full_lo, True))
+    tr = TileRange(lo, hi, full_lo, full_hi)
+    return tr, tuple(sp.lambdify(qt, e, "numpy") for e in (lo, hi, full_lo, full_hi))
+
+
+def _tilerange_matches(funcs, part: BlockTable, full: BlockTable) -> bool:
+    """Whether the closed forms reproduce the tables row by row (they are kept only then)."""
+    rows = part.rows
+    x = np.arange(rows, dtype=np.int64)
+    vals = [np.broadcast_to(np.asarray(f(x)), (rows,)).astype(np.int64) for f in funcs]
+    lo, hi, flo, fhi = vals
+    fhi = np.maximum(fhi, flo)
+    visited = np.maximum(hi - lo, 0)
+    if not np.array_equal(visited, part.counts() + full.counts()):
+        return False
+    if not np.array_equal(fhi - flo, full.counts()):
+        return False
+    # Rows are contiguous ranges: check the first and last entries of each row.
+    both = BlockTable.from_pairs(
+        np.concatenate([np.repeat(x, part.counts()), np.repeat(x, full.counts())]),
+        np.concatenate([part.indices, full.indices]), rows, part.cols)
+    has = visited > 0
+    ok = np.array_equal(both.indices[both.indptr[:-1][has]], lo[has])
+    hasf = full.counts() > 0
+    return ok and np.array_equal(full.indices[full.indptr[:-1][hasf]], flo[hasf])
+
+
+def _row_intervals(term: Term, layout: Layout, inputs) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per query (1-D), the allowed keys as one interval ``[lo, hi]``, when they are one."""
+    n = layout.n
+    q = np.arange(n, dtype=np.int64)
+    lo, hi = np.zeros(n, dtype=np.int64), np.full(n, n - 1)
+    for t in (term.items if term.op == "and" else (term,)):
+        if t.op == "band":
+            if t.arg.lo != -INF:
+                lo = np.maximum(lo, q + int(t.arg.lo))
+            if t.arg.hi != INF:
+                hi = np.minimum(hi, q + int(t.arg.hi))
+        elif t.op == "axes":
+            for p in t.arg.preds[0]:
+                if p.kind == "strided" or (p.kind == "nbhd" and p.args[1] > 1):
+                    return None
+                plo, phi = p.reach(q, q)
+                lo, hi = np.maximum(lo, plo), np.minimum(hi, phi)
+        elif t.op == "valid":
+            m = _length(inputs, t.arg.input, n)
+            hi = np.where(q < m, np.minimum(hi, m - 1), -1)
+        elif t.op != "full":
+            return None
+    return lo, hi
+
+
+def _allowed_pairs(term: Term, layout: Layout, inputs) -> int | None:
+    """Exact allowed (q, k) pair count in closed form or O(N), else None."""
+    n = layout.n
+    if term.op == "full":
+        return n * n
+    if term.op == "none":
+        return 0
+    if layout.rank == 1:
+        iv = _row_intervals(term, layout, inputs)
+        if iv is not None:
+            return int(np.maximum(iv[1] - iv[0] + 1, 0).sum())
+    if term.op != "axes":
+        return None
+    total = 1
+    for a, preds in enumerate(term.arg.preds):
+        L = layout.sizes[a]
+        if not preds:
+            total *= L * L
+        elif L <= 2048:  # one axis, densely: L x L coordinates, not N x N tokens
+            x = np.arange(L, dtype=np.int64)
+            ok = np.ones((L, L), dtype=bool)
+            for p in preds:
+                ok &= p.allowed(x[:, None], x[None, :])
+            total *= int(ok.sum())
+        else:
+            return None
+    return total
+
+
+__all__ = ["make_plan", "lower", "Term", "Axes", "plan_group", "DEFAULT_BLOCK", "BLOCK_SIZES"]
