@@ -215,7 +215,7 @@ def _per_axis(node: Expr, name: str, value: Any, layout: Layout, out: list[Diagn
     vals = value if isinstance(value, tuple) else (value,) * layout.rank
     if len(vals) != layout.rank:
         out.append(Diagnostic(
-            f"{_prim_name(node)} {name} {_fmt_axis(value)} has {len(vals)} entries but the layout "
+            f"{_prim_name(node)} {name} ({', '.join(map(_fmt_scalar, vals))}) has {len(vals)} entries but the layout "
             f"{layout.to_attn()} has {layout.rank} axes",
             node.span, f"give one value per axis ({', '.join(layout.names)}) or a single value for all"))
         return (vals[0],) * layout.rank if vals else (0,) * layout.rank

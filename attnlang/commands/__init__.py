@@ -41,3 +41,69 @@ def spec_params(args: argparse.Namespace) -> dict[str, Any]:
             raise AttnError(f"--set {item!r} must look like NAME=VALUE", hint="e.g. --set N=4096")
         out[key.strip()] = parse_value(value)
     return out
+
+
+def add_input_arguments(p: argparse.ArgumentParser) -> None:
+    """Repeated ``--input NAME=VALUE`` for patterns that read runtime inputs (LANGUAGE.md §5)."""
+    p.add_argument("--input", dest="inputs", action="append", default=[], metavar="NAME=VALUE",
+                   help="a runtime input for one batch item: ids as document lengths "
+                        "(--input doc=100+156) or a list of N ids; a length as an int (--input len=200)")
+
+
+def spec_inputs(args: argparse.Namespace, pattern: Any) -> dict[str, Any] | None:
+    """``--input`` values as numpy arrays for ``pattern`` (None when it reads no inputs).
+
+    ``doc=100+156`` gives ids ``[0]*100 + [1]*156`` (packed documents by length); ``doc=[...]``
+    gives the ids as written; ``len=200`` a length.
+    """
+    import numpy as np
+
+    declared = {i.name: i for i in pattern.inputs}
+    given: dict[str, str] = {}
+    for item in args.inputs:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise AttnError(f"--input {item!r} must look like NAME=VALUE", hint="e.g. --input doc=100+156")
+        if key not in declared:
+            from attnlang.errors import did_you_mean
+
+            known = ", ".join(declared) or "none"
+            raise AttnError(f"--input {key}: pattern '{pattern.name}' has no input '{key}'"
+                            f"{did_you_mean(key, declared)}", hint=f"its inputs: {known}")
+        given[key] = value.strip()
+    missing = [n for n in declared if n not in given]
+    if missing:
+        examples = " ".join(f"--input {n}=" + (f"{pattern.n // 2}+{pattern.n - pattern.n // 2}"
+                                               if declared[n].kind == "ids" else str(pattern.n))
+                            for n in missing)
+        raise AttnError(f"pattern '{pattern.name}' reads runtime input(s) {missing}; give them with "
+                        f"--input", hint=f"e.g. {examples}")
+    if not declared:
+        return None
+    out = {}
+    n = pattern.n
+    for name, text in given.items():
+        if declared[name].kind == "length":
+            v = parse_value(text)
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= n:
+                raise AttnError(f"--input {name}={text}: a length must be an integer in 0..{n}")
+            out[name] = np.asarray(v, dtype=np.int64)
+        elif "+" in text or text.isdigit():
+            parts = text.split("+")
+            if not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+                raise AttnError(f"--input {name}={text}: document lengths must be positive integers "
+                                "joined by '+'", hint=f"e.g. --input {name}={n // 2}+{n - n // 2}")
+            lengths = [int(p) for p in parts]
+            if sum(lengths) != n:
+                raise AttnError(f"--input {name}={text}: document lengths add up to {sum(lengths)}, "
+                                f"but the pattern has N = {n} tokens")
+            out[name] = np.repeat(np.arange(len(lengths)), lengths).astype(np.int64)
+        else:
+            v = parse_value(text)
+            if (not isinstance(v, (list, tuple)) or len(v) != n
+                    or not all(isinstance(x, int) and not isinstance(x, bool) for x in v)):
+                raise AttnError(f"--input {name}: ids must be a list of {n} integers or document "
+                                "lengths joined by '+'", hint=f"e.g. --input {name}={n // 2}+{n - n // 2}")
+            out[name] = np.asarray(v, dtype=np.int64)
+    return out
