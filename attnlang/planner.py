@@ -508,7 +508,9 @@ def _elementwise(e: Expr, ctx: Ctx, qt: np.ndarray, kt: np.ndarray) -> np.ndarra
 def plan_group(e: Expr, ctx: Ctx) -> tuple[BlockTable, BlockTable, int]:
     """Partial and full tables of one head group; also how many pairs needed element checks."""
     t = lower(e, ctx.layout)
-    keys = np.unique(region(t, ctx).expand(ctx))  # sorted by (qt, kt) for the CSR tables
+    # Sorted by (qt, kt) for the CSR tables; sort-and-drop-repeats beats np.unique's hashing here.
+    keys = np.sort(region(t, ctx).expand(ctx))
+    keys = keys[np.concatenate(([True], keys[1:] != keys[:-1]))] if len(keys) else keys
     qt, kt = np.divmod(keys, ctx.nk)
     keep = (ctx.Q.nvalid[qt] > 0) & (ctx.K.nvalid[kt] > 0)
     qt, kt = qt[keep], kt[keep]
@@ -721,18 +723,19 @@ def make_plan(pattern: Pattern, *, inputs: Mapping[str, np.ndarray] | None = Non
                 vol_q, vol_k = (bm, bn) if math.prod(b) == small else (math.prod(b),) * 2
                 g = _grow(b, max(vol_q, vol_k), layout)
                 cands.append((b if vol_q <= vol_k else g, b if vol_k <= vol_q else g))
-        best = None
+        best, tried, spent = None, 0, 0
         for bq, bk in cands:
-            o = Ordering.boxed(layout, bq, bk, dil)
-            p = _finish(pattern, o, math.prod(bq), math.prod(bk), got, [])
-            work = sum(p.stats(g.lo)["visited"] for g in p.groups) * p.block_m * p.block_n
-            partial = sum(p.stats(g.lo)["partial"] for g in p.groups) * p.block_m * p.block_n
-            score = (work, partial, p.n_kernel)
+            score = _box_cost(pattern, Ordering.boxed(layout, bq, bk, dil), math.prod(bq), math.prod(bk), got)
+            tried, spent = tried + 1, spent + score[0] // (math.prod(bq) * math.prod(bk))
             if best is None or score < best[0]:
                 best = (score, bq, bk)
+            if spent > SEARCH_BUDGET_TILES:  # dense-ish patterns: every box costs about the same
+                break
         _, box_q, box_kv = best
         notes.append(f"tile boxes q {box_q}, kv {box_kv}: fewest visited token pairs "
-                     f"({best[0][0]}) among {len(cands)} candidate boxes")
+                     + (f"({best[0][0]}) among {len(cands)} candidate boxes" if tried == len(cands) else
+                        f"({best[0][0]}) among the first {tried} of {len(cands)} candidate boxes "
+                        "(search budget reached)"))
     elif not _nested(box_q, box_kv):
         raise AttnError(f"schedule tile q = {box_q} and kv = {box_kv} do not nest",
                         hint="one box must divide the other on every axis, e.g. q = kv")
@@ -747,6 +750,22 @@ def make_plan(pattern: Pattern, *, inputs: Mapping[str, np.ndarray] | None = Non
     notes.append(f"{order} order of boxes; each axis padded to whole boxes "
                  f"({ordering.n_kernel - layout.n} padding positions)")
     return _finish(pattern, ordering, bm, bn, got, notes)
+
+
+# Visited tiles the box search may classify in total before it settles for the best so far.
+SEARCH_BUDGET_TILES = 2_000_000
+
+
+def _box_cost(pattern: Pattern, ordering: Ordering, bm: int, bn: int, inputs) -> tuple[int, int, int]:
+    """(visited token pairs, partial token pairs, kernel length) of a candidate tiling: the
+    classification alone, without the tables, transposes and counts a finished plan builds."""
+    ctx = Ctx(pattern.layout, ordering, ordering.tiles("q", bm), ordering.tiles("kv", bn), inputs)
+    visited = partial = 0
+    for _, _, e in pattern.exprs():
+        part, full, _ = plan_group(e, ctx)
+        visited += part.nnz + full.nnz
+        partial += part.nnz
+    return visited * bm * bn, partial * bm * bn, ordering.n_kernel
 
 
 def _rcm_sequence(base: Ordering, plan: Plan) -> np.ndarray:
