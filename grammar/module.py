@@ -33,7 +33,7 @@ from attnlang.pattern import Pattern
 class Module:
     """The checked contents of one ``.attn`` file (see :func:`load`)."""
 
-    def __init__(self, file: A.File, prelude: "Module | None"):
+    def __init__(self, file: A.File, prelude: "Module | None", strict: bool = True):
         self.file = file
         self.prelude = prelude
         self.lets: dict[str, A.Let] = {}
@@ -58,7 +58,10 @@ class Module:
                 continue
             table[item.name] = item
         _check_names(self, out)
-        if out:
+        # Name errors stop a strict load; a lenient one keeps them for check(), which reports
+        # them together with the value errors of every pattern they do not touch.
+        self.name_errors: tuple[Diagnostic, ...] = tuple(out)
+        if out and strict:
             raise AttnError(out)
 
     # -- introspection -----------------------------------------------------------------------
@@ -151,15 +154,17 @@ class Module:
     def check(self) -> None:
         """Raise AttnError with every error of the file: instantiates each pattern whose
         parameters all have defaults; for the others checks calls (arity, keywords)."""
-        ev = Evaluator()
+        ev = Evaluator(list(self.name_errors))
+        if self.name_errors:  # constants and macros may be the broken names: check patterns alone
+            broken = [d.span for d in self.name_errors if d.span is not None]
+            for decl in self.patterns.values():
+                if not any(_inside(sp, decl.span) for sp in broken):
+                    _check_decl(self, ev, decl)
+            raise AttnError(_dedupe(ev.out))
         for name, let in self.lets.items():
             ev.constant(self, let, Env(self))
         for decl in self.patterns.values():
-            if all(p.default is not None for p in decl.params or ()):
-                instantiate(ev, self, decl, {}, None)
-            else:
-                for node in _walk_pattern(decl):
-                    _static_call(self, node, ev.out)
+            _check_decl(self, ev, decl)
         for d in self.defs.values():
             for node in _walk(d.body):
                 _static_call(self, node, ev.out)
@@ -169,6 +174,22 @@ class Module:
     def format(self) -> str:
         """Canonical text of the file (comments dropped); ``load(m.format()) == m``."""
         return format_file(self.file)
+
+
+def _inside(inner: Span, outer: Span | None) -> bool:
+    return outer is not None and (outer.line, outer.col) <= (inner.line, inner.col) <= (outer.end_line, outer.end_col)
+
+
+def _check_decl(m: Module, ev: Evaluator, decl: A.PatternDecl) -> None:
+    """Instantiate a pattern whose parameters all have defaults; else check its calls only."""
+    if all(p.default is not None for p in decl.params or ()):
+        try:
+            instantiate(ev, m, decl, {}, None)
+        except AttnError as e:  # a name of the file it uses is broken: report what was found
+            ev.out.extend(d for d in e.diagnostics if d not in ev.out)
+    else:
+        for node in _walk_pattern(decl):
+            _static_call(m, node, ev.out)
 
 
 def _dedupe(diags: list[Diagnostic]) -> list[Diagnostic]:
@@ -271,7 +292,8 @@ def _check_names(m: Module, out: list[Diagnostic]) -> None:
         for node in _walk(e):
             if isinstance(node, A.Call):
                 literal |= _literal_name_args(m, node)
-                if node.func not in visible:
+                # importance(...) is the value syntax of route's permute_keys, not a name
+                if node.func not in visible and node.func != "importance":
                     out.append(Diagnostic(f"unknown name '{node.func}'{did_you_mean(node.func, visible)}",
                                           node.func_span))
                 macro = isinstance(Evaluator().lookup_global(m, node.func)[1], A.Def)
@@ -351,10 +373,13 @@ def _check_pattern(decl: A.PatternDecl, globals_: set[str], names_in, out: list[
 
 # --- entry points -----------------------------------------------------------------------------
 
-def load(text: str, name: str = "<string>") -> Module:
+def load(text: str, name: str = "<string>", strict: bool = True) -> Module:
     """Parse and name-check ``.attn`` source text; raise AttnError with every syntax or name
-    error. The prelude (``std.attn``) is in scope and may be shadowed."""
-    return Module(parse_file(text, name), load_prelude())
+    error. The prelude (``std.attn``) is in scope and may be shadowed.
+
+    ``strict=False`` keeps name errors for :meth:`Module.check` (``attnlang check``), which then
+    reports them together with the errors of the patterns they do not touch."""
+    return Module(parse_file(text, name), load_prelude(), strict)
 
 
 @functools.lru_cache(maxsize=1)

@@ -147,3 +147,20 @@ def test_error_inside_a_prelude_macro_points_back_to_the_file():
     err = errors_of(body("attend bigbird", tokens="n[64]"))
     text = str(err)
     assert text.startswith("std.attn:") and "used by f.attn:3:5" in text
+
+
+def test_check_reports_name_errors_with_other_patterns_value_errors():
+    """A misspelled name in one pattern does not hide the errors of the others."""
+    from attnlang.grammar import load
+
+    text = ("pattern a(N = 64) {\n    tokens n[N]\n    attend causal & slidng(4)\n}\n"
+            "pattern b {\n    tokens h[8], w[8]\n    attend grid(3)\n}\n"
+            "pattern c {\n    tokens n[16]\n    attend causal(x)\n}\n")
+    with pytest.raises(AttnError):
+        load(text, "f.attn")  # the API's load stays strict
+    with pytest.raises(AttnError) as e:
+        load(text, "f.attn", strict=False).check()
+    msgs = [(d.span.line, d.message) for d in e.value.diagnostics]
+    assert any(line == 3 and "slidng" in m for line, m in msgs)
+    assert any(line == 7 and "grid size 3" in m for line, m in msgs)
+    assert any(line == 11 and "unknown axis 'x'" in m for line, m in msgs)

@@ -20,13 +20,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from attnlang.api import parse
+    from attnlang.api import _read
+    from attnlang.grammar import load
 
     failed, patterns = 0, 0
     # Check every file before failing so one run reports all problems of all files.
     for path in args.files:
         try:
-            module = parse(pathlib.Path(path))  # an argument is a path, never source text
+            # An argument is a path, never source text; a lenient load lets check() report
+            # unknown names together with every other error of the file.
+            module = load(*_read(pathlib.Path(path)), strict=False)
             module.check()
         except AttnError as e:
             failed += 1
