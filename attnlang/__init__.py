@@ -14,12 +14,13 @@ from attnlang.pattern import (
     Layout, Pattern, axial, block, causal, full, global_, grid, halo, keys, neighborhood, none,
     queries, random, same, sink, sliding, strided, valid, window,
 )
+from attnlang.pattern import route
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttnError", "Compiled", "Layout", "Pattern", "axial", "block", "causal", "compile", "full",
     "global_", "grid", "halo", "keys", "make_plan", "mask", "neighborhood", "none", "parse",
-    "queries", "random", "resolve", "same", "simulate", "sink", "sliding", "strided", "to_block_mask", "valid",
+    "queries", "random", "resolve", "same", "simulate", "sink", "sliding", "strided", "to_block_mask", "valid", "route",
     "window",
 ]

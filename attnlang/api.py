@@ -96,18 +96,22 @@ def mask(spec: Any, pattern: str | None = None, *, heads: int | None = None,
 
 def make_plan(spec: Any, pattern: str | None = None, *, inputs: Mapping[str, Any] | None = None,
               tokens: Any = None, block_m: int | None = None, block_n: int | None = None,
-              order: str | None = None, **params: Any) -> "Plan":
+              order: str | None = None, content: Mapping[Any, np.ndarray] | None = None,
+              **params: Any) -> "Plan":
     """Plan a pattern's tile schedule without evaluating the N x N mask.
 
     >>> from attnlang import causal, sliding
     >>> make_plan(causal & sliding(256), tokens=4096).stats()["tile_bound"] > 5
     True
+
+    ``inputs`` are one batch item's runtime inputs; ``content`` the routing content of a
+    pattern that reads Q/K (``attnlang.routing.pattern_content`` / ``attnlang.pyramid.pattern_content``).
     """
     from attnlang.planner import make_plan as _plan
 
     p = resolve(spec, pattern, tokens=tokens, **params)
     np_inputs = None if inputs is None else {k: np.asarray(v) for k, v in inputs.items()}
-    return _plan(p, inputs=np_inputs, block_m=block_m, block_n=block_n, order=order)
+    return _plan(p, inputs=np_inputs, block_m=block_m, block_n=block_n, order=order, content=content)
 
 
 class Compiled:
@@ -171,14 +175,39 @@ class Compiled:
         if p is None:
             raise AttnError(f"q must be a tensor [B, H, N, D], got {type(q).__name__} "
                             f"{tuple(getattr(q, 'shape', ()))}")
-        call = check_call(p, q, k, v, scale, inputs, _planner)
+        call = check_call(p, q, k, v, scale, inputs, self._cached_plan)
+        call.want_lse = return_lse
         out, lse = run(call, self.backend)
         return (out, lse) if return_lse else out
+
+    def _cached_plan(self, pattern: Pattern, inputs):
+        """Plan once per bound pattern; patterns reading runtime inputs plan per call (O(N + tiles))."""
+        if inputs:
+            return _planner(pattern, inputs)
+        cache = self.__dict__.setdefault("_plan_cache", {})
+        if id(pattern) not in cache:  # bound patterns live in self._static / self._patterns
+            cache[id(pattern)] = _planner(pattern, None)
+        return cache[id(pattern)]
 
     def __repr__(self) -> str:
         p = self._static
         what = f"'{p.name}' tokens {p.layout.to_attn()}" if p else "(length bound at call time)"
         return f"<attnlang.Compiled {what} backend={self.backend or 'auto'}>"
+
+
+def to_block_mask(spec: Any, pattern: str | None = None, *, B: int | None = None, H: int | None = None,
+                  inputs: Mapping[str, Any] | None = None, tokens: Any = None, **params: Any):
+    """A FlexAttention ``BlockMask`` for a pattern, planned without evaluating the N x N mask.
+
+    >>> import attnlang
+    >>> attnlang.to_block_mask(attnlang.causal & attnlang.sliding(256), tokens=4096).shape
+    (1, 1, 4096, 4096)
+
+    See :func:`attnlang.runtime.flex.to_block_mask` (``B``/``H`` sizes, runtime ``inputs``).
+    """
+    from attnlang.runtime.flex import to_block_mask as _to_block_mask
+
+    return _to_block_mask(spec, pattern, B=B, H=H, inputs=inputs, tokens=tokens, **params)
 
 
 def _planner(pattern: Pattern, inputs):

@@ -139,6 +139,11 @@ class Env:
     layout: Layout
     inputs: Mapping[str, np.ndarray] = field(default_factory=dict)  # name -> ids [N] or length []
     head: int = 0
+    # Content decisions computed once per call from Q/K (LANGUAGE.md §6): for a Route ``r``,
+    # ``content[r]`` is bool [Hq, query groups, key blocks]; with permute_keys also
+    # ``content[(r, "perm")]`` (permuted position -> key) and ``content[(r, "pos")]`` (its
+    # inverse), int [Hq, N]. See attnlang.routing.
+    content: Mapping[Any, np.ndarray] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -730,6 +735,129 @@ class Valid(Expr):
         return f"valid({self.input})"
 
 
+# --- content-dependent primitives (LANGUAGE.md §6) ----------------------------------------
+
+SCOPES = ("query", "head")
+
+
+def box_ids(coord: Sequence[np.ndarray], box: tuple[int, ...], sizes: tuple[int, ...]) -> np.ndarray:
+    """Row-major number of the ``box``-shaped cell holding each coordinate (ragged end boxes)."""
+    out = None
+    for c, b, L in zip(coord, box, sizes):
+        here = np.asarray(c) // b
+        out = here if out is None else out * (-(-L // b)) + here
+    return out
+
+
+@dataclass(frozen=True)
+class Route(Expr):
+    """Routed key blocks chosen per query group from Q/K content (MoBA, VMoBA, BiFormer, PBS-Attn).
+
+    ``allowed`` reads the selection the routing stage put in ``env.content`` (see
+    :mod:`attnlang.routing`, which defines the selection itself); the node only maps tokens to
+    query groups and key blocks.
+    """
+
+    block: PerAxis
+    top: int | None = None
+    threshold: float | None = None
+    among: Expr = Full()
+    query_block: PerAxis = 1
+    scope: str = "query"
+    permute: int | None = None  # PBS-Attn key permutation: importance(segment = permute)
+    span: Span | None = _span()
+
+    def groups(self, layout: Layout) -> int:
+        return math.prod(-(-L // b) for L, b in zip(layout.sizes, self.query_block))
+
+    def blocks(self, layout: Layout) -> int:
+        return math.prod(-(-L // b) for L, b in zip(layout.sizes, self.block))
+
+    def group_of(self, p: Points, layout: Layout) -> np.ndarray:
+        return box_ids(p.coord, self.query_block, layout.sizes)
+
+    def block_of(self, p: Points, env: Env) -> np.ndarray:
+        """Key block of each key: by coordinates, or by permuted position with permute_keys."""
+        if self.permute is None:
+            return box_ids(p.coord, self.block, env.layout.sizes)
+        return _content(env, (self, "pos"))[env.head][p.flat] // self.block[0]
+
+    def allowed(self, q, k, env):
+        sel = _content(env, self)[env.head]
+        return sel[self.group_of(q, env.layout), self.block_of(k, env)]
+
+    def bind(self, layout, out):
+        n0 = len(out)
+        B = _per_axis(self, "block", self.block, layout, out)
+        Bq = _per_axis(self, "query_block", self.query_block, layout, out)
+        if len(out) == n0:
+            for name, box in (("block", B), ("query_block", Bq)):
+                for a, L in enumerate(layout.sizes):
+                    _check(1 <= box[a] <= L, out, self,
+                           f"route {name} {box[a]} on axis {layout.names[a]} is outside 1..{L} (the axis size)",
+                           f"valid: 1 <= {name} <= {L}")
+        if (self.top is None) == (self.threshold is None):
+            out.append(Diagnostic(
+                "route needs exactly one of top = k or threshold = tau"
+                + (f", got top = {self.top} and threshold = {self.threshold}" if self.top is not None else ""),
+                self.span, "e.g. route(block = 512, top = 3) or route(block = 512, threshold = 0.25)"))
+        if self.top is not None:
+            ok = isinstance(self.top, (int, np.integer)) and not isinstance(self.top, bool) and self.top >= 1
+            _check(ok, out, self, f"route top = {self.top!r} must be an integer >= 1")
+        if self.threshold is not None:
+            ok = isinstance(self.threshold, (int, float)) and not isinstance(self.threshold, bool) \
+                and 0 < self.threshold <= 1
+            _check(ok, out, self, f"route threshold = {self.threshold!r} is outside (0, 1]",
+                   "valid: 0 < threshold <= 1 (the softmax mass of the selected blocks)")
+        _check(self.scope in SCOPES, out, self,
+               f"route scope '{self.scope}'{did_you_mean(str(self.scope), SCOPES)} is not valid",
+               "valid: scope = query (per query group) or scope = head (VMoBA global selection)")
+        if self.permute is not None:
+            _check(layout.rank == 1, out, self,
+                   f"route permute_keys needs a 1-D layout, got tokens {layout.to_attn()}",
+                   "flatten the tokens to one axis, or drop permute_keys")
+            ok = isinstance(self.permute, (int, np.integer)) and not isinstance(self.permute, bool) \
+                and self.permute >= 1  # a segment past N is a tail segment: keys stay in place
+            _check(ok, out, self, f"route importance segment = {self.permute!r} must be an integer >= 1")
+        among = self.among.bind(layout, out)
+        dynamic = [n for n in among.walk() if isinstance(n, (Route, Same, Valid))]
+        _check(not dynamic, out, self,
+               f"route among = {among.to_attn()} must be static, but reads "
+               f"{', '.join(sorted({_prim_name(n) for n in dynamic}))}",
+               "among takes primitives of token coordinates (causal, window, block, ...); combine "
+               "runtime inputs outside: same(doc) & route(...)")
+        return replace(self, block=B, query_block=Bq, among=among,
+                       threshold=None if self.threshold is None else float(self.threshold))
+
+    def children(self):
+        return (self.among,)
+
+    def to_attn(self):
+        args = [f"block = {_fmt_axis(self.block)}"]
+        if self.top is not None:
+            args.append(f"top = {self.top}")
+        if self.threshold is not None:
+            args.append(f"threshold = {self.threshold!r}")
+        if not isinstance(self.among, Full):
+            args.append(f"among = {self.among.to_attn()}")
+        if _as_tuple(self.query_block) != (1,) * _len(self.query_block):
+            args.append(f"query_block = {_fmt_axis(self.query_block)}")
+        if self.scope != "query":
+            args.append(f"scope = {self.scope}")
+        if self.permute is not None:
+            args.append(f"permute_keys = importance(segment = {self.permute})")
+        return f"route({', '.join(args)})"
+
+
+def _content(env: Env, key: Any) -> np.ndarray:
+    try:
+        return env.content[key]
+    except KeyError:
+        raise AttnError(
+            "this pattern reads Q/K content (route): evaluate it through "
+            "attnlang.compile(...)(q, k, v), or pass content=attnlang.routing.pattern_content(pattern, q, k)") from None
+
+
 # --- combinators --------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -880,6 +1008,45 @@ class ByHead:
 
 
 @dataclass(frozen=True)
+class Pyramid:
+    """PSA pooled pyramid (LANGUAGE.md §6.2): a whole ``attend``, not an Expr (it says at what
+    resolution keys are seen, not only which). Semantics and validation: :mod:`attnlang.pyramid`."""
+
+    block: PerAxis
+    keep: tuple[float, ...] | None = None  # fraction of eligible blocks per level; required
+    query_block: PerAxis = 1
+    levels: tuple[int, ...] = (1, 2, 4, 8)
+    among: Expr = Full()
+    span: Span | None = _span()
+
+    def bind(self, layout: Layout, out: list[Diagnostic]) -> "Pyramid":
+        from attnlang.pyramid import bind_pyramid
+
+        return bind_pyramid(self, layout, out)
+
+    def to_attn(self, indent: str = "") -> str:
+        args = [f"block = {_fmt_axis(self.block)}"]
+        if self.query_block not in (1, (1,) * _len(self.query_block)):
+            args.append(f"query_block = {_fmt_axis(self.query_block)}")
+        args.append("levels = [" + ", ".join(map(str, self.levels)) + "]")
+        args.append("keep = [" + ", ".join(map(repr, self.keep or ())) + "]")
+        if not isinstance(self.among, Full):
+            args.append(f"among = {self.among.to_attn()}")
+        return f"pyramid({', '.join(args)})"
+
+    def __str__(self) -> str:
+        return self.to_attn()
+
+
+def _no_mask(pattern: "Pattern") -> AttnError:
+    return AttnError(
+        f"pattern '{pattern.name}' is a pyramid(...): it reads Q/K and pools keys, so it has no "
+        "boolean mask or static tile plan",
+        hint="run it through attnlang.compile(...)(q, k, v) (torch or reference backend); "
+             "attnlang.pyramid.level_table gives the levels it picks")
+
+
+@dataclass(frozen=True)
 class Input:
     """A runtime input: ``input doc: ids[N]`` (int ids per token) or ``input len: length``."""
 
@@ -935,7 +1102,7 @@ class Pattern:
     """
 
     layout: Layout
-    attend: Expr | ByHead
+    attend: Expr | ByHead | Pyramid
     name: str = "pattern"
     heads: int | None = None
     inputs: tuple[Input, ...] = ()
@@ -971,11 +1138,12 @@ class Pattern:
             heads = None
         if isinstance(attend, ByHead):
             attend, heads = _bind_by_head(attend, heads, layout, out)
-        elif isinstance(attend, Expr):
+        elif isinstance(attend, (Expr, Pyramid)):
             attend = attend.bind(layout, out)
         else:
             raise AttnError(f"attend must be a pattern expression, got {type(attend).__name__}")
         exprs = [b.expr for b in attend.branches] if isinstance(attend, ByHead) else [attend]
+        exprs = [attend.among] if isinstance(attend, Pyramid) else exprs
         declared = {i.name: i for i in inputs}
         for e in exprs:
             for node in e.walk():
@@ -1009,11 +1177,15 @@ class Pattern:
 
     def exprs(self) -> tuple[tuple[int, int | None, Expr], ...]:
         """``(head_lo, head_hi, expr)`` per distinct branch; ``hi=None`` means all heads."""
+        if isinstance(self.attend, Pyramid):
+            raise _no_mask(self)
         if isinstance(self.attend, ByHead):
             return tuple((b.lo, b.hi, b.expr) for b in self.attend.branches)
         return ((0, self.heads, self.attend),)
 
     def expr_for_head(self, head: int) -> Expr:
+        if isinstance(self.attend, Pyramid):
+            raise _no_mask(self)
         if isinstance(self.attend, ByHead):
             for b in self.attend.branches:
                 if b.lo <= head < b.hi:
@@ -1021,12 +1193,23 @@ class Pattern:
             raise AttnError(f"head {head} is outside 0..{self.heads}")
         return self.attend
 
-    def mask(self, heads: int | None = None, inputs: Mapping[str, Any] | None = None) -> np.ndarray:
+    @property
+    def reads_content(self) -> bool:
+        """Whether the pattern reads Q/K themselves (LANGUAGE.md §6): planned per call."""
+        if isinstance(self.attend, Pyramid):
+            return True
+        return any(isinstance(n, Route) for _, _, e in self.exprs() for n in e.walk())
+
+    def mask(self, heads: int | None = None, inputs: Mapping[str, Any] | None = None,
+             content: Mapping[Any, np.ndarray] | None = None) -> np.ndarray:
         """Dense boolean mask ``[heads, N, N]`` (``heads`` defaults to the pattern's, else 1).
 
-        ``inputs`` are one batch item's runtime inputs (numpy-convertible). This is the
-        literal semantics, O(N²): use it on small sizes only.
+        ``inputs`` are one batch item's runtime inputs (numpy-convertible); ``content`` is one
+        batch item's routing decisions (:func:`attnlang.routing.route_content`) for patterns
+        with ``route``. This is the literal semantics, O(N²): use it on small sizes only.
         """
+        if isinstance(self.attend, Pyramid):
+            raise _no_mask(self)
         h = heads if heads is not None else (self.heads or 1)
         env_inputs = {k: np.asarray(v) for k, v in (inputs or {}).items()}
         missing = [i.name for i in self.inputs if i.name not in env_inputs]
@@ -1039,10 +1222,11 @@ class Pattern:
         cache: dict[int, np.ndarray] = {}
         for head in range(h):
             e = self.expr_for_head(head) if isinstance(self.attend, ByHead) else self.attend
-            if id(e) not in cache:
-                cache[id(e)] = np.broadcast_to(
-                    e.allowed(q, k, Env(self.layout, env_inputs, head)), (self.n, self.n))
-            out[head] = cache[id(e)]
+            key = (id(e), head if content else None)  # routed selections differ per head
+            if key not in cache:
+                cache[key] = np.broadcast_to(
+                    e.allowed(q, k, Env(self.layout, env_inputs, head, content or {})), (self.n, self.n))
+            out[head] = cache[key]
         return out
 
     def to_attn(self) -> str:
@@ -1200,10 +1384,25 @@ def valid(input: str) -> Expr:
     return Valid(input)
 
 
+def pyramid(block: PerAxis, query_block: PerAxis = 1, levels: Sequence[int] = (1, 2, 4, 8),
+            keep: Sequence[float] = (), among: Expr = full) -> Pyramid:
+    """PSA pooled pyramid, a whole attend: ``Pattern.create(pyramid(64, 64, keep=[.1, .1, .2, .2],
+    among=causal), tokens=4096)`` (LANGUAGE.md §6.2)."""
+    return Pyramid(block, tuple(keep), query_block, tuple(levels), among)
+
+
+def route(block: PerAxis, top: int | None = None, threshold: float | None = None, among: Expr = full,
+          query_block: PerAxis = 1, scope: str = "query", permute_keys: int | None = None) -> Expr:
+    """Routed key blocks (LANGUAGE.md §6.1), e.g. MoBA:
+    ``causal & (block(512) | route(512, top=3, among=causal))``; ``permute_keys=S`` is
+    PBS-Attn's ``importance(segment = S)``."""
+    return Route(block, top, threshold, among, query_block, scope, permute_keys)
+
+
 _PRIM_NAMES: dict[type, str] = {
     Full: "full", Empty: "none", Causal: "causal", Window: "window", Neighborhood: "neighborhood",
     Block: "block", Strided: "strided", Grid: "grid", Axial: "axial", Halo: "halo", Keys: "keys",
-    Queries: "queries", Random: "random", Same: "same", Valid: "valid",
+    Queries: "queries", Random: "random", Same: "same", Valid: "valid", Route: "route",
 }
 
 PRIMITIVES: tuple[type, ...] = tuple(_PRIM_NAMES)
@@ -1215,4 +1414,6 @@ __all__ = [
     "Pattern", "ORDERS", "and_", "or_", "not_", "natten_window", "random_blocks", "full", "none",
     "causal", "window", "sliding", "neighborhood", "block", "strided", "grid", "axial", "halo",
     "keys", "queries", "global_", "sink", "random", "same", "valid", "PRIMITIVES",
+    "Pyramid", "pyramid",
+    "Route", "route", "box_ids", "SCOPES",
 ]

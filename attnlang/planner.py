@@ -33,6 +33,7 @@ from attnlang.pattern import (
     INF, And, Causal, Empty, Env, Expr, Full, Indices, Keys, Layout, Neighborhood, Not, Or, Pattern,
     Points, Queries, Random, Range, Same, Valid, Window, ORDERS,
 )
+from attnlang.pattern import Pyramid, Route
 from attnlang.plan import BlockTable, HeadGroup, Plan, TileRange
 from attnlang.tiling import (
     EMPTY, FULL, PARTIAL, UNKNOWN, AxisPred, Band, and3, axis_class, band_class, factor, not3, or3,
@@ -76,7 +77,7 @@ def lower(e: Expr, layout: Layout) -> Term:
         return Term("band", Band(-INF, 0))
     if isinstance(e, Window):
         return Term("band", Band(-e.before, e.after))
-    if isinstance(e, (Keys, Queries, Valid, Random, Same)):
+    if isinstance(e, (Keys, Queries, Valid, Random, Same, Route)):
         return Term(type(e).__name__.lower(), e)
     if isinstance(e, Not):
         return Term("not", items=(lower(e.item, layout),))
@@ -117,6 +118,8 @@ class Ctx:
     K: TileSet
     inputs: Mapping[str, np.ndarray]
     _cache: dict = field(default_factory=dict)
+    content: Mapping[Any, np.ndarray] = field(default_factory=dict)  # routing decisions (route)
+    head: int = 0  # the query head whose content is planned
 
     @property
     def nq(self) -> int:
@@ -334,6 +337,9 @@ def region(t: Term, ctx: Ctx) -> Region:
     if t.op in ("random", "same"):
         keys, _ = _join(t, ctx)
         return Region("pairs", pairs=keys)
+    if t.op == "route":
+        keys, _ = _route_join(t, ctx)
+        return Region("pairs", pairs=keys)
     regs = [region(i, ctx) for i in t.items]
     if t.op == "or":
         if all(r.kind == "boxes" for r in regs) and len({r.boxes[0][0].shape[1] for r in regs if r.boxes}) <= 1:
@@ -420,6 +426,48 @@ def _join(t: Term, ctx: Ctx) -> tuple[np.ndarray, np.ndarray]:
     return keys, cls
 
 
+def _route_join(t: Term, ctx: Ctx) -> tuple[np.ndarray, np.ndarray]:
+    """Tile pairs of a route term with exact classes, from the head's selection table.
+
+    Query tokens map to query groups, keys to (possibly permuted) key blocks; a tile pair is
+    FULL when every (group, block) combination among its tokens is selected, PARTIAL when some
+    is, and never listed when none is: O(selected pairs x tiles they touch), no N x N work.
+    """
+    r: Route = t.arg
+    key = ("route", id(r), ctx.head)
+    if key in ctx._cache:
+        return ctx._cache[key]
+    from attnlang.routing import block_ids, group_ids
+
+    if r not in ctx.content:
+        raise AttnError("this pattern reads Q/K content (route): plan it per call with "
+                        "make_plan(pattern, content=attnlang.routing.pattern_content(pattern, q, k))")
+    sel = np.asarray(ctx.content[r][ctx.head])
+    qgrp = group_ids(r, ctx.layout)
+    kgrp = block_ids(r, ctx.layout) if r.permute is None else \
+        np.asarray(ctx.content[(r, "pos")][ctx.head]) // r.block[0]
+    tg = {}
+    for s, grp, ng in (("q", qgrp, sel.shape[0]), ("kv", kgrp, sel.shape[1])):
+        tile, tok = ctx.tokens(s)
+        u = np.unique(tile * ng + grp[tok])
+        tiles, groups = np.divmod(u, ng)
+        order = np.argsort(groups, kind="stable")
+        tiles, groups = tiles[order], groups[order]
+        tg[s] = (tiles, np.searchsorted(groups, np.arange(ng + 1)), np.bincount(tiles, minlength=ctx.side(s).count))
+    (qtiles, qptr, qn), (ktiles, kptr, kn) = tg["q"], tg["kv"]
+    a, b = np.nonzero(sel)
+    ca, cb = qptr[a + 1] - qptr[a], kptr[b + 1] - kptr[b]
+    n1 = ca * cb
+    rr = np.repeat(np.arange(len(a)), n1)
+    local = np.arange(int(n1.sum()), dtype=np.int64) - np.repeat(np.cumsum(n1) - n1, n1)
+    i, j = np.divmod(local, np.maximum(cb[rr], 1))
+    keys, mult = np.unique(qtiles[qptr[a[rr]] + i] * ctx.nk + ktiles[kptr[b[rr]] + j], return_counts=True)
+    q_, k_ = np.divmod(keys, ctx.nk)
+    cls = np.where(mult == qn[q_] * kn[k_], FULL, PARTIAL).astype(np.int8)
+    ctx._cache[key] = (keys, cls)
+    return keys, cls
+
+
 def classify(t: Term, ctx: Ctx, qt: np.ndarray, kt: np.ndarray) -> np.ndarray:
     """Class of each (qt, kt) pair under term ``t``; UNKNOWN where the rules cannot decide."""
     n = len(qt)
@@ -432,8 +480,8 @@ def classify(t: Term, ctx: Ctx, qt: np.ndarray, kt: np.ndarray) -> np.ndarray:
     if t.op in ("and", "or"):
         cs = [classify(i, ctx, qt, kt) for i in t.items]
         return and3(cs) if t.op == "and" else or3(cs)
-    if t.op in ("random", "same"):
-        keys, cls = _join(t, ctx)
+    if t.op in ("random", "same", "route"):
+        keys, cls = _join(t, ctx) if t.op != "route" else _route_join(t, ctx)
         want = qt * ctx.nk + kt
         if not len(keys):
             return np.full(n, EMPTY, dtype=np.int8)
@@ -491,7 +539,7 @@ def _elementwise(e: Expr, ctx: Ctx, qt: np.ndarray, kt: np.ndarray) -> np.ndarra
     """Exact classes of a few tile pairs by evaluating the predicate on their tokens."""
     bm, bn = ctx.Q.block, ctx.K.block
     out = np.empty(len(qt), dtype=np.int8)
-    env = Env(ctx.layout, ctx.inputs)
+    env = Env(ctx.layout, ctx.inputs, ctx.head, ctx.content)
     step = max(1, ELEMENTS // (bm * bn))
     for s in range(0, len(qt), step):
         tq = ctx.ordering.tokens_at(qt[s:s + step, None] * bm + np.arange(bm))
@@ -645,8 +693,11 @@ def _grow(box: tuple[int, ...], volume: int, layout: Layout) -> tuple[int, ...]:
 
 def make_plan(pattern: Pattern, *, inputs: Mapping[str, np.ndarray] | None = None,
               block_m: int | None = None, block_n: int | None = None,
-              order: str | None = None) -> Plan:
+              order: str | None = None, content: Mapping[Any, np.ndarray] | None = None) -> Plan:
     """Plan a pattern: tile sizes, token order and the exact tile tables of every head group.
+
+    ``content`` is one batch item's routing decisions for patterns with ``route``
+    (:func:`attnlang.routing.pattern_content`); such plans have one head group per query head.
 
     Explicit arguments override ``pattern.schedule``, which overrides the planner's choice.
     ``inputs`` are one batch item's runtime inputs (``ids [N]`` for ``same``, a 0-d length for
@@ -660,6 +711,13 @@ def make_plan(pattern: Pattern, *, inputs: Mapping[str, np.ndarray] | None = Non
     """
     layout = pattern.layout
     got = _check_inputs(pattern, inputs)
+    if pattern.reads_content and not isinstance(pattern.attend, Pyramid):
+        return _plan_routed(pattern, got, content, block_m, block_n, order)
+    if isinstance(pattern.attend, Pyramid):  # (query tile, key block, level) from the content
+        from attnlang.pyramid import plan as pyramid_plan
+
+        bm = _check_block("block_m", block_m or DEFAULT_BLOCK)
+        return pyramid_plan(pattern, content, bm, _check_block("block_n", block_n or bm))
     sched = pattern.schedule
     order = order if order is not None else sched.order
     if order is not None and order not in ORDERS:
@@ -766,6 +824,38 @@ def _box_cost(pattern: Pattern, ordering: Ordering, bm: int, bn: int, inputs) ->
         visited += part.nnz + full.nnz
         partial += part.nnz
     return visited * bm * bn, partial * bm * bn, ordering.n_kernel
+
+
+def _plan_routed(pattern: Pattern, inputs, content, block_m: int | None, block_n: int | None,
+                 order: str | None) -> Plan:
+    """Plan a pattern with ``route`` for one batch item: one head group per query head, route
+    terms classified from that head's selection, static terms by their exact rules."""
+    if not content:
+        raise AttnError(f"pattern '{pattern.name}' reads Q/K content (route): it is planned per call",
+                        hint="call attnlang.compile(...)(q, k, v), or pass "
+                             "content=attnlang.routing.pattern_content(pattern, q, k) to make_plan")
+    layout, sched = pattern.layout, pattern.schedule
+    flat = lambda t: t[0] if t is not None and len(t) == 1 else None  # noqa: E731
+    bm = block_m or flat(sched.tile_q) or block_n or flat(sched.tile_kv) or DEFAULT_BLOCK
+    bm = _check_block("block_m", bm)
+    bn = _check_block("block_n", block_n or flat(sched.tile_kv) or bm)
+    notes = ["routed: planned at call time from this batch item's Q/K selection, one head group per "
+             "query head, natural order"]
+    if (order or sched.order) not in (None, "natural") or (layout.rank > 1 and (sched.tile_q or sched.tile_kv)):
+        notes.append("routed plans run in natural order with flat tiles; the schedule's boxes/order are "
+                     "not applied to them yet")
+    ordering = Ordering.natural(layout)
+    Q, K = ordering.tiles("q", bm), ordering.tiles("kv", bn)
+    heads = next(np.asarray(v).shape[0] for key, v in content.items() if isinstance(key, Route))
+    groups, checked = [], 0
+    for h in range(heads):
+        ctx = Ctx(layout, ordering, Q, K, inputs, content=content, head=h)
+        part, full, n_el = plan_group(pattern.expr_for_head(h), ctx)
+        checked += n_el
+        groups.append(HeadGroup.of(h, h + 1, part, full))
+    if checked:
+        notes.append(f"{checked} tile pair(s) undecidable by the rules were checked per element")
+    return Plan(pattern, bm, bn, (bm,), (bn,), None, tuple(groups), tuple(notes), None)
 
 
 def _rcm_sequence(base: Ordering, plan: Plan) -> np.ndarray:

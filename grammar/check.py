@@ -20,6 +20,7 @@ import numpy as np
 from attnlang.errors import Diagnostic, Span, did_you_mean
 from attnlang.grammar import ast as A
 from attnlang.grammar.prims import BUILTINS, KINDS, NAME_KINDS, PRIMITIVES, REQUIRED, Primitive
+from attnlang.pattern import Pyramid
 from attnlang.pattern import (
     INF, ORDERS, Axis, ByHead, Expr, HeadRange, Indices, Input, Layout, Range, and_, not_, or_,
 )
@@ -41,6 +42,10 @@ class NameVal:
     """A bare name used as a value: an axis (``causal(t)``), an input or an order name."""
 
     name: str
+
+
+PYRAMID_ALONE = "pyramid(...) must be the whole attend expression"
+PYRAMID_HINT = "put static constraints in among = ..., e.g. pyramid(..., among = causal)"
 
 
 class _Error:
@@ -69,7 +74,7 @@ def describe(v: Any) -> str:
         return f"range {v.lo}..{v.hi}"
     if isinstance(v, NameVal):
         return f"name '{v.name}'"
-    if isinstance(v, Expr):
+    if isinstance(v, (Expr, Pyramid)):
         return f"pattern '{_expr_text(v)}'"
     return repr(v)
 
@@ -329,7 +334,9 @@ class Evaluator:
                 values[q.name] = q.default
                 continue
             arg = got[q.name]
-            if q.kind in NAME_KINDS and isinstance(arg.value, A.Name) and arg.value.id not in env.locals:
+            if q.kind == "permute":
+                v = self.permute_keys(arg.value, env)
+            elif q.kind in NAME_KINDS and isinstance(arg.value, A.Name) and arg.value.id not in env.locals:
                 v = NameVal(arg.value.id)  # `causal(t)`: a bare name here is taken literally
             else:
                 v = self.eval(arg.value, env)
@@ -340,11 +347,33 @@ class Evaluator:
             return ERR
         return p.build(span=span, **values)
 
+    def permute_keys(self, node: A.Expr, env: Env) -> Any:
+        """``permute_keys = none | importance(segment = S)``: PBS-Attn's key order (an int S)."""
+        if isinstance(node, A.Name) and node.id == "none":
+            return None
+        if isinstance(node, A.Call) and node.func == "importance":
+            got = bind_args("importance", [("segment", True)], node.args, node.span, self.out)
+            if got is None:
+                return ERR
+            v = self.eval(got["segment"].value, env)
+            if v is ERR or (_is_int(v) and v >= 1):
+                return v
+            return self.error(f"importance segment must be a positive integer, got {describe(v)}",
+                              got["segment"].value.span)
+        return self.error("route permute_keys must be none or importance(segment = S)", node.span,
+                          "e.g. permute_keys = importance(segment = 4096)")
+
     def coerce(self, prim: str, pname: str, kind: str, v: Any, span: Span | None) -> Any:
         """Check ``v`` against a parameter kind; convert to what the IR node stores."""
         if v is ERR:
             return ERR
         ok: Any = None
+        if kind == "permute" or (kind == "int_opt" and _is_int(v)):
+            return v  # permute_keys is checked where it is read (permute_keys above)
+        if kind == "scope" and not (isinstance(v, NameVal) and v.name in ("query", "head")):
+            text = v.name if isinstance(v, NameVal) else show(v)
+            return self.error(f"{prim} scope '{text}'{did_you_mean(text, ('query', 'head'))} is not valid",
+                              span, "valid: scope = query (per query group) or scope = head (joint)")
         if kind == "int" and _is_int(v):
             ok = v
         elif kind == "int_or_inf" and (_is_int(v) or v == INF):
@@ -363,6 +392,12 @@ class Evaluator:
                 ok = Range(v.lo, v.hi)
             elif isinstance(v, list) and all(map(_is_int, v)):
                 ok = Indices(tuple(v))
+        elif kind == "int_list" and isinstance(v, list) and all(map(_is_int, v)):
+            ok = v
+        elif kind == "float_list" and isinstance(v, list) and all(map(_is_num, v)):
+            ok = [float(x) for x in v]
+        elif kind == "pattern" and isinstance(v, Expr):
+            ok = v
         if ok is not None:
             return ok
         return self.error(f"{prim} {pname} must be {KINDS[kind]}, got {describe(v)}", span)
@@ -431,6 +466,8 @@ class Evaluator:
         v = self.eval(node.operand, env)
         if v is ERR:
             return ERR
+        if isinstance(v, Pyramid):
+            return self.error(PYRAMID_ALONE, node.span, PYRAMID_HINT)
         if node.op == "~":
             if isinstance(v, Expr):
                 return not_(v, span=node.span)
@@ -447,6 +484,8 @@ class Evaluator:
         if a is ERR or b is ERR:
             return ERR
         op = node.op
+        if isinstance(a, Pyramid) or isinstance(b, Pyramid):
+            return self.error(PYRAMID_ALONE, node.span, PYRAMID_HINT)
         pa, pb = isinstance(a, Expr), isinstance(b, Expr)
         if op in ("|", "&") or (op == "-" and (pa or pb)):
             if pa and pb:
@@ -612,8 +651,11 @@ def _input(ev: Evaluator, stmt: A.Input, env: Env, layout: Layout | None) -> Inp
 
 
 def _pattern_value(ev: Evaluator, v: Any, span: Span | None, where: str) -> Any:
-    if v is ERR or isinstance(v, Expr):
+    if v is ERR or isinstance(v, Expr) or (isinstance(v, Pyramid) and where == "attend"):
         return v
+    if isinstance(v, Pyramid):
+        return ev.error(f"pyramid(...) must be the whole attend expression, not {where}", span,
+                        "a pattern with a pyramid has one attend line; per-head pyramids are not supported")
     return ev.error(f"{where} needs a pattern expression, got {describe(v)}", span,
                     "e.g. causal & sliding(256)")
 

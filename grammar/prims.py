@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from attnlang.pattern import Pyramid
+from attnlang.pattern import Route
 from attnlang.pattern import (
     INF, Axial, Block, Causal, Empty, Full, Grid, Halo, Keys, Neighborhood, Queries, Random, Range,
     Same, Strided, Valid, Window, or_,
@@ -27,8 +29,14 @@ KINDS = {
     "input": "the name of an input declared in the pattern",
     "selection": "a range lo..hi or a list of token indices [i, j, ...]",
     "float": "a number",
+    "int_list": "a list of integers [a, b, ...]",
+    "float_list": "a list of numbers [a, b, ...]",
+    "pattern": "a pattern expression such as causal",
+    "scope": "query or head",
+    "permute": "none or importance(segment = S)",
+    "int_opt": "an integer",
 }
-NAME_KINDS = ("axis", "input")  # a bare name in these positions is taken literally
+NAME_KINDS = ("axis", "input", "scope")  # a bare name in these positions is taken literally
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,22 @@ PRIMITIVES: dict[str, Primitive] = _table(
               lambda block, count, seed, span: Random(block, count, seed, span=span)),
     Primitive("same", (Param("input", "input"),), lambda input, span: Same(input, span=span)),
     Primitive("valid", (Param("input", "input"),), lambda input, span: Valid(input, span=span)),
+    # A whole attend (not an Expr): the checker refuses it inside & | - ~ (LANGUAGE.md §6.2).
+    Primitive("pyramid",
+              (Param("block", "per_axis_int"), Param("query_block", "per_axis_int", 1),
+               Param("levels", "int_list", [1, 2, 4, 8]), Param("keep", "float_list"),
+               Param("among", "pattern", Full())),
+              lambda block, query_block, levels, keep, among, span:
+              Pyramid(block, tuple(keep), query_block, tuple(levels), among, span=span)),
 )
+
+# Content-dependent routing (LANGUAGE.md §6.1); `top` and `threshold`: exactly one (Route.bind).
+PRIMITIVES["route"] = Primitive(
+    "route",
+    (Param("block", "per_axis_int"), Param("top", "int_opt", None), Param("threshold", "float", None),
+     Param("among", "pattern", Full()), Param("query_block", "per_axis_int", 1),
+     Param("scope", "scope", "query"), Param("permute_keys", "permute", None)),
+    lambda block, top, threshold, among, query_block, scope, permute_keys, span:
+    Route(block, top, threshold, among, query_block, scope, permute_keys, span=span))
 
 BUILTINS = ("min", "max")  # integer functions

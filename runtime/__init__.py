@@ -11,6 +11,9 @@ from types import ModuleType
 
 BACKENDS: dict[str, str] = {
     "reference": "attnlang.runtime.reference",
+    "torch": "attnlang.runtime.torch_exec",
+    "flex": "attnlang.runtime.flex",
+    "triton": "attnlang.runtime.triton",
 }
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from attnlang.errors import AttnError
-from attnlang.pattern import Pattern
+from attnlang.pattern import Pattern, Pyramid
 from attnlang.plan import Plan
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -32,6 +32,8 @@ class Call:
     inputs: dict[str, torch.Tensor]
     planner: Callable[[Pattern, Mapping[str, np.ndarray] | None], Plan]
     _plans: dict[int, Plan] = field(default_factory=dict)
+    want_lse: bool = True  # False: the caller drops lse, so a backend may return None for it
+    _content: dict[int, dict] = field(default_factory=dict)
 
     @property
     def batch(self) -> int:
@@ -49,8 +51,24 @@ class Call:
         """Batch item ``b``'s runtime inputs as numpy (what the IR and planner read)."""
         return {name: t[b].detach().cpu().numpy() for name, t in self.inputs.items()}
 
+    def content(self, b: int = 0) -> dict:
+        """Batch item ``b``'s routing decisions (``route``), computed once per call on first use
+        by the torch routing stage; ``{}`` for patterns that do not read Q/K."""
+        if b not in self._content:
+            from attnlang.runtime.routing import pattern_content
+
+            self._content[b] = pattern_content(self.pattern, self.q[b].detach(), self.k[b].detach(), self.scale)
+        return self._content[b]
+
     def plan(self, b: int = 0) -> Plan:
         """The plan for batch item ``b`` (one shared plan when the pattern reads no inputs)."""
+        if self.pattern.reads_content and not isinstance(self.pattern.attend, Pyramid):
+            if b not in self._plans:  # routed: per batch item and head, from this call's Q/K
+                from attnlang.planner import make_plan
+
+                self._plans[b] = make_plan(self.pattern, inputs=self.item_inputs(b) if self.inputs else None,
+                                           content=self.content(b))
+            return self._plans[b]
         key = b if self.inputs else 0
         if key not in self._plans:
             self._plans[key] = self.planner(self.pattern, self.item_inputs(b) if self.inputs else None)

@@ -13,6 +13,12 @@ def choose(call: Call) -> str:
 
     CUDA tensors prefer generated Triton kernels; CPU tensors the plan-driven torch executor;
     the dense reference is the last resort (small sizes only).
+
+    On CPU the order is fixed by measurement (``bench/cpu.py``, ``docs/benchmarks.md``): the
+    torch executor runs forward *and* backward, needs no compilation (a first call costs
+    planning only), and its forward is at least on par with compiled FlexAttention on the
+    benchmarked patterns. ``flex`` is never the CPU default: it has no CPU backward and
+    compiles for seconds per shape; ask for it with ``backend='flex'``.
     """
     prefs = ("triton", "torch", "flex", "reference") if call.q.is_cuda else ("torch", "flex", "reference")
     reasons = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from attnlang.errors import AttnError
+from attnlang.pattern import Pyramid
 from attnlang.runtime.call import Call
 
 MAX_ELEMENTS = 1 << 28  # B * H * N * N scores held at once; beyond this use a sparse backend
@@ -18,7 +19,15 @@ def dense_masks(call: Call) -> torch.Tensor:
     """bool ``[B or 1, Hq, N, N]`` on the call's device: the pattern's literal mask."""
     p = call.pattern
     items = range(call.batch) if call.inputs else range(1)
-    masks = [torch.from_numpy(p.mask(heads=call.heads, inputs=call.item_inputs(b) if call.inputs else None))
+    routed = p.reads_content and not isinstance(p.attend, Pyramid)
+    if routed:  # route: the numpy oracle's selection, per batch item
+        from attnlang.routing import pattern_content
+
+        items = range(call.batch)
+        content = [pattern_content(p, call.q[b].detach().float().cpu().numpy(),
+                                   call.k[b].detach().float().cpu().numpy(), call.scale) for b in items]
+    masks = [torch.from_numpy(p.mask(heads=call.heads, inputs=call.item_inputs(b) if call.inputs else None,
+                                     content=content[b] if routed else None))
              for b in items]
     return torch.stack(masks).to(call.q.device)
 
@@ -36,6 +45,8 @@ def run(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
     why = supports(call)
     if why:
         raise AttnError(why)
+    if isinstance(call.pattern.attend, Pyramid):
+        return _pyramid(call)
     q, k, v = call.q.float(), call.k.float(), call.v.float()
     group = call.heads // call.kv_heads
     if group > 1:
@@ -49,4 +60,43 @@ def run(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
     lse = torch.logsumexp(s, dim=-1, keepdim=True)
     p = torch.exp(s - lse).masked_fill(empty, 0.0)
     out = torch.matmul(p, v)
+    return out.to(call.q.dtype), lse.squeeze(-1).masked_fill(empty.squeeze(-1), float("-inf"))
+
+
+def _pyramid(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
+    """PSA literally (LANGUAGE.md §6.2): levels from the numpy oracle, then dense attention where
+    each key's K/V is replaced by the mean of its pooled run at the level its block was given,
+    keys of invisible runs and skipped blocks masked. Equal to one pooled key with ``+ ln(l)``."""
+    from attnlang.pyramid import level_table, pool_members, token_structure
+
+    p, layout = call.pattern.attend, call.pattern.layout
+    group = call.heads // call.kv_heads
+    k = call.k.float().repeat_interleave(group, dim=1)
+    v = call.v.float().repeat_interleave(group, dim=1)
+    q = call.q.float()
+    B, H, N, _ = q.shape
+    members = {lv: torch.from_numpy(pool_members(layout, p, lv)).to(q.device) for lv in set(p.levels)}
+
+    def pooled(x: torch.Tensor, lv: int) -> torch.Tensor:  # [B, H, N, D], each key -> its run's mean
+        m = members[lv]
+        sums = x.new_zeros(B, H, N // lv, x.shape[-1]).index_add_(2, m, x)
+        return (sums / lv).index_select(2, m)
+
+    level = torch.empty(B, H, N, N, dtype=torch.int32)
+    allowed = torch.empty(B, H, N, N, dtype=torch.bool)
+    for b in range(B):
+        table = level_table(p, layout, call.q[b].detach().float().cpu().numpy(),
+                            call.k[b].detach().float().cpu().numpy(), call.scale)
+        for h in range(H):
+            lvl, vis = token_structure(p, layout, table[h])
+            level[b, h], allowed[b, h] = torch.from_numpy(lvl), torch.from_numpy(vis)
+    level, allowed = level.to(q.device), allowed.to(q.device)
+    s = torch.zeros(B, H, N, N, device=q.device)
+    for lv in set(p.levels):
+        s = torch.where(level == lv, torch.matmul(q, pooled(k, lv).transpose(-1, -2)) * call.scale, s)
+    empty = ~allowed.any(dim=-1, keepdim=True)
+    s = s.masked_fill(~allowed, float("-inf")).masked_fill(empty, 0.0)
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    prob = torch.exp(s - lse).masked_fill(empty, 0.0)
+    out = sum(torch.matmul(prob * (level == lv), pooled(v, lv)) for lv in set(p.levels))
     return out.to(call.q.dtype), lse.squeeze(-1).masked_fill(empty.squeeze(-1), float("-inf"))

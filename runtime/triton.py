@@ -43,7 +43,7 @@ def _interpreting() -> bool:
 def supports(call: Call) -> str | None:
     from attnlang.pattern import Pyramid
 
-    if isinstance(call.pattern.attend, Pyramid):
+    if isinstance(call.pattern.attend, Pyramid) or call.pattern.reads_content:
         return "route/pyramid run on the torch backend for now: use backend='torch'"
     try:
         import triton  # noqa: F401

@@ -107,3 +107,31 @@ def spec_inputs(args: argparse.Namespace, pattern: Any) -> dict[str, Any] | None
                                 "lengths joined by '+'", hint=f"e.g. --input {name}={n // 2}+{n - n // 2}")
             out[name] = np.asarray(v, dtype=np.int64)
     return out
+
+
+def sample_content(pattern: Any, seed: int = 0, head_dim: int = 64) -> dict | None:
+    """Routing content for a pattern that reads Q/K (LANGUAGE.md §6), from seeded Gaussian Q/K.
+
+    The CLI has no tensors, so ``plan``/``show`` of a routed or pyramid pattern show the
+    selection random Q/K would get, and say so on stderr; real selections come from
+    ``attnlang.compile(...)`` with real tensors. Returns None for static patterns.
+    """
+    import sys
+
+    import numpy as np
+
+    from attnlang.pattern import Pyramid
+
+    if not pattern.reads_content:
+        return None
+    rng = np.random.default_rng(seed)
+    shape = (pattern.heads or 1, pattern.n, head_dim)
+    q = rng.standard_normal(shape, dtype=np.float32)
+    k = rng.standard_normal(shape, dtype=np.float32)
+    if isinstance(pattern.attend, Pyramid):
+        from attnlang.pyramid import pattern_content
+    else:
+        from attnlang.routing import pattern_content
+    print(f"note: '{pattern.name}' reads Q/K content; shown for random Gaussian Q/K (seed {seed}, "
+          f"D = {head_dim}); real selections depend on your tensors", file=sys.stderr)
+    return pattern_content(pattern, q, k)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import pathlib
 
-from attnlang.commands import add_input_arguments, add_spec_arguments, spec_inputs, spec_params
+from attnlang.commands import (
+    add_input_arguments, add_spec_arguments, sample_content, spec_inputs, spec_params,
+)
 from attnlang.errors import AttnError
 from attnlang.pattern import ORDERS
 
@@ -43,6 +45,6 @@ def run(args: argparse.Namespace) -> int:
                         hint=f"valid orders: {', '.join(ORDERS)}")
     pattern = resolve(pathlib.Path(args.file), args.pattern, **spec_params(args))
     plan = make_plan(pattern, inputs=spec_inputs(args, pattern), block_m=args.block_m,
-                     block_n=args.block_n, order=args.order)
+                     block_n=args.block_n, order=args.order, content=sample_content(pattern))
     print(plan.to_json() if args.json else plan)
     return 0

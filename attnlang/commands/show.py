@@ -22,9 +22,11 @@ from typing import Mapping
 
 import numpy as np
 
-from attnlang.commands import add_input_arguments, add_spec_arguments, spec_inputs, spec_params
+from attnlang.commands import (
+    add_input_arguments, add_spec_arguments, sample_content, spec_inputs, spec_params,
+)
 from attnlang.errors import AttnError
-from attnlang.pattern import Env, Pattern
+from attnlang.pattern import Env, Pattern, Pyramid
 
 NAME = "show"
 HELP = "draw a pattern's mask: ASCII in the terminal, or a PNG per head group (--png)"
@@ -48,10 +50,14 @@ def run(args: argparse.Namespace) -> int:
     from attnlang.api import resolve
 
     pattern = resolve(pathlib.Path(args.file), args.pattern, **spec_params(args))
+    if isinstance(pattern.attend, Pyramid):
+        raise AttnError(f"'{pattern.name}' is a pooled pyramid, not a mask: `show` draws masks",
+                        hint=f"use `attnlang plan {args.file} -p {pattern.name}` to see its tiles")
     inputs = spec_inputs(args, pattern)
+    content = sample_content(pattern)
     panels = head_panels(pattern, args.head)
     if args.png:
-        write_png(pattern, panels, inputs, args.png)
+        write_png(pattern, panels, inputs, args.png, content)
         print(f"wrote {args.png} ({len(panels)} panel{'s' if len(panels) != 1 else ''}, N = {pattern.n})")
         return 0
     if args.width < 8:
@@ -66,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     for title, head in panels:
         if title:
             print(title + ":")
-        m = cell_map(pattern, head, inputs, cell)
+        m = cell_map(pattern, head, inputs, cell, content)
         sys.stdout.write("".join("  " + "".join(chars[row]) + "\n" for row in m))
     return 0
 
@@ -95,23 +101,24 @@ def cell_size(n: int, width: int) -> int:
     return c
 
 
-def cell_map(pattern: Pattern, head: int, inputs: Mapping[str, np.ndarray] | None, cell: int) -> np.ndarray:
+def cell_map(pattern: Pattern, head: int, inputs: Mapping[str, np.ndarray] | None, cell: int,
+             content: Mapping | None = None) -> np.ndarray:
     """int8 ``[cells, cells]``: 0 no pair allowed, 1 some, 2 all, for square blocks of ``cell`` tokens.
 
     A ragged last block is judged on its real pairs only.
     """
     n = pattern.n
     if n > DENSE_LIMIT:
-        return _plan_map(pattern, head, inputs, cell)
-    return _classify(pattern, head, inputs, (0, n), (0, n), cell)
+        return _plan_map(pattern, head, inputs, cell, content)
+    return _classify(pattern, head, inputs, (0, n), (0, n), cell, content)
 
 
 def _classify(pattern: Pattern, head: int, inputs, qs: tuple[int, int], ks: tuple[int, int],
-              cell: int) -> np.ndarray:
+              cell: int, content: Mapping | None = None) -> np.ndarray:
     """Classes of the blocks covering queries ``qs`` x keys ``ks`` (both start on a block edge),
     from the IR's predicate, a chunk of query rows at a time."""
     expr = pattern.expr_for_head(head)
-    env = Env(pattern.layout, dict(inputs or {}), head)
+    env = Env(pattern.layout, dict(inputs or {}), head, content=dict(content or {}))
     kidx = np.arange(*ks)
     keys = pattern.layout.points(kidx[None, :])
     nq, nk = -(-(qs[1] - qs[0]) // cell), -(-len(kidx) // cell)
@@ -129,7 +136,7 @@ def _classify(pattern: Pattern, head: int, inputs, qs: tuple[int, int], ks: tupl
     return np.where(counts == 0, 0, np.where(counts == q_sizes[:, None] * k_sizes[None, :], 2, 1)).astype(np.int8)
 
 
-def _plan_map(pattern: Pattern, head: int, inputs, cell: int) -> np.ndarray:
+def _plan_map(pattern: Pattern, head: int, inputs, cell: int, content: Mapping | None = None) -> np.ndarray:
     """Blocks classified from a natural-order tile plan: no N x N work.
 
     Planner tiles are at most :data:`PLAN_TILE` tokens, so a block of ``cell`` tokens groups
@@ -145,7 +152,7 @@ def _plan_map(pattern: Pattern, head: int, inputs, cell: int) -> np.ndarray:
                         f"(blocks must be at least {MIN_PLAN_TILE} tokens beyond N = {DENSE_LIMIT})",
                         hint=f"use --width {n // MIN_PLAN_TILE} or less")
     tile = min(cell, PLAN_TILE)
-    plan = make_plan(pattern, inputs=inputs, block_m=tile, block_n=tile, order="natural")
+    plan = make_plan(pattern, inputs=inputs, block_m=tile, block_n=tile, order="natural", content=content)
     m = plan.tile_map(head)
     f, cells = cell // tile, -(-n // cell)
     padded = np.ones((cells * f, cells * f), dtype=np.int8)  # tiles past N: neither full nor empty
@@ -154,12 +161,13 @@ def _plan_map(pattern: Pattern, head: int, inputs, cell: int) -> np.ndarray:
     out = np.where((blocks == 0).all(axis=(1, 3)), 0, np.where((blocks == 2).all(axis=(1, 3)), 2, 1)).astype(np.int8)
     last = (cells - 1) * cell
     if n % cell:
-        out[-1, :] = _classify(pattern, head, inputs, (last, n), (0, n), cell)[0]
-        out[:, -1] = _classify(pattern, head, inputs, (0, n), (last, n), cell)[:, 0]
+        out[-1, :] = _classify(pattern, head, inputs, (last, n), (0, n), cell, content)[0]
+        out[:, -1] = _classify(pattern, head, inputs, (0, n), (last, n), cell, content)[:, 0]
     return out
 
 
-def write_png(pattern: Pattern, panels: list[tuple[str, int]], inputs, out: str) -> None:
+def write_png(pattern: Pattern, panels: list[tuple[str, int]], inputs, out: str,
+              content: Mapping | None = None) -> None:
     """One panel per head group: white = allowed, black = not; grey = partly allowed blocks."""
     try:
         import matplotlib
@@ -172,7 +180,7 @@ def write_png(pattern: Pattern, panels: list[tuple[str, int]], inputs, out: str)
     cell = 1 if n <= PNG_EXACT else cell_size(n, PNG_CELLS)
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.3), squeeze=False)
     for ax, (title, head) in zip(axes[0], panels):
-        m = cell_map(pattern, head, inputs, cell) / 2.0
+        m = cell_map(pattern, head, inputs, cell, content) / 2.0
         ax.imshow(m, cmap="gray", vmin=0, vmax=1, interpolation="nearest", extent=(0, n, n, 0))
         ax.set_title(f"{pattern.name}" + (f" ({title})" if title else ""), fontsize=10)
         ax.set_xlabel("key")

@@ -1,0 +1,405 @@
+"""The `flex` backend and :func:`to_block_mask`: a Plan exported to PyTorch FlexAttention.
+
+The plan's tables become ``BlockMask.from_kv_blocks(partial..., full..., BLOCK_SIZE=(block_m,
+block_n), mask_mod=...)``; the ``mask_mod`` is generated from the Pattern IR (:func:`mask_mod`:
+torch ops mirroring each primitive's ``allowed``, runtime inputs captured as tensors) and works
+on the plan's kernel order by reading tokens through the order. Q/K/V are gathered into kernel
+order (padding rows are zeros and never allowed), ``flex_attention`` runs, and the output is
+scattered back to the user's order.
+
+Compilation: eager ``flex_attention`` evaluates the mask densely (fine for small N); for
+``N >= COMPILE_MIN_N`` (or always, with ``COMPILE = True``; never with ``COMPILE = False``)
+attnlang runs ``torch.compile(flex_attention)``, whose CPU code is Inductor's C++ flash template.
+Its first call per shape compiles for a few seconds: attnlang then emits a one-time
+``UserWarning`` ("attnlang: compiling FlexAttention ...") before it starts, so the wait is never
+silent. The default CPU backend is the torch executor, so this cost is opt-in.
+
+FlexAttention's compiled CPU path returns no ``lse``: ``return_lse=True`` with a compiled call is an
+error naming the alternatives. FlexAttention's CPU path has no backward: asking for gradients with ``backend='flex'`` on CPU is
+an :class:`~attnlang.errors.AttnError` that points to ``backend='torch'``.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from attnlang.errors import AttnError
+from attnlang.pattern import (
+    And, Axial, Block, Causal, Empty, Expr, Full, Grid, Halo, Keys, Layout, Neighborhood, Not, Or,
+    Queries, Random, Range, Same, Strided, Valid, Window,
+)
+from attnlang.plan import Plan
+from attnlang.runtime.call import Call
+
+COMPILE: bool | None = None  # None: compile when N >= COMPILE_MIN_N; True/False: always/never
+COMPILE_MIN_N = 2048
+_compiled: Callable | None = None
+_warned: set[tuple] = set()
+
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# IR -> torch predicate (token indices in, bool out); mirrors each node's `allowed`
+# --------------------------------------------------------------------------------------------
+
+def _coords(layout: Layout, x: torch.Tensor) -> list[torch.Tensor]:
+    out = []
+    for size in reversed(layout.sizes):
+        out.append(x % size)
+        x = x // size
+    return out[::-1]
+
+
+def _natten(i: torch.Tensor, L: int, K: int, d: int, s: int, causal: bool):
+    """Torch twin of :func:`attnlang.pattern.natten_window`."""
+    g = i % d
+    ip = i // d
+    lg = (L - g + d - 1) // d
+    if causal:
+        leader = torch.minimum((ip // s) * s + s - 1, lg - 1)
+        start = torch.clamp(leader - (K - 1), min=0)
+        end = torch.minimum(ip + 1, lg)
+    else:
+        leader = torch.minimum((ip // s) * s + s // 2, lg - 1)
+        start = torch.maximum(torch.minimum(leader - K // 2, lg - K), torch.zeros_like(lg))
+        end = start + K
+    return g, start, end
+
+
+def _in_sel(sel, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(sel, Range):
+        return (x >= sel.lo) & (x < sel.hi)
+    # Explicit lists are short: an OR of equalities traces into any mask_mod.
+    out = x == int(sel.values[0])
+    for v in sel.values[1:]:
+        out = out | (x == int(v))
+    return out
+
+
+def predicate(expr: Expr, layout: Layout, inputs: Mapping[str, torch.Tensor], device) -> Callable:
+    """``fn(b, q_tok, k_tok) -> bool tensor``: the IR's ``allowed`` in torch ops.
+
+    ``inputs`` holds runtime inputs batched as ``ids [B, N]`` / ``length [B]`` tensors.
+    """
+    def go(e: Expr):
+        if isinstance(e, Full):
+            return lambda b, q, k: (q >= 0) | True
+        if isinstance(e, Empty):
+            return lambda b, q, k: (q < 0) & False
+        if isinstance(e, Causal):
+            if e.axis is None:
+                return lambda b, q, k: k <= q
+            a = layout.index(e.axis)
+            return lambda b, q, k: _coords(layout, k)[a] <= _coords(layout, q)[a]
+        if isinstance(e, Window):
+            lo, hi = e.before, e.after
+
+            def win(b, q, k):
+                d = k - q
+                ok = (d >= -lo) if lo != float("inf") else (d == d)
+                return ok & (d <= hi) if hi != float("inf") else ok
+            return win
+        if isinstance(e, Keys):
+            return lambda b, q, k: _in_sel(e.sel, k) & (q == q)
+        if isinstance(e, Queries):
+            return lambda b, q, k: _in_sel(e.sel, q) & (k == k)
+        if isinstance(e, Random):
+            table = torch.from_numpy(e.table(layout)).to(device)
+            return lambda b, q, k: table[q // e.block, k // e.block]
+        if isinstance(e, Neighborhood):
+            def nbhd(b, q, k):
+                qc, kc = _coords(layout, q), _coords(layout, k)
+                ok = None
+                for a, L in enumerate(layout.sizes):
+                    K, d, s, c = e.window[a], e.dilation[a], e.stride[a], e.causal[a]
+                    g, start, end = _natten(qc[a], L, K, d, s, c)
+                    kp = kc[a] // d
+                    here = (kc[a] % d == g) & (kp >= start) & (kp < end)
+                    ok = here if ok is None else ok & here
+                return ok
+            return nbhd
+        if isinstance(e, (Block, Strided, Grid, Axial, Halo)):
+            return _per_axis(e, layout)
+        if isinstance(e, Same):
+            ids = inputs[e.input]
+            return lambda b, q, k: ids[b, q] == ids[b, k]
+        if isinstance(e, Valid):
+            n = inputs[e.input]
+            return lambda b, q, k: (q < n[b]) & (k < n[b])
+        if isinstance(e, And) or isinstance(e, Or):
+            fs = [go(it) for it in e.items]
+            both = isinstance(e, And)
+
+            def comb(b, q, k):
+                out = fs[0](b, q, k)
+                for f in fs[1:]:
+                    out = (out & f(b, q, k)) if both else (out | f(b, q, k))
+                return out
+            return comb
+        if isinstance(e, Not):
+            f = go(e.item)
+            return lambda b, q, k: ~f(b, q, k)
+        raise AttnError(f"the flex backend cannot express '{e.to_attn()}' as a mask_mod yet; "
+                        "use backend='torch' for this pattern")
+
+    return go(expr)
+
+
+def _per_axis(e: Expr, layout: Layout) -> Callable:
+    def f(b, q, k):
+        qc, kc = _coords(layout, q), _coords(layout, k)
+        ok = None
+        for a in range(layout.rank):
+            if isinstance(e, Block):
+                S, o = e.size[a], e.shift[a]
+                here = torch.div(qc[a] - o, S, rounding_mode="floor") == torch.div(kc[a] - o, S, rounding_mode="floor")
+            elif isinstance(e, (Strided, Grid)):
+                st = e.step[a] if isinstance(e, Strided) else e.steps(layout)[a]
+                here = qc[a] % st == kc[a] % st
+            elif isinstance(e, Axial):
+                here = (qc[a] == kc[a]) | (a == layout.index(e.axis))
+            else:
+                B, h = e.block[a], e.halo[a]
+                lo = (qc[a] // B) * B - h
+                here = (kc[a] >= lo) & (kc[a] < lo + B + 2 * h)
+            ok = here if ok is None else ok & here
+        return ok
+    return f
+
+
+def mask_mod(plan: Plan, head_group_of: torch.Tensor | None, inputs: Mapping[str, torch.Tensor],
+             device) -> MaskMod:
+    """The plan's ``mask_mod(b, h, q_idx, kv_idx)`` over kernel positions.
+
+    Positions are mapped to tokens through the plan's order (padding is never allowed); with
+    several head groups, ``head_group_of[h]`` selects each head's branch.
+    """
+    layout = plan.pattern.layout
+    preds = [predicate(plan.pattern.expr_for_head(g.lo), layout, inputs, device) for g in plan.groups]
+    n = plan.n
+    order = None if plan.order is None else torch.as_tensor(plan.order, dtype=torch.int64, device=device)
+
+    def mm(b, h, q_idx, kv_idx):
+        if order is None:
+            qt, kt = q_idx, kv_idx
+            real = (q_idx < n) & (kv_idx < n)
+        else:
+            size = order.shape[0]
+            qt = order[torch.clamp(q_idx, max=size - 1)]
+            kt = order[torch.clamp(kv_idx, max=size - 1)]
+            real = (q_idx < size) & (kv_idx < size) & (qt >= 0) & (kt >= 0)
+        qt, kt = torch.clamp(qt, 0, n - 1), torch.clamp(kt, 0, n - 1)
+        out = preds[0](b, qt, kt)
+        for i, p in enumerate(preds[1:], start=1):
+            out = torch.where(head_group_of[h] == i, p(b, qt, kt), out)
+        return out & real
+
+    return mm
+
+
+# --------------------------------------------------------------------------------------------
+# Plans -> BlockMask
+# --------------------------------------------------------------------------------------------
+
+def block_mask(plans: list[Plan], heads: int, inputs: Mapping[str, torch.Tensor], device):
+    """One BlockMask for a batch of plans (one per batch item, or one shared) over ``heads``."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    p0 = plans[0]
+    length = padded_length(p0)
+    group_of = np.zeros(heads, dtype=np.int64)
+    for i, g in enumerate(p0.groups):
+        group_of[g.lo:(heads if g.hi is None else g.hi)] = i
+    per_head = len(p0.groups) > 1
+
+    def tables(kind: str):
+        counts, idx = [], []
+        for plan in plans:
+            per_group = [getattr(g, kind).padded() for g in plan.groups]
+            counts.append([per_group[group_of[h]][0] for h in (range(heads) if per_head else [0])])
+            idx.append([per_group[group_of[h]][1] for h in (range(heads) if per_head else [0])])
+        # FlexAttention sizes its transposed tables from the last dim: one column per key tile.
+        # Query tiles past the plan's (padding only) visit nothing.
+        rows, width = length // p0.block_m, length // p0.block_n
+        dense = np.zeros((len(plans), len(idx[0]), rows, width), dtype=np.int32)
+        num = np.zeros((len(plans), len(idx[0]), rows), dtype=np.int32)
+        for b, row in enumerate(idx):
+            for h, t in enumerate(row):
+                dense[b, h, :t.shape[0], :t.shape[1]] = t
+                num[b, h, :t.shape[0]] = counts[b][h]
+        return torch.from_numpy(num).to(device), torch.from_numpy(dense).to(device)
+
+    kv_num, kv_idx = tables("partial")
+    full_num, full_idx = tables("full")
+    hg = torch.from_numpy(group_of).to(device)
+    mm = mask_mod(p0, hg, inputs, device)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(p0.block_m, p0.block_n),
+                                    mask_mod=mm, seq_lengths=(length, length))
+
+
+def padded_length(plan: Plan) -> int:
+    """Kernel positions padded to whole query and key tiles (FlexAttention wants one length)."""
+    step = math.lcm(plan.block_m, plan.block_n)
+    return -(-plan.n_kernel // step) * step
+
+
+def to_block_mask(spec: Any, pattern: str | None = None, *, B: int | None = None, H: int | None = None,
+                  inputs: Mapping[str, Any] | None = None, tokens: Any = None, **params: Any):
+    """A FlexAttention ``BlockMask`` for a pattern, planned without evaluating the N x N mask.
+
+    The mask is in the user's (natural) token order, so it drops into existing FlexAttention code.
+    ``B``/``H`` size the mask's batch and head dims (default 1: broadcast); patterns with runtime
+    inputs take ``inputs={"doc": ids [B, N] or [N]}`` and get one plan per batch item.
+
+    >>> import attnlang
+    >>> bm = attnlang.to_block_mask(attnlang.causal & attnlang.sliding(256), tokens=4096)
+    >>> bm.shape
+    (1, 1, 4096, 4096)
+    """
+    from attnlang.api import resolve
+    from attnlang.planner import make_plan
+
+    p = resolve(spec, pattern, tokens=tokens, **params)
+    heads = H or p.heads or 1
+    if p.heads is not None and heads != p.heads:
+        raise AttnError(f"pattern '{p.name}' declares heads {p.heads} but H = {heads} was asked for")
+    tin: dict[str, torch.Tensor] = {}
+    declared = {i.name: i.kind for i in p.inputs}
+    given = dict(inputs or {})
+    if set(given) != set(declared):
+        raise AttnError(f"pattern '{p.name}' takes runtime inputs {sorted(declared)}, got {sorted(given)}",
+                        hint="pass inputs={name: tensor} for each declared input")
+    batch = B or 1
+    for name, val in given.items():
+        t = torch.as_tensor(np.asarray(val), dtype=torch.int64)
+        if declared[name] == "ids" and t.dim() == 1:
+            t = t.expand(batch, p.n)
+        if declared[name] == "length" and t.dim() == 0:
+            t = t.expand(batch)
+        if t.shape[0] != batch:
+            raise AttnError(f"runtime input '{name}' has batch {t.shape[0]} but B = {batch}")
+        tin[name] = t
+    items = range(batch) if tin else range(1)
+    plans = [make_plan(p, inputs={k: v[b].numpy() for k, v in tin.items()} or None, order="natural")
+             for b in items]
+    bm = block_mask(plans, heads if len(plans[0].groups) > 1 else 1, tin, "cpu")
+    if B and not tin and B > 1:
+        bm = _expand_batch(bm, B)
+    if H and len(plans[0].groups) == 1 and H > 1:
+        bm = _expand_heads(bm, H)
+    return bm
+
+
+def _expand_batch(bm, B: int):
+    return type(bm).from_kv_blocks(*(t.expand(B, *t.shape[1:]).contiguous() for t in
+                                     (bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices)),
+                                   BLOCK_SIZE=bm.BLOCK_SIZE, mask_mod=bm.mask_mod, seq_lengths=bm.seq_lengths)
+
+
+def _expand_heads(bm, H: int):
+    return type(bm).from_kv_blocks(*(t.expand(t.shape[0], H, *t.shape[2:]).contiguous() for t in
+                                     (bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices)),
+                                   BLOCK_SIZE=bm.BLOCK_SIZE, mask_mod=bm.mask_mod, seq_lengths=bm.seq_lengths)
+
+
+# --------------------------------------------------------------------------------------------
+# The backend
+# --------------------------------------------------------------------------------------------
+
+def _needs_grad(call: Call) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in (call.q, call.k, call.v))
+
+
+def supports(call: Call) -> str | None:
+    from attnlang.pattern import Pyramid
+
+    if isinstance(call.pattern.attend, Pyramid):
+        return ("pyramid(...) pools keys, which a FlexAttention mask cannot express: "
+                "use backend='torch'")
+    if call.pattern.reads_content:
+        return ("route(...) selects blocks from Q/K per call, which the flex bridge does not plan "
+                "yet: use backend='torch' (bench/routed.py shows feeding the selection to a BlockMask)")
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:  # pragma: no cover - torch < 2.5
+        return "this torch has no FlexAttention (needs torch >= 2.5)"
+    if call.q.device.type == "cpu" and _needs_grad(call):
+        return ("FlexAttention's CPU path has no backward, and these tensors require grad: "
+                "use backend='torch' for training on CPU, or run under torch.no_grad()")
+    return None
+
+
+def _flex(n: int) -> Callable:
+    global _compiled
+    from torch.nn.attention.flex_attention import flex_attention
+
+    compile_now = COMPILE if COMPILE is not None else n >= COMPILE_MIN_N
+    if not compile_now:
+        return flex_attention
+    if _compiled is None:
+        _compiled = torch.compile(flex_attention, dynamic=False)
+    return _compiled
+
+
+def run(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(out [B, Hq, N, D] in q's dtype, lse [B, Hq, N] fp32)`` via FlexAttention.
+
+    ``lse`` is None when the caller does not want it (``call.want_lse``); compiled CPU
+    FlexAttention cannot produce it at all, which is an error when it is asked for.
+    """
+    from torch.nn.attention.flex_attention import AuxRequest
+
+    why = supports(call)
+    if why:
+        raise AttnError(f"backend 'flex' cannot run this call: {why}")
+    plans = [call.plan(b) for b in (range(call.batch) if call.inputs else range(1))]
+    p0 = plans[0]
+    if any(p.block_m != p0.block_m or p.block_n != p0.block_n or p.n_kernel != p0.n_kernel
+           for p in plans):
+        raise AttnError("the batch items' plans differ in tile shape or order length, which one "
+                        "BlockMask cannot hold: use backend='torch'")
+    heads = call.heads
+    bm = block_mask(plans, heads if len(p0.groups) > 1 else 1, call.inputs, call.q.device)
+    length = padded_length(p0)
+    index, inverse = _order_maps(p0, length, call.q.device)
+    q, k, v = (_gather(t, index) for t in (call.q, call.k, call.v))
+    fn = _flex(length)
+    on_cpu_compiled = fn is _compiled and call.q.device.type == "cpu"
+    if on_cpu_compiled and call.want_lse:
+        raise AttnError("compiled FlexAttention on CPU cannot return lse (an Inductor limitation): "
+                        "use backend='torch' for return_lse=True, or set "
+                        "attnlang.runtime.flex.COMPILE = False for small sizes")
+    key = (tuple(q.shape), tuple(k.shape), q.dtype)
+    if fn is _compiled and key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"attnlang: compiling FlexAttention for shape {tuple(q.shape)} {q.dtype} "
+                      "(a few seconds, once per shape)", stacklevel=3)
+    with warnings.catch_warnings():
+        # Eager flex on small sizes is deliberate here (compiling would cost more than it saves).
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        res = fn(q, k, v, block_mask=bm, scale=call.scale, enable_gqa=call.kv_heads != heads,
+                 return_aux=AuxRequest(lse=True) if call.want_lse else None)
+    out, aux = res if call.want_lse else (res, None)
+    lse = None if aux is None else aux.lse.float().index_select(2, inverse)
+    return out.index_select(2, inverse).to(call.q.dtype), lse
+
+
+def _order_maps(plan: Plan, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    pos = np.full(length, plan.n, dtype=np.int64)
+    src = np.arange(plan.n) if plan.order is None else np.where(plan.order >= 0, plan.order, plan.n)
+    pos[:len(src)] = src
+    inv = np.empty(plan.n, dtype=np.int64)
+    real = pos < plan.n
+    inv[pos[real]] = np.nonzero(real)[0]
+    return torch.from_numpy(pos).to(device), torch.from_numpy(inv).to(device)
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x [B, H, N, D]`` in kernel order; padding positions read a zero row."""
+    pad = x.new_zeros(x.shape[0], x.shape[1], 1, x.shape[3])
+    return torch.cat([x, pad], dim=2).index_select(2, index).contiguous()

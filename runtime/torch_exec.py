@@ -1,0 +1,296 @@
+"""The `torch` backend: a tile executor in plain PyTorch that follows the Plan.
+
+Per batch item and head group, Q/K/V are put in the plan's kernel order (padding rows read
+zeros), then query tiles are processed in chunks: each chunk gathers the key/value tiles its
+query tiles visit (:class:`~attnlang.runtime.tiles.TileSchedule` — full tiles, partial tiles, and
+fully masked dummy slots that even out ragged rows) into one contiguous block per query tile,
+and runs attention on it with an additive ``0 / -inf`` bias that is nonzero only on partial tiles
+and dummies. Softmax is in fp32 whatever the input dtype. Results are scattered back to the
+user's token order.
+
+The chunk kernel is PyTorch's fused CPU flash-attention op where it exists (CPU tensors), which
+also gives the log-sum-exp; elsewhere, or when a gradient flows into ``lse``, an explicit
+matmul / softmax version of the same computation. Either way memory is bounded by the chunk
+(about ``CHUNK_BYTES`` of scores), never by ``N²``.
+
+Autograd is a custom :class:`torch.autograd.Function` whose backward walks the same schedule:
+it recomputes each chunk's probabilities from the saved ``lse``, gets dQ per query tile and
+the gathered dK/dV, and accumulates those per key tile with ``index_add_`` (deterministic).
+
+GQA: when a head group holds whole GQA groups, the ``G`` query heads sharing a KV head are
+stacked as extra query rows against one gathered copy of their K/V tiles (no repeated K/V).
+
+>>> import torch, attnlang
+>>> fn = attnlang.compile(attnlang.causal & attnlang.sliding(8), tokens=64, backend="torch")
+>>> q = k = v = torch.randn(1, 2, 64, 16)
+>>> fn(q, k, v).shape
+torch.Size([1, 2, 64, 16])
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from attnlang.pattern import Pyramid
+from attnlang.runtime.call import Call
+from attnlang.runtime.tiles import TileSchedule, schedule_for
+
+CHUNK_BYTES = 4 << 20  # fp32 scores per chunk of query tiles (bounds memory; 4 MiB measured best)
+BIAS_CACHE_BYTES = 64 << 20  # per-chunk masks are kept with the plan when they take at most this
+_FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FUSED_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+USE_FUSED = True  # tests switch this off to check the explicit chunk kernel on CPU
+
+
+def supports(call: Call) -> str | None:
+    """The torch executor runs every static and runtime-input pattern on any device."""
+    return None  # pyramid(...) patterns go to attnlang.runtime.pyramid (see run)
+
+
+def run(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(out [B, Hq, N, D] in q's dtype, lse [B, Hq, N] fp32)``, differentiable."""
+    if isinstance(call.pattern.attend, Pyramid):
+        from attnlang.runtime import pyramid
+
+        return pyramid.run(call)
+    out, lse = _TileAttention.apply(call.q, call.k, call.v, call)
+    return out.to(call.q.dtype), lse
+
+
+# --------------------------------------------------------------------------------------------
+# Head groups and kernel order
+# --------------------------------------------------------------------------------------------
+
+def _heads(call: Call, lo: int, hi: int | None) -> tuple[int, int, int, int, torch.Tensor | None]:
+    """``(lo, hi, rows, G, kv_map)`` for query heads ``lo..hi``.
+
+    ``G`` query heads share one gathered K/V (stacked as rows) when the range holds whole GQA
+    groups; otherwise ``G = 1`` and ``kv_map`` lists the KV head of every query head.
+    """
+    hi = call.heads if hi is None else hi
+    group = call.heads // call.kv_heads
+    if lo % group == 0 and hi % group == 0:
+        return lo, hi, (hi - lo) // group, group, None
+    kv_map = torch.arange(lo, hi, device=call.q.device) // group
+    return lo, hi, hi - lo, 1, kv_map
+
+
+def _to_kernel(x: torch.Tensor, index: torch.Tensor, identity: bool) -> torch.Tensor:
+    """``x [H, N, D]`` -> fp32 ``[H, positions, D]`` in kernel order; padding positions are zero."""
+    x = x.float()
+    if identity:
+        return x.contiguous()
+    x = torch.cat([x, x.new_zeros(x.shape[0], 1, x.shape[2])], dim=1)
+    return x.index_select(1, index)
+
+
+def _from_kernel(x: torch.Tensor, inverse: torch.Tensor, identity: bool) -> torch.Tensor:
+    return x if identity else x.index_select(1, inverse)
+
+
+def _chunks(s: TileSchedule, rows: int, G: int) -> range:
+    """Query-tile chunks of about ``CHUNK_BYTES`` of fp32 scores. The fused kernel blocks
+    internally, but small chunks keep its K/V windows and bias in cache (measured: one chunk
+    per head group is 2-3x slower on an idle machine, though it suffers less from a busy one)."""
+    per_tile = rows * G * s.block_m * s.width * s.block_n * 4
+    step = max(1, min(s.q_tiles, CHUNK_BYTES // max(per_tile, 1)))
+    return range(0, s.q_tiles, step)
+
+
+def _gather(s: TileSchedule, kk: torch.Tensor, vk: torch.Tensor, c0: int, c1: int, G: int):
+    """Key/value tiles and bias of query tiles ``c0..c1``: ``[H, c, W*BN, D]`` and ``[1, c, G*BM, W*BN]``."""
+    H, D = kk.shape[0], kk.shape[-1]
+    c, W, bm, bn = c1 - c0, s.width, s.block_m, s.block_n
+    idx = s.slots[c0:c1].reshape(-1)
+    step = _window_step(s, c0, c1)
+    if step is not None:
+        # Evenly spaced windows of consecutive tiles: a strided view, no copy.
+        first = int(s.window_start[c0]) * bn * D
+        shape, strides = (H, c, W * bn, D), (kk.stride(0), step * bn * D, D, 1)
+        kg = kk.as_strided(shape, strides, kk.storage_offset() + first)
+        vg = vk.as_strided(shape, strides, vk.storage_offset() + first)
+    else:
+        kg = kk.view(H, -1, bn, D).index_select(1, idx).view(H, c, W * bn, D)
+        vg = vk.view(H, -1, bn, D).index_select(1, idx).view(H, c, W * bn, D)
+    key = (c0, c1, G)
+    if key not in s.chunk_bias:
+        bid = s.bias_id[c0:c1]
+        if not bool((bid > 0).any()):
+            bias = None  # only full tiles: no mask work at all
+        else:
+            bias = s.bias.index_select(0, bid.reshape(-1)).view(c, W, bm, bn).transpose(1, 2).reshape(c, bm, W * bn)
+            if G > 1:
+                bias = bias.unsqueeze(1).expand(c, G, bm, W * bn).reshape(c, G * bm, W * bn)
+            bias = bias.unsqueeze(0)
+        if s.q_tiles * G * bm * W * bn * 4 > BIAS_CACHE_BYTES:
+            return idx, kg, vg, bias
+        s.chunk_bias[key] = bias  # small enough to keep with the plan: later calls skip the gather
+    return idx, kg, vg, s.chunk_bias[key]
+
+
+def _window_step(s: TileSchedule, c0: int, c1: int) -> int | None:
+    """The constant tile step between consecutive windows of query tiles ``c0..c1``, if any."""
+    if s.window_start is None:
+        return None
+    st = s.window_start[c0:c1]
+    if len(st) == 1:
+        return 0
+    d = np.diff(st)
+    return int(d[0]) if d[0] >= 0 and np.all(d == d[0]) else None
+
+
+def _rows(x: torch.Tensor, c0: int, c1: int, G: int, bm: int) -> torch.Tensor:
+    """``x [H, G, positions, E]`` -> query tiles ``c0..c1`` as ``[H, c, G*BM, E]``."""
+    H, E = x.shape[0], x.shape[-1]
+    t = x[:, :, c0 * bm:c1 * bm].reshape(H, G, c1 - c0, bm, E)
+    return t.transpose(1, 2).reshape(H, c1 - c0, G * bm, E)
+
+
+def _unrows(parts: list[torch.Tensor], G: int, bm: int) -> torch.Tensor:
+    """Chunks ``[H, c, G*BM, E]`` -> ``[H*G, positions, E]`` (one copy for all chunks)."""
+    x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+    H, T, E = x.shape[0], x.shape[1], x.shape[-1]
+    if G > 1:
+        x = x.view(H, T, G, bm, E).transpose(1, 2)
+    return x.reshape(H * G, T * bm, E)
+
+
+# --------------------------------------------------------------------------------------------
+# Chunk kernels: fused (PyTorch's CPU flash op) and explicit
+# --------------------------------------------------------------------------------------------
+
+def _fused_ok(x: torch.Tensor) -> bool:
+    return USE_FUSED and _FUSED is not None and x.device.type == "cpu"
+
+
+def _chunk_forward(q, k, v, bias, scale):
+    """``(out, lse)`` of one chunk; ``lse`` is 0 (not -inf) on rows with no allowed key."""
+    if _fused_ok(q):
+        return _FUSED(q, k, v, attn_mask=bias, scale=scale)
+    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+    if bias is not None:
+        s.add_(bias)
+    m = s.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # empty rows: every score is -inf
+    p = s.sub_(m).exp_()
+    den = p.sum(dim=-1, keepdim=True)
+    out = torch.matmul(p, v).div_(torch.where(den > 0, den, torch.ones_like(den)))
+    lse = torch.where(den > 0, m + torch.log(den), torch.zeros_like(den))
+    return out, lse.squeeze(-1)
+
+
+def _chunk_backward(do, q, k, v, o, lse, bias, scale, dlse):
+    """``(dq, dk, dv)`` of one chunk; ``dlse`` (or None) is the gradient flowing into ``lse``."""
+    if dlse is None and _fused_ok(q) and _FUSED_BWD is not None:
+        if bias is not None:
+            # The fused backward is about 2x slower with a mask broadcast over heads (measured).
+            bias = bias.expand(q.shape[0], -1, -1, -1).contiguous()
+        return _FUSED_BWD(do, q, k, v, o, lse, 0.0, False, attn_mask=bias, scale=scale)
+    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+    if bias is not None:
+        s.add_(bias)
+    p = s.sub_(lse.unsqueeze(-1)).exp_()
+    dv = torch.matmul(p.transpose(-1, -2), do)
+    dp = torch.matmul(do, v.transpose(-1, -2))
+    delta = (do * o).sum(dim=-1, keepdim=True)
+    if dlse is not None:
+        delta = delta - dlse.unsqueeze(-1)
+    ds = p.mul_(dp.sub_(delta)).mul_(scale)
+    return torch.matmul(ds, k), torch.matmul(ds.transpose(-1, -2), q), dv
+
+
+# --------------------------------------------------------------------------------------------
+# The autograd function
+# --------------------------------------------------------------------------------------------
+
+def _groups(call: Call):
+    """``(b, schedule, lo, hi, rows, G, kv_map)`` for every batch item and head group."""
+    for b in range(call.batch):
+        plan = call.plan(b)
+        inputs = call.item_inputs(b) if call.inputs else None
+        for gi, g in enumerate(plan.groups):
+            content = call.content(b) if call.pattern.reads_content else None  # route selections
+            yield (b, schedule_for(plan, gi, inputs, call.q.device, content)) + _heads(call, g.lo, g.hi)
+
+
+def _kernel_kv(call: Call, x: torch.Tensor, b: int, lo: int, hi: int, G: int, kv_map, s: TileSchedule):
+    sel = x[b, lo // G:hi // G] if kv_map is None else x[b].index_select(0, kv_map)
+    return _to_kernel(sel, s.k_index, s.identity)
+
+
+class _TileAttention(torch.autograd.Function):
+    """Plan-driven attention with a plan-driven backward (no N x N tensor anywhere)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, call: Call):
+        B, Hq, N, D = q.shape
+        out = q.new_empty((B, Hq, N, D), dtype=torch.float32)
+        lse = q.new_empty((B, Hq, N), dtype=torch.float32)
+        raw = torch.empty_like(lse)  # the chunk kernels' lse (0 on empty rows), for backward
+        with torch.no_grad():
+            for b, s, lo, hi, rows, G, kv_map in _groups(call):
+                qk = _to_kernel(q[b, lo:hi], s.q_index, s.identity).view(rows, G, -1, D)
+                kk = _kernel_kv(call, k, b, lo, hi, G, kv_map, s)
+                vk = _kernel_kv(call, v, b, lo, hi, G, kv_map, s)
+                outs, lses = [], []
+                chunks = _chunks(s, rows, G)
+                for c0 in chunks:
+                    c1 = min(s.q_tiles, c0 + chunks.step)
+                    _, kg, vg, bias = _gather(s, kk, vk, c0, c1, G)
+                    o, l = _chunk_forward(_rows(qk, c0, c1, G, s.block_m), kg, vg, bias, call.scale)
+                    outs.append(o)
+                    lses.append(l.unsqueeze(-1))
+                ok, lk = _unrows(outs, G, s.block_m), _unrows(lses, G, s.block_m).squeeze(-1)
+                out[b, lo:hi] = _from_kernel(ok.view(hi - lo, -1, D), s.q_inverse, s.identity)
+                raw[b, lo:hi] = _from_kernel(lk.reshape(hi - lo, -1, 1), s.q_inverse, s.identity)[..., 0]
+                fixed = lk.masked_fill(s.row_empty, float("-inf")).reshape(hi - lo, -1, 1)
+                lse[b, lo:hi] = _from_kernel(fixed, s.q_inverse, s.identity)[..., 0]
+        ctx.call = call
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(q, k, v, out, raw)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, raw = ctx.saved_tensors
+        call: Call = ctx.call
+        B, Hq, N, D = q.shape
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+        if dout is None and dlse is None:
+            return None, None, None, None
+        if dout is None:
+            dout = torch.zeros_like(out)
+        for b, s, lo, hi, rows, G, kv_map in _groups(call):
+            view = lambda x: _to_kernel(x, s.q_index, s.identity).view(rows, G, -1, x.shape[-1])  # noqa: E731
+            qk, ok, dok = view(q[b, lo:hi]), view(out[b, lo:hi]), view(dout[b, lo:hi])
+            lk = view(raw[b, lo:hi].unsqueeze(-1))
+            gk = None
+            if dlse is not None:
+                # Rows with no allowed key have lse = -inf whatever the scores: no gradient.
+                gk = view(dlse[b, lo:hi].unsqueeze(-1)).masked_fill(s.row_empty.view(1, 1, -1, 1), 0.0)
+            kk = _kernel_kv(call, k, b, lo, hi, G, kv_map, s)
+            vk = _kernel_kv(call, v, b, lo, hi, G, kv_map, s)
+            dqs = []
+            dkk = torch.zeros_like(kk).view(kk.shape[0], -1, s.block_n, D)
+            dvk = torch.zeros_like(dkk)
+            chunks = _chunks(s, rows, G)
+            for c0 in chunks:
+                c1 = min(s.q_tiles, c0 + chunks.step)
+                idx, kg, vg, bias = _gather(s, kk, vk, c0, c1, G)
+                rows_of = lambda x: _rows(x, c0, c1, G, s.block_m)  # noqa: E731
+                g = None if gk is None else rows_of(gk).squeeze(-1)
+                dqc, dkg, dvg = _chunk_backward(rows_of(dok), rows_of(qk), kg, vg, rows_of(ok),
+                                                rows_of(lk).squeeze(-1), bias, call.scale, g)
+                dqs.append(dqc)
+                dkk.index_add_(1, idx, dkg.reshape(kk.shape[0], -1, s.block_n, D))
+                dvk.index_add_(1, idx, dvg.reshape(kk.shape[0], -1, s.block_n, D))
+            dq[b, lo:hi] = _from_kernel(_unrows(dqs, G, s.block_m), s.q_inverse, s.identity)
+            for acc, grad in ((dk, dkk), (dv, dvk)):
+                g_user = _from_kernel(grad.view(grad.shape[0], -1, D), s.k_inverse, s.identity)
+                if kv_map is None:
+                    acc[b, lo // G:hi // G] += g_user
+                else:
+                    acc[b].index_add_(0, kv_map, g_user)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None

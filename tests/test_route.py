@@ -1,0 +1,197 @@
+"""route(...) (LANGUAGE.md §6.1): selection oracle, dense reference, call-time plans, the torch
+backend, prelude families, §6.3 partitions by layer, and diagnostics."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import attnlang
+from attnlang.errors import AttnError
+from attnlang.pattern import Pattern, block, causal, full, route, sliding
+from attnlang.plan import Plan
+from attnlang.planner import make_plan
+from attnlang.routing import pattern_content, routes
+
+
+def planted(seed: int, H: int, Hkv: int, n: int, D: int = 8):
+    """Q/K with per-token structure so block scores are well separated (no accidental ties)."""
+    rng = np.random.default_rng(seed)
+    u = rng.standard_normal((1, 1, D))
+    q = rng.standard_normal((1, H, n, D)) * 0.5 + rng.standard_normal((1, H, n, 1)) * u
+    k = rng.standard_normal((1, Hkv, n, D)) * 0.5 + rng.standard_normal((1, Hkv, n, 1)) * 2 * u
+    v = rng.standard_normal((1, Hkv, n, D))
+    return [torch.tensor(x, dtype=torch.float32) for x in (q, k, v)]
+
+
+@st.composite
+def routed(draw):
+    rank = draw(st.integers(1, 3))
+    sizes = tuple(draw(st.integers(2, 40 if rank == 1 else 7)) for _ in range(rank))
+    B = tuple(draw(st.integers(1, L)) for L in sizes)
+    kind = draw(st.sampled_from(["one", "same", "free"]))
+    Bq = 1 if kind == "one" else B if kind == "same" else tuple(draw(st.integers(1, L)) for L in sizes)
+    among = draw(st.sampled_from(["full", "causal", "causal-block"]))
+    among = {"full": full, "causal": causal, "causal-block": causal - block(B)}[among]
+    if draw(st.booleans()):
+        sel = dict(top=draw(st.integers(1, 6)))
+    else:
+        sel = dict(threshold=draw(st.sampled_from([1e-6, 0.05, 0.3, 0.7, 0.999, 1.0])))
+    scope = draw(st.sampled_from(["query", "head"]))
+    permute = draw(st.sampled_from([None, 1, 3, 8])) if rank == 1 else None
+    r = route(B, among=among, query_block=Bq, scope=scope, permute_keys=permute, **sel)
+    outer = draw(st.sampled_from(["alone", "or-block", "causal-and"]))
+    e = {"alone": r, "or-block": block(B) | r, "causal-and": causal & (block(B) | r)}[outer]
+    heads = draw(st.sampled_from([(1, 1), (2, 1), (4, 2)]))
+    return Pattern.create(e, tokens=sizes), heads, draw(st.integers(0, 2**31 - 1))
+
+
+@settings(max_examples=30, deadline=None)
+@given(routed())
+def test_torch_backend_equals_dense_reference_with_grads(case):
+    p, (H, Hkv), seed = case
+    q, k, v = planted(seed, H, Hkv, p.n)
+    res = []
+    for backend in ("reference", "torch"):
+        qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+        out, lse = attnlang.compile(p, backend=backend)(qq, kk, vv, return_lse=True)
+        grads = torch.autograd.grad((out * torch.sin(out)).sum(), (qq, kk, vv))
+        res.append((out, lse, grads))
+    (o1, l1, g1), (o2, l2, g2) = res
+    torch.testing.assert_close(o2, o1, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(l2, l1, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g2, g1):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@settings(max_examples=25, deadline=None)
+@given(routed(), st.sampled_from([(16, 16), (32, 16), (16, 64)]))
+def test_call_time_plan_is_exact_per_head(case, tiles):
+    p, (H, Hkv), seed = case
+    q, k, _ = planted(seed, H, Hkv, p.n)
+    content = pattern_content(p, q[0].numpy(), k[0].numpy())
+    masks = p.mask(heads=H, content=content)
+    plan = make_plan(p, content=content, block_m=tiles[0], block_n=tiles[1])
+    assert len(plan.groups) == H
+    for h in range(H):
+        want = Plan.from_mask(p, masks[h:h + 1], *tiles).tile_map(0)
+        assert np.array_equal(plan.tile_map(h), want)
+
+
+def test_moba_current_block_is_always_attended_and_top_counts_it():
+    p = attnlang.parse("pattern m { tokens n[256]\n attend moba(size = 32, top = 3) }").instantiate("m")
+    q, k, _ = planted(1, 2, 2, 256)
+    m = p.mask(heads=2, content=pattern_content(p, q[0].numpy(), k[0].numpy()))
+    qi, ki = np.arange(256)[:, None], np.arange(256)[None, :]
+    assert m[:, (ki <= qi) & (ki // 32 == qi // 32)].all()  # own block, causally
+    assert not m[:, ki > qi].any()
+    blocks = m.reshape(2, 256, 8, 32).any(-1).sum(-1)  # blocks seen per query
+    assert (blocks == np.minimum(np.arange(256) // 32 + 1, 3)).all()
+
+
+def test_biformer_routes_whole_regions():
+    p = attnlang.parse("examples/biformer.attn").instantiate("biformer_stage3")
+    q, k, _ = planted(2, 2, 1, p.n)
+    m = p.mask(heads=2, content=pattern_content(p, q[0].numpy(), k[0].numpy()))
+    r = m.reshape(2, 7, 2, 7, 2, 7, 2, 7, 2)  # [h, qrh, qh, qrw, qw, krh, kh, krw, kw]
+    region = r.transpose(0, 1, 3, 5, 7, 2, 4, 6, 8).reshape(2, 49, 49, 16)
+    assert (region.all(-1) == region.any(-1)).all()  # each region pair all or nothing
+    assert (region.any(-1).sum(-1) == 16).all()  # top 16 regions per query region
+
+
+def test_pbs_segment_one_equals_no_permutation():
+    base = dict(threshold=0.6, among=causal, query_block=8)
+    p1 = Pattern.create(causal & (block(8) | route(8, permute_keys=1, **base)), tokens=96)
+    p0 = Pattern.create(causal & (block(8) | route(8, **base)), tokens=96)
+    q, k, _ = planted(3, 2, 1, 96)
+    m1 = p1.mask(heads=2, content=pattern_content(p1, q[0].numpy(), k[0].numpy()))
+    m0 = p0.mask(heads=2, content=pattern_content(p0, q[0].numpy(), k[0].numpy()))
+    assert np.array_equal(m1, m0)
+
+
+def test_permuted_blocks_hold_the_most_important_keys():
+    p = Pattern.create(route(4, top=1, permute_keys=16), tokens=32)
+    q, k, _ = planted(4, 1, 1, 32)
+    c = pattern_content(p, q[0].numpy(), k[0].numpy())
+    perm = c[(p.attend, "perm")][0]
+    assert sorted(perm[:16]) == list(range(16)) and sorted(perm[16:]) == list(range(16, 32))
+    s = q[0, 0, -4:].numpy() @ k[0, 0].numpy().T / np.sqrt(8)
+    imp = (np.exp(s - s.max(1, keepdims=True)) / np.exp(s - s.max(1, keepdims=True)).sum(1, keepdims=True)).mean(0)
+    assert (np.diff(imp[perm[:16]]) <= 1e-7).all()
+
+
+def test_threshold_one_selects_every_eligible_block_and_top_beyond_eligible():
+    q, k, _ = planted(5, 1, 1, 64)
+    for r in (route(8, threshold=1.0, among=causal), route(8, top=100, among=causal)):
+        p = Pattern.create(r, tokens=64)
+        m = p.mask(content=pattern_content(p, q[0].numpy(), k[0].numpy()))[0]
+        qi, ki = np.arange(64)[:, None], np.arange(64)[None, :]
+        assert np.array_equal(m, ki // 8 <= qi // 8)  # all eligible blocks (causal among)
+
+
+def test_scope_head_keeps_top_times_groups_pairs():
+    p = Pattern.create(route(8, top=2, query_block=8, scope="head"), tokens=64)
+    q, k, _ = planted(6, 2, 1, 64)
+    sel = pattern_content(p, q[0].numpy(), k[0].numpy())[p.attend]
+    assert sel.shape == (2, 8, 8) and (sel.sum((1, 2)) == 16).all()
+    assert (sel.sum(2) != 2).any()  # joint: groups get different counts
+
+
+def test_vmoba_partition_by_layer_cycles():
+    mod = attnlang.parse("examples/vmoba.attn")
+    parts = [mod.instantiate("vmoba_video", {"layer": l}).attend.items[1].block for l in range(4)]
+    assert parts == [(1, 30, 52), (16, 6, 13), (2, 6, 13), (1, 30, 52)]
+    small = "pattern v(layer = 0) {\n tokens t[4], h[6], w[5]\n let part = [(1, 6, 5), (4, 3, 2), (2, 3, 2)][layer % 3]\n attend vmoba(part)\n}"
+    q, k, v = planted(7, 2, 2, 120)
+    for layer in range(3):
+        fn = attnlang.compile(small, layer=layer, backend="torch")
+        ref = attnlang.compile(small, layer=layer, backend="reference")
+        torch.testing.assert_close(fn(q, k, v), ref(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_prelude_round_trips_through_text():
+    for src in ("examples/moba.attn", "examples/pbs.attn", "examples/vmoba.attn", "examples/biformer.attn"):
+        p = attnlang.parse(src).instantiate(attnlang.parse(src).names[0])
+        again = attnlang.parse(p.to_attn()).instantiate(p.name)
+        assert again.attend == p.attend and again.layout == p.layout
+
+
+def test_pattern_without_content_says_how_to_get_it():
+    p = Pattern.create(route(8, top=1), tokens=32)
+    with pytest.raises(AttnError, match="reads Q/K content"):
+        p.mask()
+    with pytest.raises(AttnError, match="planned per call"):
+        make_plan(p)
+
+
+def test_triton_and_flex_refuse_with_a_reason():
+    from attnlang.runtime import flex, triton
+    from attnlang.runtime.call import check_call
+
+    p = Pattern.create(route(8, top=1), tokens=32)
+    q = torch.randn(1, 1, 32, 8)
+    call = check_call(p, q, q, q, None, {}, None)
+    assert "torch backend" in triton.supports(call)
+    assert "backend='torch'" in flex.supports(call)
+
+
+@pytest.mark.parametrize("src, words", [
+    ("tokens h[8], w[8]\n attend route(block = (2, 2, 2), top = 1)", "has 3 entries but the layout"),
+    ("tokens n[64]\n attend route(block = 8, threshold = 1.5)", "threshold = 1.5 is outside (0, 1]"),
+    ("tokens n[64]\n attend route(block = 8, threshold = 0)", "threshold = 0.0 is outside (0, 1]"),
+    ("tokens n[64]\n attend route(block = 8, top = 0)", "top = 0 must be an integer >= 1"),
+    ("tokens n[64]\n attend route(block = 8, top = 2, threshold = 0.5)", "exactly one of top"),
+    ("tokens n[64]\n attend route(block = 8)", "exactly one of top"),
+    ("tokens h[8], w[8]\n attend route(block = 2, top = 1, permute_keys = importance(segment = 4))",
+     "permute_keys needs a 1-D layout"),
+    ("tokens n[64]\n attend route(block = 8, top = 1, scope = heads)", "did you mean 'head'"),
+    ("tokens n[64]\n attend route(block = 8, top = 1, permute_keys = 3)", "none or importance"),
+    ("tokens n[64]\n attend route(block = 80, top = 1)", "outside 1..64"),
+    ("tokens n[64]\n attend route(block = 8, top = 1, among = route(block = 4, top = 1))", "must be static"),
+])
+def test_diagnostics(src, words):
+    with pytest.raises(AttnError) as e:
+        attnlang.parse(f"pattern p {{\n {src}\n}}").instantiate("p")
+    assert words in str(e.value)
+    assert "p.attn" not in str(e.value) and "<string>:" in str(e.value)
