@@ -27,7 +27,7 @@ import dataclasses
 import itertools
 import textwrap
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -61,6 +61,7 @@ class ModuleText:
     name: str
     source: str
     sidecar: bytes | None = None
+    kernels: Kernels | None = field(default=None, compare=False, repr=False)  # what it was made from
 
     @property
     def sidecar_name(self) -> str:
@@ -146,7 +147,9 @@ def envelope_patterns(pattern: Pattern) -> list[Pattern]:
 def module_plan(pattern: Pattern, planner: Callable[[Pattern], Plan]) -> Plan:
     """The plan a generated module runs: ``planner(pattern)``, or for patterns with runtime
     inputs the envelope of :func:`envelope_patterns` (every visited tile partial unless it is
-    full for every input value). Per-batch-item plans are not used by the kernels."""
+    full for every input value). This is what ``attnlang compile`` writes, since a standalone
+    module has no planner; the runtime ``triton`` backend instead passes each call's exact
+    per-batch-item tables (``generate_module(..., per_call=True)``)."""
     if not pattern.inputs:
         return planner(pattern)
     plans = [planner(p) for p in envelope_patterns(pattern)]
@@ -208,11 +211,17 @@ def _plan_summary(plan: Plan) -> list[str]:
 
 def generate_module(plan: Plan, name: str | None = None, target: str = "h100",
                     head_dim: int | None = None, dtype: str | None = None,
-                    version: str | None = None) -> ModuleText:
+                    version: str | None = None, per_call: bool = False) -> ModuleText:
     """Generate the standalone module for ``plan`` (see the module docstring).
 
     ``head_dim``/``dtype``, when given, are checked by the module at call time (otherwise any
     supported head dim and dtype runs); ``target`` picks the autotune candidates.
+
+    ``per_call``: the tile tables are arguments of every call (``attention_tables(q, k, v,
+    tables, ...)`` with the arrays of :func:`attnlang.codegen.triton.call_arrays`), not part of
+    the module: what the runtime backend uses for runtime-input and routed patterns, whose
+    tables change per call. Such a module needs attnlang's planner to be called, so ``attnlang
+    compile`` writes envelope modules (:func:`module_plan`) instead.
     """
     from attnlang import __version__
 
@@ -222,7 +231,7 @@ def generate_module(plan: Plan, name: str | None = None, target: str = "h100",
     version = version or __version__
     pattern = plan.pattern
     name = name or pattern.name
-    k = generate_kernels(plan)
+    k = generate_kernels(plan, per_call)
     total = sum(t.data.nbytes for t in k.tables)
     sidecar = None
     if total > SIDECAR_BYTES:
@@ -240,7 +249,9 @@ def generate_module(plan: Plan, name: str | None = None, target: str = "h100",
         f"# Parameters: {params}",
         f"# Plan: N = {plan.n} tokens ({plan.n_kernel} kernel positions), tiles {plan.block_m} x {plan.block_n}, "
         f"{'natural order' if plan.order is None else 'permuted token order'}",
-        *("#   " + ln for ln in _plan_summary(plan)),
+        *(("#   tile tables: passed per call (planned per batch item"
+           + (" and query head, from the routing stage)" if pattern.reads_content else ")"),) if per_call
+          else ("#   " + ln for ln in _plan_summary(plan))),
         *("#   note: " + n for n in plan.notes + tuple(k.notes)),
         f"# Target: {target}",
     ]
@@ -264,11 +275,12 @@ def generate_module(plan: Plan, name: str | None = None, target: str = "h100",
         KERNEL_ARGS = {{  # table and runtime-input arguments of each kernel, in order
         {kargs}
         }}
+        CALL_TABLES = {k.call_tables!r}  # arrays passed per call to attention_tables (empty: none)
         _TARGET_CONFIGS = {TARGET_CONFIGS[target]!r}  # (num_warps, num_stages) autotune candidates
         ''')
     src = "\n".join(header) + "\n" + _DOC.format(name=pattern.name) + _IMPORTS + "\n" + consts + "\n" \
         + tables_src + "\n" + _CONFIGS + "\n\n" + k.source + "\n\n" + _LAUNCHER
-    return ModuleText(name, src, sidecar)
+    return ModuleText(name, src, sidecar, k)
 
 
 def _sidecar(k: Kernels) -> tuple[str, bytes]:
@@ -358,7 +370,8 @@ def _meta(head_dim, dtype):
 
 
 def _args(kernel, tables, inputs):
-    return [inputs[n[3:]] if n.startswith("IN_") else tables[n] for n in KERNEL_ARGS[kernel]]
+    # inputs: runtime inputs (IN_<name>) and per-call tables; tables: this module's own
+    return [inputs[n] if n in inputs else tables[n] for n in KERNEL_ARGS[kernel]]
 
 
 def _forward(q, k, v, scale, inputs):
@@ -372,14 +385,18 @@ def _forward(q, k, v, scale, inputs):
     return o, lse
 
 
-def _backward(q, k, v, o, lse, do, scale, inputs):
+def _backward(q, k, v, o, lse, do, dlse, scale, inputs):
     B, H, N, D = q.shape
     gqa = H // k.shape[1]
-    do = do.contiguous()
+    do = torch.zeros_like(o) if do is None else do.contiguous()
     delta = torch.empty_like(lse)
     rows = B * H * N
     _attn_bwd_preprocess[(triton.cdiv(rows, 64),)](o, do, delta, rows, HEAD_DIM=D,
                                                    BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_R=64)
+    if dlse is not None:
+        # d lse_i / d s_ij = P_ij, so a loss reading lse adds P * dlse to dS = P * (dP - delta):
+        # the same kernels with delta - dlse. Rows with lse = -inf have P = 0 and take no part.
+        delta = delta - torch.where(torch.isinf(lse), 0.0, dlse.float())
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     t = _tables(q.device)
     meta = _meta(D, q.dtype)
@@ -396,13 +413,13 @@ class _Attention(torch.autograd.Function):
         o, lse = _forward(q, k, v, scale, inputs)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.scale, ctx.inputs = scale, inputs
-        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zero pass
         return o, lse
 
     @staticmethod
-    def backward(ctx, do, _dlse):
+    def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, o, lse, do, ctx.scale, ctx.inputs)
+        dq, dk, dv = _backward(q, k, v, o, lse, do, dlse, ctx.scale, ctx.inputs)
         return dq, dk, dv, None, None
 
 
@@ -441,13 +458,28 @@ def _check(q, k, v, runtime_inputs):
         t = t.expand(want) if t.dim() < len(want) else t
         if tuple(t.shape) != want:
             raise ValueError(f"runtime input {name} ({kind}) must have shape {list(want)}, got {list(t.shape)}")
-        inputs[name] = t.to(torch.int32).contiguous()
+        inputs["IN_" + name] = t.to(torch.int32).contiguous()
     return inputs
 
 
 def attention(q, k, v, scale=None, return_lse=False, **runtime_inputs):
     """Attention restricted to the pattern; see the module docstring."""
+    if CALL_TABLES:
+        raise TypeError(f"pattern {PATTERN_NAME}: this module takes its tile tables per call; use "
+                        "attention_tables(q, k, v, tables, ...) or attnlang's triton backend")
     inputs = _check(q, k, v, runtime_inputs)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    o, lse = _Attention.apply(q.contiguous(), k.contiguous(), v.contiguous(), scale, inputs)
+    return (o, lse) if return_lse else o
+
+
+def attention_tables(q, k, v, tables, scale=None, return_lse=False, **runtime_inputs):
+    """``attention`` with this call's tile tables (``CALL_TABLES``: name -> int tensor on q's
+    device, as attnlang.codegen.triton.call_arrays builds them for the batch of q)."""
+    if sorted(tables) != sorted(CALL_TABLES):
+        raise TypeError(f"tables: expected {sorted(CALL_TABLES)}, got {sorted(tables)}")
+    inputs = _check(q, k, v, runtime_inputs)
+    inputs.update(tables)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     o, lse = _Attention.apply(q.contiguous(), k.contiguous(), v.contiguous(), scale, inputs)
     return (o, lse) if return_lse else o

@@ -27,7 +27,7 @@ import numpy as np
 
 from attnlang.pattern import (
     INF, And, Axial, Block, Causal, Empty, Expr, Full, Grid, Halo, Keys, Layout,
-    Neighborhood, Not, Or, Queries, Random, Range, Same, Strided, Valid, Window,
+    Neighborhood, Not, Or, Queries, Random, Range, Route, Same, Strided, Valid, Window,
 )
 
 # Index lists up to this length are compiled to a chain of comparisons; longer ones to a
@@ -56,6 +56,20 @@ class RuntimeInput:
         return f"IN_{self.name}"
 
 
+@dataclass(frozen=True)
+class ContentTable:
+    """A per-call table a ``route`` reads, filled from one call's routing decisions.
+
+    ``sel``: int8 ``[B, H, groups, blocks]``, 1 where the key block is selected for the query
+    group; ``pos``: int32 ``[B, H, N]``, key -> its position in the permuted order
+    (``permute_keys``).
+    """
+
+    name: str  # kernel argument name, e.g. G0_SEL0
+    route: Route  # the bound node whose ``Env.content`` entries fill it
+    kind: str  # "sel" | "pos"
+
+
 @dataclass
 class Predicate:
     """Compiled mask of one head group: statements, the final expression, what it reads."""
@@ -65,14 +79,24 @@ class Predicate:
     expr: str = ""
     tables: list[AuxTable] = field(default_factory=list)
     inputs: list[RuntimeInput] = field(default_factory=list)
+    content: list[ContentTable] = field(default_factory=list)
+
+    @property
+    def uses_head(self) -> bool:
+        """Content tables are per query head: the function then takes ``h`` and ``H`` too."""
+        return bool(self.content)
 
     @property
     def args(self) -> list[str]:
-        return [t.name for t in self.tables] + [i.arg for i in self.inputs]
+        return [t.name for t in self.tables] + [i.arg for i in self.inputs] + [c.name for c in self.content]
+
+    @property
+    def head_args(self) -> list[str]:
+        return ["h", "H"] if self.uses_head else []
 
     def source(self) -> str:
         """The ``@triton.jit`` function text."""
-        params = ", ".join(["q", "k", "b"] + self.args)
+        params = ", ".join(["q", "k", "b"] + self.head_args + self.args)
         body = "\n".join("    " + ln for ln in self.lines)
         return (f"@triton.jit\ndef {self.fn_name}({params}):\n"
                 f"    # q: [BLOCK_M, 1] and k: [1, BLOCK_N] token indices, -1 = padding\n"
@@ -267,6 +291,39 @@ class _Compiler:
         self.out.lines.append(f"{t} = tl.load({ptr} + b)  # this batch item's valid length")
         return f"((q < {t}) & (k < {t}))"
 
+    def _box(self, side: str, box: tuple[int, ...]) -> str:
+        """Row-major number of the ``box``-shaped cell holding token ``side`` (ragged end boxes),
+        as :func:`attnlang.pattern.box_ids`."""
+        sizes = self.layout.sizes
+        if len(sizes) == 1:
+            return side if box[0] == 1 else f"({side} // {box[0]})"
+        out = ""
+        for a, (L, bx) in enumerate(zip(sizes, box)):
+            c = self.coord(side, a)
+            here = c if bx == 1 else f"({c} // {bx})"
+            out = here if not out else f"({out} * {-(-L // bx)} + {here})"
+        return out
+
+    def _route(self, e: Route) -> str:
+        # The selection was made for this call by the routing stage; the kernel only reads it:
+        # the query's group and the key's block (its permuted position's run with permute_keys).
+        i = len(self.out.content)
+        sel = ContentTable(f"{self.prefix}_SEL{i}", e, "sel")
+        self.out.content.append(sel)
+        G, nb = e.groups(self.layout), e.blocks(self.layout)
+        if e.permute is None:
+            blk = self._box("k", e.block)
+        else:
+            pos = ContentTable(f"{self.prefix}_POS{i}", e, "pos")
+            self.out.content.append(pos)
+            t = self.fresh("route_pos")
+            self.out.lines.append(f"{t} = tl.load({pos.name} + (b * H + h).to(tl.int64) * {self.n} + k, "
+                                  "mask=k >= 0, other=0)  # key -> permuted position")
+            blk = f"({t} // {e.block[0]})"
+        grp = self._box("q", e.query_block)
+        return (f"(tl.load({sel.name} + ((b * H + h).to(tl.int64) * {G} + {grp}) * {nb} + {blk}, "
+                f"mask=(q >= 0) & (k >= 0), other=0) != 0)")
+
     def _and(self, e: And) -> str:
         return _join([self.expr(it) for it in e.items], "&")
 
@@ -290,4 +347,4 @@ def compile_predicate(expr: Expr, layout: Layout, prefix: str) -> Predicate:
     return c.out
 
 
-__all__ = ["AuxTable", "RuntimeInput", "Predicate", "compile_predicate", "INLINE_LIST_MAX"]
+__all__ = ["AuxTable", "ContentTable", "RuntimeInput", "Predicate", "compile_predicate", "INLINE_LIST_MAX"]

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from attnlang.codegen.predicate import Predicate, RuntimeInput, compile_predicate
+from attnlang.codegen.predicate import ContentTable, Predicate, RuntimeInput, compile_predicate
 from attnlang.errors import AttnError
 from attnlang.plan import HeadGroup, Plan
 
@@ -131,6 +131,10 @@ class Kernels:
     args: dict[str, list[str]]  # kernel name -> its table/input argument names, in order
     analytic: list[bool]  # per head group: loop bounds computed in-kernel
     notes: list[str] = field(default_factory=list)
+    # per_call kernels: arrays passed on every call (tile tables, order, routing decisions)
+    call_tables: list[str] = field(default_factory=list)
+    content: list[ContentTable] = field(default_factory=list)
+    groups: list[tuple[int, int | None, bool]] = field(default_factory=list)  # (lo, hi, per head)
 
 
 _PREC = "input_precision=PRECISION"
@@ -167,20 +171,39 @@ def _tok(plan: Plan, pos: str, full: bool = False) -> str:
     return f"tl.load(ORDER + {pos}, mask={pos} < N_KERNEL, other=-1)"
 
 
+def kernel_groups(plan: Plan, per_call: bool) -> list[tuple[int, int | None, bool]]:
+    """``(lo, hi, per_head)`` of each head group the kernels switch on.
+
+    Static and runtime-input plans: the plan's groups. Routed plans (one group per query head,
+    from this call's selection) collapse into the pattern's branches, whose per-call tables
+    then have one row per query head.
+    """
+    if per_call and plan.pattern.reads_content:
+        return [(lo, hi, True) for lo, hi, _ in plan.pattern.exprs()]
+    return [(g.lo, g.hi, False) for g in plan.groups]
+
+
 class _Gen:
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, per_call: bool = False):
         self.plan = plan
+        self.per_call = per_call
+        self.groups = kernel_groups(plan, per_call)
         self.tables: list[Table] = []
+        self.call_tables: list[str] = []
+        self.content: list[ContentTable] = []
         self.inputs: list[RuntimeInput] = []
         self.preds: list[Predicate] = []
         self.analytic: list[bool] = []
         self.bounds: list[tuple[str, str, str, str] | None] = []
         self.notes: list[str] = []
         if plan.order is not None:
-            self.tables.append(Table("ORDER", np.asarray(plan.order, dtype=np.int32),
-                                     f"kernel position -> token index ({plan.n_kernel} positions, -1 = padding)"))
-        for g, group in enumerate(plan.groups):
-            expr = plan.pattern.expr_for_head(group.lo)
+            if per_call:
+                self.call_tables.append("ORDER")
+            else:
+                self.tables.append(Table("ORDER", np.asarray(plan.order, dtype=np.int32),
+                                         f"kernel position -> token index ({plan.n_kernel} positions, -1 = padding)"))
+        for g, (lo, _, _) in enumerate(self.groups):
+            expr = plan.pattern.expr_for_head(lo)
             pred = compile_predicate(expr, plan.pattern.layout, f"g{g}")
             self.preds.append(pred)
             for t in pred.tables:
@@ -188,8 +211,18 @@ class _Gen:
             for inp in pred.inputs:
                 if inp not in self.inputs:
                     self.inputs.append(inp)
-            self._group_tables(g, group)
-            self.bounds.append(self._analytic(g, group))
+            if pred.content and not per_call:
+                raise AttnError(f"pattern '{plan.pattern.name}' reads Q/K content (route): its kernels take "
+                                "the routing decisions per call", hint="generate them with per_call=True")
+            self.content += pred.content
+            self.call_tables += [c.name for c in pred.content]
+            if per_call:  # tables of this call's plans, padded to full width (FlexAttention layout)
+                self.call_tables += [f"G{g}_{tag}_{part}" for tag in ("FULL", "PART", "FULL_T", "PART_T")
+                                     for part in ("NUM", "IDX")]
+                self.bounds.append(None)
+            else:
+                self._group_tables(g, plan.groups[g])
+                self.bounds.append(self._analytic(g, plan.groups[g]))
             self.analytic.append(self.bounds[-1] is not None)
 
     def _group_tables(self, g: int, group: HeadGroup) -> None:
@@ -214,7 +247,13 @@ class _Gen:
                               "reading the tables instead")
             return None
 
+    def table_row(self, g: int) -> str:
+        """Per-call tables: this program's row, ``[B, 1, ...]`` or per head ``[B, H, ...]``."""
+        return "trow = b.to(tl.int64) * H + h\n" if self.groups[g][2] else "trow = b.to(tl.int64)\n"
+
     def width(self, name: str) -> int:
+        if self.per_call:  # full width: table strides do not change from call to call
+            return self.plan.q_tiles if "_T_" in name else self.plan.kv_tiles
         t = next(t for t in self.tables if t.name == name)
         num = next(x for x in self.tables if x.name == name.replace("_IDX", "_NUM"))
         return max(1, len(t.data) // max(1, len(num.data)))
@@ -225,7 +264,7 @@ class _Gen:
 
     def kernel_args(self, kind: str) -> list[str]:
         names = ["ORDER"] if self.plan.order is not None else []
-        for g in range(len(self.plan.groups)):
+        for g in range(len(self.groups)):
             if kind == "dkdv":
                 tags = ("FULL_T", "PART_T")
             elif self.analytic[g]:
@@ -246,6 +285,18 @@ class _Gen:
         b = self.bounds[g]
         full_step = step.format(masked=False, g=g)
         part_step = step.format(masked=True, g=g)
+        if b is None and self.per_call:
+            qt_n, kv_n = self.plan.q_tiles, self.plan.kv_tiles
+            return (
+                self.table_row(g) +
+                f"# full tiles: every (q, k) pair allowed, no mask work\n"
+                f"for j in range(0, tl.load(G{g}_FULL_NUM + trow * {qt_n} + qt)):\n"
+                f"    kt = tl.load(G{g}_FULL_IDX + (trow * {qt_n} + qt) * {kv_n} + j)\n"
+                + textwrap.indent(full_step, "    ") +
+                f"# partial tiles: the pattern's predicate per element\n"
+                f"for j in range(0, tl.load(G{g}_PART_NUM + trow * {qt_n} + qt)):\n"
+                f"    kt = tl.load(G{g}_PART_IDX + (trow * {qt_n} + qt) * {kv_n} + j)\n"
+                + textwrap.indent(part_step, "    "))
         if b is None:
             wf, wp = self.width(f"G{g}_FULL_IDX"), self.width(f"G{g}_PART_IDX")
             return (
@@ -273,6 +324,16 @@ class _Gen:
 
     def q_loops(self, g: int, step: str) -> str:
         """Loops over the query tiles of key tile ``kt`` (transposed tables) for group ``g``."""
+        if self.per_call:
+            qt_n, kv_n = self.plan.q_tiles, self.plan.kv_tiles
+            return (
+                self.table_row(g) +
+                f"for j in range(0, tl.load(G{g}_FULL_T_NUM + trow * {kv_n} + kt)):\n"
+                f"    qt = tl.load(G{g}_FULL_T_IDX + (trow * {kv_n} + kt) * {qt_n} + j)\n"
+                + textwrap.indent(step.format(masked=False, g=g), "    ") +
+                f"for j in range(0, tl.load(G{g}_PART_T_NUM + trow * {kv_n} + kt)):\n"
+                f"    qt = tl.load(G{g}_PART_T_IDX + (trow * {kv_n} + kt) * {qt_n} + j)\n"
+                + textwrap.indent(step.format(masked=True, g=g), "    "))
         wf, wp = self.width(f"G{g}_FULL_T_IDX"), self.width(f"G{g}_PART_T_IDX")
         return (
             f"for j in range(0, tl.load(G{g}_FULL_T_NUM + kt)):\n"
@@ -284,19 +345,19 @@ class _Gen:
 
     def head_switch(self, body_of_group, head: str = "h") -> str:
         """One group: its body. Several: ``if h < hi: ... elif ...`` over the head ranges."""
-        groups = self.plan.groups
+        groups = self.groups
         if len(groups) == 1:
             return body_of_group(0)
         out = []
-        for g, grp in enumerate(groups):
+        for g, (lo, hi, _) in enumerate(groups):
             kw = "if" if g == 0 else "elif" if g < len(groups) - 1 else "else"
-            cond = f" {head} < {grp.hi}" if kw != "else" else ""
-            out.append(f"{kw}{cond}:  # heads {grp.lo}..{grp.hi}\n" + textwrap.indent(body_of_group(g), "    "))
+            cond = f" {head} < {hi}" if kw != "else" else ""
+            out.append(f"{kw}{cond}:  # heads {lo}..{hi}\n" + textwrap.indent(body_of_group(g), "    "))
         return "".join(out)
 
     # -- kernels ----------------------------------------------------------------------------
     def pred_call(self, g: int, q: str, k: str) -> str:
-        args = ", ".join([q, k, "b"] + self.pred_args(g))
+        args = ", ".join([q, k, "b"] + self.preds[g].head_args + self.pred_args(g))
         return f"_allowed_g{g}({args})"
 
     def fwd(self) -> str:
@@ -492,19 +553,70 @@ def _sig(args: list[str]) -> str:
     return "".join(a + ", " for a in args)
 
 
-def generate_kernels(plan: Plan) -> Kernels:
-    """Generate every kernel of ``plan`` (forward, backward preprocess, dK/dV, dQ)."""
+def generate_kernels(plan: Plan, per_call: bool = False) -> Kernels:
+    """Generate every kernel of ``plan`` (forward, backward preprocess, dK/dV, dQ).
+
+    ``per_call``: the tile tables (and the order) are not baked in but passed on every call with
+    a batch dimension, as :func:`call_arrays` builds them from that call's per-batch-item plans:
+    how runtime-input and routed patterns keep their exact full/partial tiles. ``plan`` then only
+    fixes the tiling (block sizes, order or not, head groups), which must be the same for every
+    call that reuses the kernels.
+    """
     for name, b in (("block_m", plan.block_m), ("block_n", plan.block_n)):
         if b < 16 or b & (b - 1):
             raise AttnError(f"{name} = {b} cannot be a Triton tile",
                             hint="valid: a power of two >= 16 (tl.dot needs 16 x 16 operands)")
-    gen = _Gen(plan)
+    gen = _Gen(plan, per_call)
     parts = [_HELPERS]
     parts += [p.source() for p in gen.preds]
     parts += [gen.fwd(), _PREPROCESS, gen.dkdv(), gen.dq()]
     args = {"_attn_fwd": gen.kernel_args("fwd"), "_attn_bwd_dq": gen.kernel_args("dq"),
             "_attn_bwd_dkdv": gen.kernel_args("dkdv")}
-    return Kernels("\n\n".join(parts), gen.tables, gen.inputs, args, gen.analytic, gen.notes)
+    return Kernels("\n\n".join(parts), gen.tables, gen.inputs, args, gen.analytic, gen.notes,
+                   gen.call_tables, gen.content, gen.groups)
 
 
-__all__ = ["CodegenError", "Kernels", "Table", "generate_kernels", "sympy_to_triton"]
+def _dense(table, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """A CSR table as FlexAttention-style ``(num [rows], idx [rows, width])``, zero padded."""
+    counts = table.counts()
+    idx = np.zeros((table.rows, width), dtype=np.int32)
+    rows = np.repeat(np.arange(table.rows), counts)
+    idx[rows, np.arange(table.nnz) - np.repeat(table.indptr[:-1], counts)] = table.indices
+    return counts.astype(np.int32), idx
+
+
+def call_arrays(kernels: Kernels, plans: list[Plan], contents: list[dict], heads: int) -> dict[str, np.ndarray]:
+    """The per-call arrays of ``per_call`` kernels, from one plan (and routing content) per
+    batch item: ``G<g>_<FULL|PART>_NUM [B, R, Q_TILES]``, ``..._IDX [B, R, Q_TILES, KV_TILES]``,
+    the transposes ``[B, R, KV_TILES]`` / ``[B, R, KV_TILES, Q_TILES]`` (``R`` = 1, or ``heads``
+    for routed groups), ``ORDER`` and each route's ``SEL``/``POS`` (see ``ContentTable``).
+
+    Every plan must share the first one's tiling (block sizes, order, head groups).
+    """
+    first = plans[0]
+    out: dict[str, np.ndarray] = {}
+    if first.order is not None:
+        out["ORDER"] = np.asarray(first.order, dtype=np.int32)
+    for g, (lo, hi, per_head) in enumerate(kernels.groups):
+        rows = heads if per_head else 1
+        for tag, attr, width in (("FULL", "full", first.kv_tiles), ("PART", "partial", first.kv_tiles),
+                                 ("FULL_T", "full_t", first.q_tiles), ("PART_T", "partial_t", first.q_tiles)):
+            n_rows = first.kv_tiles if tag.endswith("_T") else first.q_tiles
+            num = np.zeros((len(plans), rows, n_rows), dtype=np.int32)
+            idx = np.zeros((len(plans), rows, n_rows, width), dtype=np.int32)
+            for b, plan in enumerate(plans):
+                for r in range(rows):  # per head: the row is the query head itself
+                    head = r if per_head else lo
+                    if not (lo <= head < (heads if hi is None else hi)):
+                        continue  # a head of another branch: never read
+                    grp = next(x for x in plan.groups if x.lo <= head and (x.hi is None or head < x.hi))
+                    num[b, r], idx[b, r] = _dense(getattr(grp, attr), width)
+            out[f"G{g}_{tag}_NUM"], out[f"G{g}_{tag}_IDX"] = num, idx
+    for c in kernels.content:
+        key, dtype = (c.route, np.int8) if c.kind == "sel" else ((c.route, "pos"), np.int32)
+        # C order whatever the routing stage's layout (a scope = head selection is a transposed view)
+        out[c.name] = np.ascontiguousarray(np.stack([np.asarray(ct[key], dtype=dtype) for ct in contents]))
+    return out
+
+
+__all__ = ["CodegenError", "Kernels", "Table", "call_arrays", "generate_kernels", "kernel_groups", "sympy_to_triton"]

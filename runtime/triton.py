@@ -1,10 +1,21 @@
 """The `triton` backend: generated kernels, compiled once per pattern and cached on disk.
 
-``run(call)`` plans the pattern (the planner's plan; for patterns with runtime inputs the static
-envelope of :func:`attnlang.codegen.module.module_plan`), generates the same standalone module
-``attnlang compile`` writes, stores it under the cache directory keyed by a hash of its text
-(which holds the pattern text, parameters, plan tables, target and attnlang version) and imports
-it. Triton itself specialises and caches the compiled binaries per dtype and head dim.
+Static patterns: ``run(call)`` takes the call's plan (planned once per compiled pattern by
+:class:`attnlang.api.Compiled`), generates the same standalone module ``attnlang compile``
+writes, stores it under the cache directory keyed by a hash of its text (which holds the pattern
+text, parameters, plan tables, target and attnlang version) and imports it. The module is also
+remembered per plan object, so a repeated call neither re-plans nor re-hashes anything.
+
+Runtime-input patterns (``same``/``valid``) and routed patterns (``route``): the kernels are
+generated once per pattern and tiling with their tile tables as per-call arguments
+(``per_call``); each call passes the exact tables of its per-batch-item plans
+(:meth:`Call.plan`) with a batch dimension (and a query-head dimension for routed groups), so
+full tiles stay full. The routing stage (pooled means, scores, selection) runs as torch ops on
+the tensors' device (:mod:`attnlang.runtime.routing`); its decisions reach the kernels as
+``SEL`` (and ``POS`` for ``permute_keys``) tables that the compiled ``route`` predicate reads.
+Selection is not differentiated. ``pyramid(...)`` is not generated yet (torch backend).
+
+Triton itself specialises and caches the compiled binaries per dtype and head dim.
 
 Cache directory: ``$XDG_CACHE_HOME/attnlang/kernels``, else ``~/.cache/attnlang/kernels``.
 
@@ -29,6 +40,11 @@ from attnlang.errors import AttnError
 from attnlang.runtime.call import Call
 
 _LOADED: dict[str, ModuleType] = {}  # plan_key -> imported module
+# id(plan) -> (plan, target, module): the plan is kept so its id stays unique while cached
+_BY_PLAN: dict[int, tuple[object, str, ModuleType]] = {}
+_TEXT: dict[int, tuple[object, str]] = {}  # id(pattern) -> (pattern, its text and parameters)
+_PER_CALL: dict[tuple, tuple[ModuleType, object]] = {}  # skeleton key -> (module, Kernels)
+_MAX_CACHED = 256
 
 
 def cache_dir() -> pathlib.Path:
@@ -43,8 +59,9 @@ def _interpreting() -> bool:
 def supports(call: Call) -> str | None:
     from attnlang.pattern import Pyramid
 
-    if isinstance(call.pattern.attend, Pyramid) or call.pattern.reads_content:
-        return "route/pyramid run on the torch backend for now: use backend='torch'"
+    if isinstance(call.pattern.attend, Pyramid):
+        return ("pyramid(...) runs on the torch backend for now (no Triton pooling kernel for the "
+                "pooled K/V levels yet): use backend='torch'")
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -93,12 +110,44 @@ def plan_key(plan, target: str) -> str:
 
 def load_module(plan, target: str) -> ModuleType:
     """Generate, cache on disk and import the module for ``plan`` (once per process and key)."""
+    hit = _BY_PLAN.get(id(plan))
+    if hit is not None and hit[0] is plan and hit[1] == target:
+        return hit[2]
+    key = plan_key(plan, target)
+    if key not in _LOADED:
+        _LOADED[key] = _import(plan, target, per_call=False)[0]
+    if len(_BY_PLAN) >= _MAX_CACHED:
+        _BY_PLAN.clear()
+    _BY_PLAN[id(plan)] = (plan, target, _LOADED[key])
+    return _LOADED[key]
+
+
+def _pattern_text(pattern) -> str:
+    hit = _TEXT.get(id(pattern))
+    if hit is None or hit[0] is not pattern:
+        if len(_TEXT) >= _MAX_CACHED:
+            _TEXT.clear()
+        hit = _TEXT[id(pattern)] = (pattern, pattern.to_attn() + "\0" + repr(pattern.params))
+    return hit[1]
+
+
+def per_call_module(plan, target: str):
+    """The per-call-tables module for ``plan``'s tiling: ``(module, Kernels)``, generated and
+    imported once per (pattern, tiling, target)."""
+    from attnlang import __version__
+
+    groups = tuple((g.lo, g.hi) for g in plan.groups) if not plan.pattern.reads_content else ()
+    key = (_pattern_text(plan.pattern), plan.block_m, plan.block_n, plan.order is None, plan.n_kernel,
+           groups, target, __version__)
+    if key not in _PER_CALL:
+        _PER_CALL[key] = _import(plan, target, per_call=True)
+    return _PER_CALL[key]
+
+
+def _import(plan, target: str, per_call: bool):
     from attnlang.codegen.module import generate_module, module_name as _safe
 
-    key = plan_key(plan, target)
-    if key in _LOADED:
-        return _LOADED[key]
-    m = generate_module(plan, name=_safe(plan.pattern.name), target=target)
+    m = generate_module(plan, name=_safe(plan.pattern.name), target=target, per_call=per_call)
     digest = hashlib.sha256(m.source.encode() + (m.sidecar or b"")).hexdigest()[:20]
     stem = f"{_safe(plan.pattern.name)}_{digest}"
     d = cache_dir()
@@ -117,8 +166,7 @@ def load_module(plan, target: str) -> ModuleType:
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod  # triton's JIT looks functions up through their module
     spec.loader.exec_module(mod)
-    _LOADED[key] = mod
-    return mod
+    return mod, m.kernels
 
 
 def _atomic_write(path: pathlib.Path, data: bytes) -> None:
@@ -134,19 +182,50 @@ def _atomic_write(path: pathlib.Path, data: bytes) -> None:
         raise
 
 
-def plan_for(call: Call):
-    """The plan the kernels run for this call (static: shared by every batch item)."""
-    from attnlang.codegen.module import module_plan
+def per_call(call: Call) -> bool:
+    """Whether the call's tables change per call (runtime inputs or Q/K routing)."""
+    return bool(call.pattern.inputs) or call.pattern.reads_content
 
-    if not call.pattern.inputs:
-        return call.plan(0)
-    return module_plan(call.pattern, lambda p: call.planner(p, None))
+
+def item_plans(call: Call) -> list:
+    """One plan per batch item, all at the first item's tiling.
+
+    The planner may choose another token order for another item's inputs (its order search
+    reads the tables); such an item is re-tabulated at the first item's tiling from its dense
+    mask (O(N²), exact).
+    """
+    from attnlang.plan import Plan
+
+    plans = [call.plan(b) for b in range(call.batch)]
+    first = plans[0]
+    for b, p in enumerate(plans[1:], 1):
+        same = (p.block_m == first.block_m and p.block_n == first.block_n
+                and [(g.lo, g.hi) for g in p.groups] == [(g.lo, g.hi) for g in first.groups]
+                and ((p.order is None and first.order is None) or
+                     (p.order is not None and first.order is not None and np.array_equal(p.order, first.order))))
+        if not same:
+            mask = call.pattern.mask(call.heads, inputs=call.item_inputs(b) if call.inputs else None,
+                                     content=call.content(b) if call.pattern.reads_content else None)
+            plans[b] = Plan.from_mask(call.pattern, mask, first.block_m, first.block_n, first.order,
+                                      first.tile_q, first.tile_kv)
+    return plans
 
 
 def run(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(out [B, H, N, D], lse [B, H, N] fp32 natural log)``, differentiable."""
+    """Return ``(out [B, H, N, D], lse [B, H, N] fp32 natural log)``, differentiable (lse too)."""
     why = supports(call)
     if why:
         raise AttnError(f"backend 'triton' cannot run this call: {why}")
-    mod = load_module(plan_for(call), target_for(call.q.device))
-    return mod.attention(call.q, call.k, call.v, scale=call.scale, return_lse=True, **call.inputs)
+    target = target_for(call.q.device)
+    if not per_call(call):
+        mod = load_module(call.plan(0), target)
+        return mod.attention(call.q, call.k, call.v, scale=call.scale, return_lse=True, **call.inputs)
+    from attnlang.codegen.triton import call_arrays
+
+    plans = item_plans(call)
+    mod, kernels = per_call_module(plans[0], target)
+    contents = [call.content(b) for b in range(call.batch)] if call.pattern.reads_content else []
+    arrays = call_arrays(kernels, plans, contents, call.heads)
+    tables = {n: torch.from_numpy(a).to(call.q.device).contiguous() for n, a in arrays.items()}
+    return mod.attention_tables(call.q, call.k, call.v, tables, scale=call.scale, return_lse=True,
+                                **call.inputs)

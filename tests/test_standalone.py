@@ -140,3 +140,10 @@ def test_large_tables_go_to_a_sidecar(tmp_path, monkeypatch):
     assert main(argv) == 0
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["swa.plan.txt", "swa.py", "swa.tables.bin"]
+
+
+def test_routed_pattern_is_refused_with_the_way_to_run_it(tmp_path, capsys):
+    assert main(["compile", str(EXAMPLES / "moba.attn"), "-o", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "reads Q/K content" in err and "backend='triton'" in err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

@@ -15,7 +15,7 @@ from hypothesis import given, settings  # noqa: E402
 
 from attnlang.pattern import (  # noqa: E402
     Pattern, axial, block, causal, full, global_, grid, halo, keys, neighborhood, none, queries,
-    random, same, sliding, strided, valid, window,
+    random, route, same, sliding, strided, valid, window,
 )
 from attnlang.plan import Plan  # noqa: E402
 from attnlang.planner import make_plan  # noqa: E402
@@ -23,6 +23,7 @@ from attnlang.runtime import reference  # noqa: E402
 from attnlang.runtime import triton as triton_backend  # noqa: E402
 from attnlang.runtime.call import check_call  # noqa: E402
 from strategies import patterns  # noqa: E402
+from test_route import routed as st_routed  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -214,3 +215,114 @@ def test_gpu_bf16_matches_reference():
     out, lse = triton_backend.run(call)
     ref, rlse = reference.run(call)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+# -- per-call tables: runtime inputs keep exact full tiles; routed patterns --------------------
+
+def test_runtime_inputs_use_per_batch_tables():
+    # Two documents per item: tiles inside one document are full for that item only, which a
+    # static envelope cannot know. The per-call tables carry them with a batch dimension.
+    from attnlang.codegen.triton import call_arrays
+
+    p = Pattern.create(same("doc"), 64, inputs={"doc": "ids"})
+    doc = torch.tensor([[0] * 32 + [1] * 32, [0] * 16 + [1] * 48])
+    q = torch.randn(2, 1, 64, 16)
+    call = check_call(p, q, q, q, None, {"doc": doc}, oracle_planner())
+    mod, kernels = triton_backend.per_call_module(call.plan(0), "cpu")
+    arrays = call_arrays(kernels, triton_backend.item_plans(call), [], 1)
+    assert arrays["G0_FULL_NUM"].shape == (2, 1, 4) and arrays["G0_PART_NUM"].sum() == 0
+    assert arrays["G0_FULL_NUM"][1, 0].tolist() == [1, 3, 3, 3]
+    check(p, oracle_planner(), B=2, inputs={"doc": doc})
+
+
+def test_per_call_module_is_reused_and_static_plans_are_not_rehashed(monkeypatch):
+    p = Pattern.create(causal & same("doc"), 32, inputs={"doc": "ids"})
+    q = torch.randn(1, 1, 32, 16)
+    for ids in ([0] * 32, [0] * 10 + [1] * 22):
+        triton_backend.run(check_call(p, q, q, q, None, {"doc": torch.tensor(ids)}, oracle_planner()))
+    assert sum(k[0] == triton_backend._pattern_text(p) for k in triton_backend._PER_CALL) == 1
+    static = Pattern.create(causal & sliding(4), 32)
+    plan = oracle_planner()(static)
+    call = check_call(static, q, q, q, None, {}, lambda *_: plan)
+    triton_backend.run(call)
+    monkeypatch.setattr(triton_backend, "plan_key", lambda *a: pytest.fail("re-hashed a cached plan"))
+    triton_backend.run(call)
+
+
+def _routed_check(p, H=2, Hkv=1, B=2, seed=0, dtype=torch.float32):
+    """Triton vs the reference for a routed pattern, with planted Q/K and a loss reading lse."""
+    g = torch.Generator().manual_seed(seed)
+    D = 16
+    u = torch.randn(1, 1, 1, D, generator=g)
+    q = torch.randn(B, H, p.n, D, generator=g) * 0.5 + torch.randn(B, H, p.n, 1, generator=g) * u
+    k = torch.randn(B, Hkv, p.n, D, generator=g) * 0.5 + torch.randn(B, Hkv, p.n, 1, generator=g) * 2 * u
+    v = torch.randn(B, Hkv, p.n, D, generator=g)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    res = []
+    for backend in (triton_backend, reference):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        call = check_call(p, qq, kk, vv, None, {}, None)
+        assert backend.supports(call) is None
+        out, lse = backend.run(call)
+        loss = (out.float() * torch.cos(out.float())).sum() + (lse.nan_to_num(neginf=0.0) * 0.3).sum()
+        res.append((out, lse, *torch.autograd.grad(loss, (qq, kk, vv))))
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), *res):
+        # planted Q/K give large scores: fp32 gradients as in test_route (1e-4), outputs tighter
+        tol = dict(atol=2e-2, rtol=2e-2) if dtype != torch.float32 else \
+            dict(atol=2e-5, rtol=2e-5) if name in ("out", "lse") else dict(atol=1e-4, rtol=1e-4)
+        if name == "lse":
+            assert torch.equal(torch.isinf(a), torch.isinf(b))
+            a, b = a.nan_to_num(neginf=0.0), b.nan_to_num(neginf=0.0)
+        torch.testing.assert_close(a.float(), b.float(), **tol, msg=lambda m: f"{name}: {m}")
+
+
+ROUTED = {
+    "moba": (causal & (block(16) | route(16, top=1, among=causal - block(16))), 64),
+    "threshold_ragged": (route(12, threshold=0.5, query_block=8), 44),
+    "biformer_2d": (route((2, 4), top=2, query_block=(2, 4)), (4, 8)),
+    "vmoba_head_scope": (causal & route((2, 2), top=1, scope="head"), (4, 6)),
+    "pbs_permuted": (causal & (block(8) | route(8, top=1, permute_keys=16)), 48),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROUTED))
+def test_routed(name):
+    expr, tokens = ROUTED[name]
+    _routed_check(Pattern.create(expr, tokens, tile_q=16, tile_kv=16) if isinstance(tokens, int)
+                  else Pattern.create(expr, tokens))
+
+
+def test_routed_by_head_fp16():
+    p = Pattern.create({(0, 1): causal & sliding(3), (1, 3): route(16, top=1) | causal & sliding(2)},
+                       48, heads=3, tile_q=16, tile_kv=16)
+    _routed_check(p, H=3, Hkv=1, B=1, dtype=torch.float16)
+
+
+def test_lse_gradient_static():
+    # A loss on lse alone: its gradient (delta - dlse in the backward) equals the reference's.
+    p = Pattern.create(causal & sliding(5) | ~causal & sliding(0), 40)
+    q, k, v = (torch.randn(1, 2, 40, 16).requires_grad_() for _ in range(3))
+    grads = []
+    for backend in (triton_backend, reference):
+        call = check_call(p, q, k, v, None, {}, oracle_planner())
+        _, lse = backend.run(call)
+        grads.append(torch.autograd.grad((lse * torch.linspace(-1, 2, 40)).sum(), (q, k, v), allow_unused=True))
+    for a, b, t in zip(*grads, (q, k, v)):  # lse does not depend on v: None or zeros
+        zero = torch.zeros_like(t)
+        torch.testing.assert_close(zero if a is None else a, zero if b is None else b, atol=1e-5, rtol=1e-5)
+
+
+def test_pyramid_refused_with_reason():
+    from attnlang.pattern import pyramid
+
+    p = Pattern.create(pyramid(block=8, query_block=8, levels=[1, 2], keep=[0.5, 0.5]), 32)
+    q = torch.randn(1, 1, 32, 16)
+    assert "pyramid" in triton_backend.supports(check_call(p, q, q, q, None, {}, None))
+
+
+@settings(max_examples=10, deadline=None)
+@given(st_routed())
+def test_random_routed_patterns(case):
+    # The route engineer's strategy (random blocks, boxes, among, top/threshold, scope, permute).
+    p, (H, Hkv), seed = case
+    _routed_check(p, H=H, Hkv=Hkv, B=1, seed=seed % 1000)

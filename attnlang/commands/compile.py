@@ -59,6 +59,12 @@ def run(args: argparse.Namespace) -> int:
     _check_writable(out)
 
     pattern = resolve(pathlib.Path(args.file), args.pattern, **spec_params(args))
+    if pattern.reads_content:
+        raise AttnError(f"pattern '{pattern.name}' reads Q/K content (route/pyramid): its tiles are chosen "
+                        "per call by attnlang's routing stage and planner, which a standalone module "
+                        "does not carry",
+                        hint="run it through attnlang.compile(..., backend='triton') (route) or "
+                             "backend='torch' (route, pyramid)")
     plan = module_plan(pattern, lambda p: make_plan(p, block_m=args.block_m, block_n=args.block_n,
                                                     order=args.order))
     name = module_name(pattern.name)

@@ -44,6 +44,7 @@ KERNEL_ARGS = {  # table and runtime-input arguments of each kernel, in order
     '_attn_bwd_dq': [],
     '_attn_bwd_dkdv': ['G0_FULL_T_NUM', 'G0_FULL_T_IDX', 'G0_PART_T_NUM', 'G0_PART_T_IDX'],
 }
+CALL_TABLES = []  # arrays passed per call to attention_tables (empty: none)
 _TARGET_CONFIGS = [(4, 2), (4, 3), (8, 2), (8, 3)]  # (num_warps, num_stages) autotune candidates
 
 _TABLES = {
@@ -357,7 +358,8 @@ def _meta(head_dim, dtype):
 
 
 def _args(kernel, tables, inputs):
-    return [inputs[n[3:]] if n.startswith("IN_") else tables[n] for n in KERNEL_ARGS[kernel]]
+    # inputs: runtime inputs (IN_<name>) and per-call tables; tables: this module's own
+    return [inputs[n] if n in inputs else tables[n] for n in KERNEL_ARGS[kernel]]
 
 
 def _forward(q, k, v, scale, inputs):
@@ -371,14 +373,18 @@ def _forward(q, k, v, scale, inputs):
     return o, lse
 
 
-def _backward(q, k, v, o, lse, do, scale, inputs):
+def _backward(q, k, v, o, lse, do, dlse, scale, inputs):
     B, H, N, D = q.shape
     gqa = H // k.shape[1]
-    do = do.contiguous()
+    do = torch.zeros_like(o) if do is None else do.contiguous()
     delta = torch.empty_like(lse)
     rows = B * H * N
     _attn_bwd_preprocess[(triton.cdiv(rows, 64),)](o, do, delta, rows, HEAD_DIM=D,
                                                    BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_R=64)
+    if dlse is not None:
+        # d lse_i / d s_ij = P_ij, so a loss reading lse adds P * dlse to dS = P * (dP - delta):
+        # the same kernels with delta - dlse. Rows with lse = -inf have P = 0 and take no part.
+        delta = delta - torch.where(torch.isinf(lse), 0.0, dlse.float())
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     t = _tables(q.device)
     meta = _meta(D, q.dtype)
@@ -395,13 +401,13 @@ class _Attention(torch.autograd.Function):
         o, lse = _forward(q, k, v, scale, inputs)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.scale, ctx.inputs = scale, inputs
-        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zero pass
         return o, lse
 
     @staticmethod
-    def backward(ctx, do, _dlse):
+    def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, o, lse, do, ctx.scale, ctx.inputs)
+        dq, dk, dv = _backward(q, k, v, o, lse, do, dlse, ctx.scale, ctx.inputs)
         return dq, dk, dv, None, None
 
 
@@ -440,13 +446,28 @@ def _check(q, k, v, runtime_inputs):
         t = t.expand(want) if t.dim() < len(want) else t
         if tuple(t.shape) != want:
             raise ValueError(f"runtime input {name} ({kind}) must have shape {list(want)}, got {list(t.shape)}")
-        inputs[name] = t.to(torch.int32).contiguous()
+        inputs["IN_" + name] = t.to(torch.int32).contiguous()
     return inputs
 
 
 def attention(q, k, v, scale=None, return_lse=False, **runtime_inputs):
     """Attention restricted to the pattern; see the module docstring."""
+    if CALL_TABLES:
+        raise TypeError(f"pattern {PATTERN_NAME}: this module takes its tile tables per call; use "
+                        "attention_tables(q, k, v, tables, ...) or attnlang's triton backend")
     inputs = _check(q, k, v, runtime_inputs)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    o, lse = _Attention.apply(q.contiguous(), k.contiguous(), v.contiguous(), scale, inputs)
+    return (o, lse) if return_lse else o
+
+
+def attention_tables(q, k, v, tables, scale=None, return_lse=False, **runtime_inputs):
+    """``attention`` with this call's tile tables (``CALL_TABLES``: name -> int tensor on q's
+    device, as attnlang.codegen.triton.call_arrays builds them for the batch of q)."""
+    if sorted(tables) != sorted(CALL_TABLES):
+        raise TypeError(f"tables: expected {sorted(CALL_TABLES)}, got {sorted(tables)}")
+    inputs = _check(q, k, v, runtime_inputs)
+    inputs.update(tables)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     o, lse = _Attention.apply(q.contiguous(), k.contiguous(), v.contiguous(), scale, inputs)
     return (o, lse) if return_lse else o
