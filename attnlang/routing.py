@@ -211,22 +211,28 @@ def select(route: Route, scores: np.ndarray, eligible: np.ndarray) -> np.ndarray
 
 def _select_rows(s: np.ndarray, e: np.ndarray, top: int | None, tau: float | None) -> np.ndarray:
     """Per row of ``s [..., M]``: the ``top`` best eligible entries, or the fewest best ones whose
-    softmax over the eligible entries reaches ``tau``; ties towards the lower index."""
-    s64 = s.astype(np.float64)
-    order = np.argsort(np.where(e, -s64, np.inf), axis=-1, kind="stable")
+    softmax over the eligible entries reaches ``tau``; ties towards the lower index.
+
+    The count needs only the sorted values (ties have equal values, so their order does not
+    change any cumulative sum); the selection is then every entry above the cut value plus the
+    lowest-index entries equal to it — the same as a stable sort, without index sorting.
+    """
+    z = np.where(e, s.astype(np.float64), -np.inf)
     n_el = e.sum(-1)
+    srt = -np.sort(-z, axis=-1)  # descending; ineligible entries (-inf) last
     if top is not None:
         count = np.minimum(top, n_el)
     else:
-        z = np.where(e, s64, -np.inf)
-        m = z.max(-1, keepdims=True)
-        p = np.exp(z - np.where(np.isfinite(m), m, 0.0))
-        p /= np.maximum(p.sum(-1, keepdims=True), np.finfo(np.float64).tiny)
-        c = np.cumsum(np.take_along_axis(p, order, -1), -1)
+        m = srt[..., :1]
+        m = np.where(np.isfinite(m), m, 0.0)
+        den = np.maximum(np.exp(z - m).sum(-1, keepdims=True), np.finfo(np.float64).tiny)
+        c = np.cumsum(np.exp(srt - m) / den, -1)
         count = np.minimum((c < tau).sum(-1) + 1, n_el)
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.broadcast_to(np.arange(s.shape[-1]), s.shape), -1)
-    return (rank < count[..., None]) & e
+    cut = np.take_along_axis(srt, np.maximum(count - 1, 0)[..., None], -1)
+    above = e & (z > cut)
+    tied = e & (z == cut)
+    room = (count - above.sum(-1))[..., None]
+    return (above | (tied & (np.cumsum(tied, -1) <= room))) & (count[..., None] > 0)
 
 
 def route_content(route: Route, layout: Layout, q: np.ndarray, k: np.ndarray, scale: float) -> dict:

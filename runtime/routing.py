@@ -98,8 +98,16 @@ def route_content(route: Route, layout: Layout, q: torch.Tensor, k: torch.Tensor
             perm_np = perm.cpu().numpy()
             elig = torch.from_numpy(eligibility_permuted(route, layout, perm_np)).to(dev)
             out[(route, "perm")], out[(route, "pos")] = perm_np, pos.cpu().numpy()
-        scores = torch.matmul(qmean, kmean.transpose(1, 2)) * scale
-        out[route] = select(route, scores, elig).cpu().numpy()
+        if dev.type == "cpu":
+            # Scores as the oracle computes them (einsum, not matmul: the last bits decide
+            # threshold cuts near 1), and numpy's sort of many short rows is faster here.
+            from attnlang.routing import select as np_select
+
+            scores = np.einsum("hgd,hbd->hgb", qmean.numpy(), kmean.numpy()).astype(np.float32) * np.float32(scale)
+            out[route] = np_select(route, scores, elig.numpy())
+        else:
+            scores = torch.matmul(qmean, kmean.transpose(1, 2)) * scale
+            out[route] = select(route, scores, elig).cpu().numpy()
     return out
 
 

@@ -53,6 +53,12 @@ def run(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
         from attnlang.runtime import pyramid
 
         return pyramid.run(call)
+    if call.pattern.reads_content:
+        from attnlang.runtime import routed
+
+        sp = routed.split(call.pattern) if routed.USE_FAST else None
+        if sp is not None:  # static part + routed key blocks (runtime/routed.py)
+            return routed.run(call, sp)
     out, lse = _TileAttention.apply(call.q, call.k, call.v, call)
     return out.to(call.q.dtype), lse
 

@@ -37,3 +37,38 @@ def test_window_among_eligibility():
     p = Pattern.create(route(16, top=1, among=causal & sliding(20), query_block=4), tokens=100)
     r = routes(p)[0]
     assert np.array_equal(eligibility(r, p.layout), _eligibility_dense(r, p.layout, block_ids(r, p.layout)[None])[0])
+
+
+def _select_rows_literal(s, e, top, tau):
+    """Selection by a stable argsort (the definition), for comparison."""
+    s64 = s.astype(np.float64)
+    order = np.argsort(np.where(e, -s64, np.inf), axis=-1, kind="stable")
+    n_el = e.sum(-1)
+    if top is not None:
+        count = np.minimum(top, n_el)
+    else:
+        z = np.where(e, s64, -np.inf)
+        m = z.max(-1, keepdims=True)
+        p = np.exp(z - np.where(np.isfinite(m), m, 0.0))
+        p /= np.maximum(p.sum(-1, keepdims=True), np.finfo(np.float64).tiny)
+        c = np.cumsum(np.take_along_axis(p, order, -1), -1)
+        count = np.minimum((c < tau).sum(-1) + 1, n_el)
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.broadcast_to(np.arange(s.shape[-1]), s.shape), -1)
+    return (rank < count[..., None]) & e
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 5), st.integers(1, 12), st.sampled_from([None, 1, 2, 5]),
+       st.sampled_from([1e-6, 0.3, 0.7, 0.999, 1.0]), st.booleans())
+def test_select_rows_equals_stable_argsort(seed, rows, m, top, tau, ties):
+    from attnlang.routing import _select_rows
+    from attnlang.runtime.routing import _select_rows as torch_select_rows
+
+    rng = np.random.default_rng(seed)
+    s = (rng.integers(0, 3, (rows, m)) if ties else rng.standard_normal((rows, m))).astype(np.float32)
+    e = rng.random((rows, m)) < 0.7
+    want = _select_rows_literal(s, e, top, None if top else tau)
+    assert np.array_equal(_select_rows(s, e, top, None if top else tau), want)
+    got = torch_select_rows(torch.from_numpy(s), torch.from_numpy(e), top, None if top else tau).numpy()
+    assert np.array_equal(got, want)

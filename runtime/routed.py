@@ -1,0 +1,627 @@
+"""Fast torch execution of ``route(...)`` patterns: a static part plus routed key blocks.
+
+A pattern ``E`` with one route term ``R`` that appears only positively (no ``~``/``-`` over it)
+splits exactly by Shannon expansion into two disjoint key sets per query:
+
+* ``base = E[R := none]`` — the *static* part (tiled once per pattern and cached);
+* ``extra = E[R := full] & ~base`` — the static constraint inside *selected* blocks.
+
+``E = base | (R & extra)``: a query sees ``base``, plus, in every key block its group selected,
+the keys ``extra`` allows there. MoBA: ``base = causal & block(S)``, ``extra = causal - block(S)``
+(full on every selectable block). BiFormer: ``base = none``, ``extra = full``.
+
+Work is dispatched by (query group, key block) pairs: the pairs ``base`` allows (static) and
+the selected pairs ``extra`` allows become rows of query tokens against that block's keys
+(gathered: permuted keys for PBS-Attn, boxes for 2-D/3-D blocks), bucketed by (head, block)
+into tiles so one fused attention call runs many tiles at once. Routed query groups of at least
+``GROUP_ROWS`` tokens instead run one tile per (head, group) against the concatenation of its
+selected blocks. The class of ``base``/``extra`` on every (group, block) pair is tabulated
+exactly once per pattern by the planner's tile rules; only pairs where it is partial (or keys
+are padding) get a mask. Work follows the selected pairs, not the tiles they touch. The
+pieces' ``(out, lse)`` are merged by log-sum-exp, which is exact: the key sets are disjoint.
+Gradients flow through the pieces and the merge to Q, K, V; the selection itself is not
+differentiated.
+
+>>> import torch, attnlang
+>>> fn = attnlang.compile("pattern p { tokens n[256]\\n attend moba(size = 32, top = 3) }", "p", backend="torch")
+>>> fn(*(torch.randn(1, 2, 256, 16) for _ in range(3))).shape
+torch.Size([1, 2, 256, 16])
+
+Patterns outside this form (several routes, a negated route, runtime inputs, per-head
+patterns, key blocks under ``MIN_BLOCK`` tokens, ``extra`` whose class the planner cannot
+tabulate) run on the generic per-call plan.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from attnlang.pattern import And, Empty, Env, Expr, Full, Layout, Not, Or, Pattern, Route, Same, Valid, and_, \
+    not_, or_
+from attnlang.routing import _tile_ids, block_ids, group_ids, routes
+from attnlang.runtime.call import Call
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+BLOCK_M = None  # query rows per tile (None: chosen per call from the selection)
+CHUNK_BYTES = 4 << 20  # fp32 scores per fused call (as the tile executor)
+MIN_BLOCK = 4  # smaller key blocks take the generic plan: a row per (query, key or two) is all overhead
+GROUP_ROWS = 16  # query groups of at least this many tokens run as tiles of their own (PBS, BiFormer)
+BIAS_CACHE_BYTES = 64 << 20  # the static part's chunk biases are kept when they take at most this
+USE_FAST = True  # tests switch this off to compare with the generic per-call plan
+
+
+@dataclass(frozen=True)
+class Split:
+    """``pattern = base | (route & extra)`` with static ``base`` / ``extra`` (module docstring)."""
+
+    route: Route
+    base: Expr  # static part (``none`` when everything is routed)
+    extra: Expr  # static constraint inside selected blocks
+    classes: np.ndarray = field(repr=False)  # int8 [groups, blocks]: ``extra`` on (group, block)
+    natural: np.ndarray = field(repr=False)  # int8 [groups, blocks]: ``extra``, natural (unpermuted) blocks
+    base_classes: np.ndarray = field(repr=False)  # int8 [groups, blocks]: ``base``, natural blocks
+    cache: dict = field(default_factory=dict, repr=False, compare=False)  # base tiles per tile size
+
+
+# --------------------------------------------------------------------------------------------
+# The split (static: once per pattern)
+# --------------------------------------------------------------------------------------------
+
+def _subst(e: Expr, r: Route, value: Expr) -> Expr:
+    """``e`` with route ``r`` replaced by ``value``, re-canonicalised."""
+    if e is r:
+        return value
+    if isinstance(e, And):
+        return and_(*(_subst(i, r, value) for i in e.items))
+    if isinstance(e, Or):
+        return or_(*(_subst(i, r, value) for i in e.items))
+    if isinstance(e, Not):
+        return not_(_subst(e.item, r, value))
+    return e
+
+
+def _polarities(e: Expr, r: Route, positive: bool = True) -> set[bool]:
+    if e is r:
+        return {positive}
+    if isinstance(e, Not):
+        return _polarities(e.item, r, not positive)
+    out: set[bool] = set()
+    for c in e.children():
+        out |= _polarities(c, r, positive)
+    return out
+
+
+@functools.lru_cache(maxsize=32)
+def split(pattern: Pattern) -> Split | None:
+    """The split of a routed pattern, or None when it has another form (generic path)."""
+    if not isinstance(pattern.attend, Expr) or pattern.inputs:
+        return None
+    rs = routes(pattern)
+    if len(rs) != 1 or _polarities(pattern.attend, rs[0]) != {True}:
+        return None
+    r = rs[0]
+    if math.prod(r.block) < MIN_BLOCK:
+        return None
+    base = _subst(pattern.attend, r, Empty())
+    extra = and_(_subst(pattern.attend, r, Full()), not_(base))
+    if any(isinstance(n, (Route, Same, Valid)) for e in (base, extra) for n in e.walk()):
+        return None
+    cls, base_cls = _classes(extra, r, pattern.layout), _classes(base, r, pattern.layout)
+    if cls is None or base_cls is None:
+        return None
+    natural = cls
+    if r.permute is not None:
+        cls = _permuted_classes(cls, r, pattern.n)
+    return Split(r, base, extra, cls, natural, base_cls)
+
+
+def _classes(extra: Expr, r: Route, layout: Layout) -> np.ndarray | None:
+    """Exact class of ``extra`` on every (query group, key block) from the planner's tile rules,
+    with groups and blocks as tiles (1-D, or boxes that nest); None otherwise."""
+    from attnlang.order import Ordering
+    from attnlang.planner import Ctx, plan_group
+
+    G, nb = r.groups(layout), r.blocks(layout)
+    if isinstance(extra, (Full, Empty)):
+        return np.full((G, nb), FULL if isinstance(extra, Full) else EMPTY, dtype=np.int8)
+    Bq, B = r.query_block, r.block
+    if layout.rank == 1:
+        o = Ordering.natural(layout)
+    elif all(b % a == 0 for a, b in zip(Bq, B)) or all(a % b == 0 for a, b in zip(Bq, B)):
+        o = Ordering.boxed(layout, Bq, B)
+    else:
+        return None
+    ctx = Ctx(layout, o, o.tiles("q", math.prod(Bq)), o.tiles("kv", math.prod(B)), {})
+    part, full, _ = plan_group(extra, ctx)
+    gid, bid = _tile_ids(ctx, "q", group_ids(r, layout)), _tile_ids(ctx, "kv", block_ids(r, layout))
+    if gid is None or bid is None:
+        return None
+    out = np.zeros((G, nb), dtype=np.int8)
+    for t, c in ((part, PARTIAL), (full, FULL)):
+        out[gid[np.repeat(np.arange(t.rows), t.counts())], bid[t.indices]] = c
+    return out
+
+
+def _permuted_classes(cls: np.ndarray, r: Route, n: int) -> np.ndarray:
+    """Classes on permuted blocks: a permuted block holds keys of the segments its positions
+    fall in (the tail stays in place), so it is FULL / EMPTY where every natural block of that
+    key range is, PARTIAL otherwise (then masked per element)."""
+    B, S = r.block[0], r.permute
+    whole = (n // S) * S
+    lo = np.arange(cls.shape[1]) * B
+    hi = np.minimum(lo + B, n) - 1
+    klo = np.where(lo < whole, lo // S * S, lo) // B
+    khi = np.where(hi < whole, hi // S * S + S - 1, hi) // B
+    count = (khi - klo + 1)[None]
+    cum = lambda m: np.concatenate([np.zeros((len(cls), 1), np.int64), np.cumsum(m, 1)], 1)  # noqa: E731
+    nf, ne = cum(cls == FULL), cum(cls == EMPTY)
+    full = nf[:, khi + 1] - nf[:, klo] == count
+    empty = ne[:, khi + 1] - ne[:, klo] == count
+    return np.where(full, FULL, np.where(empty, EMPTY, PARTIAL)).astype(np.int8)
+
+
+# --------------------------------------------------------------------------------------------
+# Tiles: (query group, key block) pairs as rows against the block's keys
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Tiles:
+    """Query rows against key blocks, one block per tile; rows and keys index flat tensors."""
+
+    block_m: int
+    q_rows: torch.Tensor  # int64 [T * BM]: flat query row (the zero row for padding)
+    k_rows: torch.Tensor  # int64 [T, BK]: flat key row (the zero row for padding)
+    mask_id: np.ndarray  # int64 [T]: row of ``allow`` for masked tiles, -1 for unmasked ones
+    allow: torch.Tensor  # bool [M, BM, BK]: allowed pairs of masked tiles
+    row_empty: torch.Tensor  # bool [T * BM]: rows whose mask allows no key
+    dest: torch.Tensor  # int64 [T * BM]: output row (b*Hq + h)*N + token; B*Hq*N for padding
+    chunk_bias: dict | None = None  # static tiles keep chunk biases (by mask ids, up to BIAS_CACHE_BYTES)
+
+    @property
+    def count(self) -> int:
+        return self.k_rows.shape[0]
+
+    @property
+    def block_k(self) -> int:
+        return self.k_rows.shape[1]
+
+    def chunks(self) -> list[tuple[int, int]]:
+        step = max(1, CHUNK_BYTES // (self.block_m * self.block_k * 4))
+        return [(c0, min(self.count, c0 + step)) for c0 in range(0, self.count, step)]
+
+    def key_rows(self, c0: int, c1: int) -> torch.Tensor:
+        return self.k_rows[c0:c1].reshape(-1)
+
+    def bias(self, c0: int, c1: int) -> torch.Tensor | None:
+        """Additive ``0 / -inf`` bias ``[1, c, BM, BK]`` of tiles ``c0..c1``, None when unmasked."""
+        ids = self.mask_id[c0:c1]
+        if (ids < 0).all():
+            return None
+        key = ids.tobytes()  # keyed by content: every head of the static part repeats its chunks
+        if self.chunk_bias is not None and key in self.chunk_bias:
+            return self.chunk_bias[key]
+        ok = self.allow.index_select(0, torch.from_numpy(np.maximum(ids, 0)).to(self.allow.device))
+        ok |= torch.from_numpy(ids < 0).to(ok.device)[:, None, None]
+        zero = torch.zeros((), device=ok.device)
+        bias = torch.where(ok, zero, zero - torch.inf).unsqueeze(0)
+        if self.chunk_bias is not None and (len(self.chunk_bias) + 1) * bias.numel() * 4 <= BIAS_CACHE_BYTES:
+            self.chunk_bias[key] = bias
+        return bias
+
+
+@dataclass
+class _Local:
+    """Tiles before placing them in a call: head-relative tokens (see :func:`_tile_pairs`)."""
+
+    block_m: int
+    head: np.ndarray  # int64 [T]
+    q_tok: np.ndarray  # int64 [T * BM]: query token, -1 padding
+    k_tok: np.ndarray  # int64 [T, BK]: key token, -1 padding
+    allow: np.ndarray  # bool [M, BM, BK]
+    mask_id: np.ndarray  # int64 [T]
+
+
+def _tokens_by(ids: np.ndarray, count: int) -> np.ndarray:
+    """``[count, max size]`` token lists of each id, padded with -1."""
+    order = np.argsort(ids, kind="stable")
+    size = np.bincount(ids, minlength=count)
+    start = np.concatenate([[0], np.cumsum(size)[:-1]])
+    out = np.full((count, max(int(size.max()), 1)), -1, dtype=np.int64)
+    out[ids[order], np.arange(len(ids)) - np.repeat(start, size)] = order
+    return out
+
+
+def _tile_rows(h: np.ndarray, blk: np.ndarray, rows: np.ndarray) -> int:
+    """Query rows per tile: big tiles share one gathered key block among more queries, but a
+    (head, block) bucket's last tile is padded; a power of two near half the mean bucket, 16..256."""
+    if not len(h):
+        return 16
+    per = np.bincount(h * (blk.max() + 1) + blk, weights=rows)
+    mean = per[per > 0].mean()
+    return int(min(256, max(16, 2 ** math.floor(math.log2(max(mean / 2, 1))))))
+
+
+def _tile_pairs(h, g, blk, part, gtok: np.ndarray, keys, expr: Expr, natural: np.ndarray, kblock: np.ndarray,
+                layout: Layout, bm: int) -> _Local:
+    """Selected (head, group, block) pairs -> tiles of query rows against one key block each.
+
+    Rows are bucketed by (head, block), full pairs before partial ones, and cut into tiles of
+    ``BM`` rows; ``keys(head [T], block [T])`` gives each tile's key tokens ``[T, BK]`` (-1
+    padding). Tiles with partial rows or padding keys get a mask: on partial rows, ``expr`` by
+    the class ``natural [group, natural block of the key]`` (``kblock``: each key's block),
+    evaluated per element only where that class is PARTIAL. Unmasked tiles come first, so most
+    chunks run without a bias.
+    """
+    o = np.lexsort((part, blk, h))
+    h, g, blk, part = h[o], g[o], blk[o], part[o]
+    tok = gtok[g]
+    ok = tok >= 0
+    rh, rblk, rpart, rg = (np.broadcast_to(x[:, None], tok.shape)[ok] for x in (h, blk, part, g))
+    rtok = tok[ok]
+    nb = int(blk.max()) + 1 if len(blk) else 1
+    bucket = rh * nb + rblk
+    starts = np.nonzero(np.concatenate([[True], bucket[1:] != bucket[:-1]]))[0] if len(bucket) else np.zeros(0, int)
+    size = np.diff(np.concatenate([starts, [len(bucket)]]))
+    ntiles = -(-size // bm)
+    rank = np.arange(len(bucket)) - np.repeat(starts, size)
+    tile = np.repeat(np.cumsum(ntiles) - ntiles, size) + rank // bm
+    T = int(ntiles.sum())
+    th, tb = np.repeat(rh[starts], ntiles), np.repeat(rblk[starts], ntiles)
+    kt = keys(th, tb)
+    q_tok = np.full((T, bm), -1, dtype=np.int64)
+    q_tok[tile, rank % bm] = rtok
+    rowpart = np.zeros((T, bm), dtype=bool)
+    rowpart[tile, rank % bm] = rpart
+    q_grp = np.zeros((T, bm), dtype=np.int64)
+    q_grp[tile, rank % bm] = rg
+    need = rowpart.any(1) | (kt < 0).any(1)
+    # Unmasked tiles first, then masked ones.
+    order = np.argsort(need, kind="stable")
+    th, kt, q_tok, rowpart, need, q_grp = th[order], kt[order], q_tok[order], rowpart[order], need[order], q_grp[order]
+    masked = np.nonzero(need)[0]
+    allow = np.broadcast_to((kt[masked] >= 0)[:, None, :], (len(masked), bm, kt.shape[1])).copy()
+    # Partial rows: the (group, natural key block) class decides most keys; `expr` runs on the
+    # rest, element by element.
+    # Classes are per (group, block), so they are looked up once per (tile, group) present.
+    env = Env(layout)
+    mi, row = np.nonzero(rowpart[masked])
+    G = natural.shape[0]
+    pair, inv = np.unique(mi * G + q_grp[masked[mi], row], return_inverse=True)
+    pm, pg = np.divmod(pair, G)
+    c = natural[pg[:, None], kblock[np.maximum(kt[masked[pm]], 0)]]  # [pairs, BK]
+    ok = (c == FULL)[inv]
+    ii, jj = np.nonzero((c == PARTIAL)[inv])
+    if len(ii):
+        k_ = np.maximum(kt[masked[mi[ii]], jj], 0)
+        ok[ii, jj] = expr.allowed(layout.points(q_tok[masked[mi[ii]], row[ii]]), layout.points(k_), env)
+    allow[mi, row] &= ok
+    mask_id = np.full(T, -1, dtype=np.int64)
+    mask_id[masked] = np.arange(len(masked))
+    return _Local(bm, th, q_tok.reshape(-1), kt, allow, mask_id)
+
+
+def _place(locs: list[tuple[_Local, int]], call: Call) -> Tiles:
+    """Put head-relative tiles of batch items into the call's flat rows (one tile size)."""
+    Hq, Hkv, N, B = call.heads, call.kv_heads, call.pattern.n, call.batch
+    dev = call.q.device
+    q_rows, k_rows, mask_id, allows = [], [], [], []
+    t0 = m0 = 0
+    for loc, b in locs:
+        bm = loc.block_m
+        hrow = np.repeat(loc.head, bm)
+        good = loc.q_tok >= 0
+        qr = np.where(good, (b * Hq + hrow) * N + loc.q_tok, B * Hq * N)
+        q_rows.append(qr)
+        kv = loc.head // (Hq // Hkv)
+        k_rows.append(np.where(loc.k_tok >= 0, (b * Hkv + kv[:, None]) * N + loc.k_tok, B * Hkv * N))
+        mask_id.append(np.where(loc.mask_id >= 0, loc.mask_id + m0, -1))
+        allows.append(loc.allow)
+        t0 += len(loc.head)
+        m0 += len(loc.allow)
+    allow = torch.from_numpy(np.concatenate(allows)).to(dev)
+    # A masked row with nothing allowed has lse = -inf (the fused op would say 0).
+    ids = np.concatenate(mask_id)
+    empty = torch.zeros((len(ids), locs[0][0].block_m), dtype=torch.bool, device=dev)
+    m = torch.from_numpy(ids >= 0).to(dev)
+    empty[m] = ~allow.any(-1).index_select(0, torch.from_numpy(ids[ids >= 0]).to(dev))
+    t = lambda xs: torch.from_numpy(np.concatenate(xs)).to(dev)  # noqa: E731
+    q = t(q_rows)  # the zero query row is also the merge's sink row
+    return Tiles(locs[0][0].block_m, q, t(k_rows), ids, allow, empty.reshape(-1), q)
+
+
+@dataclass
+class GroupTiles:
+    """Routed pairs by query group: one tile per (batch item, head, group), its rows the group's
+    tokens, its keys the concatenation of the group's selected blocks (tiles sorted by block
+    count, so a chunk pads little). Masks only where ``extra`` cuts a block or keys are padding."""
+
+    block_m: int
+    bk: int  # keys per block
+    q_rows: torch.Tensor  # int64 [T * BM]
+    k_rows: torch.Tensor  # int64 [T, kmax * bk]
+    kcount: np.ndarray  # int64 [T]: selected blocks per tile (sorted ascending)
+    k_sink: int  # flat key row of padding
+    slot_tile: np.ndarray  # int64 [P]: tile of each partial (group, block) pair
+    slot_idx: np.ndarray  # int64 [P]: its position among the tile's blocks
+    slot_allow: torch.Tensor  # bool [P, BM, bk]
+    row_empty: torch.Tensor  # bool [T * BM]
+    dest: torch.Tensor  # int64 [T * BM]
+
+    @property
+    def count(self) -> int:
+        return self.k_rows.shape[0]
+
+    def chunks(self) -> list[tuple[int, int]]:
+        out, c0 = [], 0
+        while c0 < self.count:
+            # Tiles are sorted by block count: the chunk's last tile is its widest.
+            c1 = c0 + 1
+            while c1 < self.count and (c1 + 1 - c0) * self.block_m * int(self.kcount[c1]) * self.bk * 4 <= CHUNK_BYTES:
+                c1 += 1
+            out.append((c0, c1))
+            c0 = c1
+        return out
+
+    def key_rows(self, c0: int, c1: int) -> torch.Tensor:
+        return self.k_rows[c0:c1, :int(self.kcount[c1 - 1]) * self.bk].reshape(-1)
+
+    def bias(self, c0: int, c1: int) -> torch.Tensor | None:
+        """``[1, c, BM, w * bk]``: -inf on padding blocks (tiles with fewer than ``w``) and the
+        masks of masked blocks; None when the chunk has neither. Only those blocks are written."""
+        w = int(self.kcount[c1 - 1])
+        lo, hi = np.searchsorted(self.slot_tile, [c0, c1])
+        short = self.kcount[c0:c1] < w
+        if lo == hi and not short.any():
+            return None
+        bias = torch.zeros((c1 - c0, self.block_m, w, self.bk), device=self.k_rows.device)
+        if short.any():
+            pt = np.repeat(np.arange(c1 - c0), w - self.kcount[c0:c1])
+            ps = np.concatenate([np.arange(k, w) for k in self.kcount[c0:c1]])
+            bias[torch.from_numpy(pt), :, torch.from_numpy(ps)] = float("-inf")
+        if hi > lo:
+            t = torch.from_numpy(self.slot_tile[lo:hi] - c0)
+            i = torch.from_numpy(self.slot_idx[lo:hi])
+            bias[t, :, i] = torch.where(self.slot_allow[lo:hi], 0.0, float("-inf"))
+        return bias.view(1, c1 - c0, self.block_m, w * self.bk)
+
+
+def _group_tiles(call: Call, sp: Split, pairs: list, gtok: np.ndarray, kblock: np.ndarray) -> GroupTiles:
+    """``pairs``: per batch item ``(b, h, g, blk, partial, keys)`` of kept selected pairs."""
+    lay, r = call.pattern.layout, sp.route
+    Hq, Hkv, N, B = call.heads, call.kv_heads, lay.n, call.batch
+    bk, bm, G = math.prod(r.block), gtok.shape[1], gtok.shape[0]
+    env = Env(lay)
+    per = []
+    for b, h, g, blk, part, keys in pairs:
+        o = np.lexsort((blk, g, h))
+        h, g, blk, part = h[o], g[o], blk[o], part[o]
+        run = h * G + g
+        starts = np.nonzero(np.concatenate([[True], run[1:] != run[:-1]]))[0]
+        kc = np.diff(np.concatenate([starts, [len(run)]]))
+        rank = np.arange(len(run)) - np.repeat(starts, kc)
+        tile = np.repeat(np.arange(len(starts)), kc)
+        kt = np.full((len(starts), int(kc.max()), bk), -1, dtype=np.int64)
+        kt[tile, rank] = keys(h, blk)
+        # Masked pairs (partial, or a ragged block with padding keys): the class per (group,
+        # natural block of each key), `expr` where that is partial.
+        pi = np.nonzero(part | (kt[tile, rank] < 0).any(-1))[0]
+        pk = kt[tile[pi], rank[pi]]  # [P, bk]
+        c = np.where(part[pi, None], sp.natural[g[pi][:, None], kblock[np.maximum(pk, 0)]], FULL)
+        c = np.where(pk >= 0, c, EMPTY)  # padding keys are never allowed
+        ok = np.broadcast_to((c == FULL)[:, None, :], (len(pi), bm, bk)).copy()
+        qt = gtok[g[pi]]  # [P, bm]
+        ii, jj = np.nonzero(c == PARTIAL)
+        if len(ii):
+            qq = np.maximum(qt[ii], 0)  # [E, bm]
+            ok[ii, :, jj] = np.broadcast_to(
+                sp.extra.allowed(lay.points(qq), lay.points(pk[ii, jj][:, None]), env), qq.shape)
+        per.append((b, h[starts], g[starts], kc, kt, tile[pi], rank[pi], ok))
+    # One ordering for all batch items: tiles by block count.
+    kmax = max(int(x[3].max()) for x in per)
+    tb_, th_, tg_, kc_, kt_, st_, si_, sa_ = [], [], [], [], [], [], [], []
+    t0 = 0
+    for b, th, tg, kc, kt, st, si, sa in per:
+        tb_.append(np.full(len(th), b))
+        th_.append(th)
+        tg_.append(tg)
+        kc_.append(kc)
+        kt_.append(np.pad(kt, ((0, 0), (0, kmax - kt.shape[1]), (0, 0)), constant_values=-1))
+        st_.append(st + t0)
+        si_.append(si)
+        sa_.append(sa)
+        t0 += len(th)
+    tb, th, tg, kc, kt = (np.concatenate(x) for x in (tb_, th_, tg_, kc_, kt_))
+    st, si, sa = np.concatenate(st_), np.concatenate(si_), np.concatenate(sa_)
+    order = np.argsort(kc, kind="stable")
+    new_of = np.empty_like(order)
+    new_of[order] = np.arange(len(order))
+    tb, th, tg, kc, kt = tb[order], th[order], tg[order], kc[order], kt[order]
+    st = new_of[st]
+    so = np.argsort(st, kind="stable")
+    st, si, sa = st[so], si[so], sa[so]
+    q_tok = gtok[tg]  # [T, bm]
+    qr = np.where(q_tok >= 0, (tb[:, None] * Hq + th[:, None]) * N + q_tok, B * Hq * N)
+    kv = th // (Hq // Hkv)
+    kr = np.where(kt >= 0, (tb[:, None, None] * Hkv + kv[:, None, None]) * N + kt, B * Hkv * N)
+    # A row sees nothing only if its tile has no full block and no partial block allows it.
+    full_blocks = kc - np.bincount(st, minlength=len(kc))
+    some = np.broadcast_to((full_blocks > 0)[:, None], q_tok.shape).copy()
+    np.logical_or.at(some, st, sa.any(-1))
+    dev = call.q.device
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)  # noqa: E731
+    q = t(qr.reshape(-1))
+    return GroupTiles(bm, bk, q, t(kr.reshape(len(kc), -1)), kc, B * Hkv * N, st, si, t(sa),
+                      t(~some.reshape(-1)), q)
+
+
+def _base_tiles(sp: Split, call: Call) -> _Local | None:
+    """The static part's tiles for one head (every head and call repeats them): cached."""
+    if "base" not in sp.cache:
+        r, lay = sp.route, call.pattern.layout
+        g, blk = np.nonzero(sp.base_classes)
+        part = sp.base_classes[g, blk] == PARTIAL
+        btok = _tokens_by(block_ids(r, lay), r.blocks(lay))
+        gtok = _tokens_by(group_ids(r, lay), r.groups(lay))
+        h = np.zeros(len(g), np.int64)
+        sp.cache["base"] = None if not len(g) else _tile_pairs(
+            h, g, blk, part, gtok, lambda th, tb: btok[tb], sp.base, sp.base_classes, block_ids(r, lay), lay,
+            BLOCK_M or _tile_rows(h, blk, (gtok[g] >= 0).sum(1)))
+    return sp.cache["base"]
+
+
+def tiles(call: Call, sp: Split) -> list[Tiles]:
+    """The call's tiles: the static part (cached, repeated per head) and, per batch item, every
+    selected (group, block) pair where ``extra`` allows something."""
+    r, lay = sp.route, call.pattern.layout
+    N, Hq = lay.n, call.heads
+    gtok = _tokens_by(group_ids(r, lay), r.groups(lay))
+    kblock = block_ids(r, lay)
+    btok = _tokens_by(kblock, r.blocks(lay))
+    bk = math.prod(r.block)
+    out = []
+    base = _base_tiles(sp, call)
+    key = ("tiles", call.batch, Hq, call.kv_heads, str(call.q.device))
+    if base is not None and key not in sp.cache:
+        # Every head repeats the one-head tiles and shares their masks; kept for later calls.
+        heads = _Local(base.block_m, np.repeat(np.arange(Hq), len(base.head)), np.tile(base.q_tok, Hq),
+                       np.tile(base.k_tok, (Hq, 1)), base.allow, np.tile(base.mask_id, Hq))
+        tl = _place([(heads, b) for b in range(call.batch)], call)
+        tl.chunk_bias = {}
+        sp.cache[key] = tl
+    if base is not None:
+        out.append(sp.cache[key])
+    routed, grouped, bm = [], [], None
+    for b in range(call.batch):
+        content = call.content(b)
+        h, g, blk = np.nonzero(content[r])
+        cls = sp.classes[g, blk]
+        keep = cls != EMPTY
+        if not keep.any():
+            continue
+        if r.permute is None:
+            keys = lambda th, tb: btok[tb]  # noqa: E731
+        else:
+            perm = content[(r, "perm")]
+
+            def keys(th, tb, perm=perm):
+                pos = tb[:, None] * bk + np.arange(bk)[None]
+                return np.where(pos < N, perm[th[:, None], np.minimum(pos, N - 1)], -1)
+        h, g, blk = h[keep], g[keep], blk[keep]
+        if gtok.shape[1] >= GROUP_ROWS:
+            grouped.append((b, h, g, blk, cls[keep] == PARTIAL, keys))
+            continue
+        bm = bm or BLOCK_M or _tile_rows(h, blk, (gtok[g] >= 0).sum(1))  # one tile size per call
+        routed.append((_tile_pairs(h, g, blk, cls[keep] == PARTIAL, gtok, keys, sp.extra, sp.natural, kblock,
+                                   lay, bm), b))
+    if routed:
+        out.append(_place(routed, call))
+    if grouped:
+        out.append(_group_tiles(call, sp, grouped, gtok, kblock))
+    if not out:  # nothing allowed anywhere: an empty set keeps the outputs connected for autograd
+        none = torch.zeros(0, dtype=torch.int64, device=call.q.device)
+        out.append(Tiles(16, none, none.view(0, bk), np.zeros(0, np.int64),
+                         torch.zeros((0, 16, bk), dtype=torch.bool, device=call.q.device),
+                         torch.zeros(0, dtype=torch.bool, device=call.q.device), none))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Execution
+# --------------------------------------------------------------------------------------------
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """``[B, H, N, D]`` -> fp32 ``[B*H*N + 1, D]`` (the last row is zero: padding reads it)."""
+    x = x.float().reshape(-1, x.shape[-1])
+    return torch.cat([x, x.new_zeros(1, x.shape[-1])])
+
+
+class _Routed(torch.autograd.Function):
+    """Rows x key block attention of several tile sets: ``(out [T*BM, D], lse [T*BM])`` per set."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, sets: list[Tiles], scale: float):
+        from attnlang.runtime.torch_exec import _chunk_forward
+
+        D = q.shape[-1]
+        qf, kf, vf = _flat(q), _flat(k), _flat(v)  # once for every set
+        results, raws = [], []
+        with torch.no_grad():
+            for tl in sets:
+                bm = tl.block_m
+                out = qf.new_empty((tl.count * bm, D))
+                raw = qf.new_empty(tl.count * bm)
+                for c0, c1 in tl.chunks():
+                    qg = qf.index_select(0, tl.q_rows[c0 * bm:c1 * bm]).view(1, c1 - c0, bm, D)
+                    idx = tl.key_rows(c0, c1)
+                    kg = kf.index_select(0, idx).view(1, c1 - c0, -1, D)
+                    vg = vf.index_select(0, idx).view(1, c1 - c0, -1, D)
+                    o, l = _chunk_forward(qg, kg, vg, tl.bias(c0, c1), scale)
+                    out[c0 * bm:c1 * bm] = o.reshape(-1, D)
+                    raw[c0 * bm:c1 * bm] = l.reshape(-1)
+                out[tl.row_empty] = 0.0
+                results += [out, raw.masked_fill(tl.row_empty, float("-inf"))]
+                raws.append(raw)
+        ctx.sets, ctx.scale = sets, scale
+        ctx.save_for_backward(q, k, v, *results[::2], *raws)
+        return tuple(results)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        from attnlang.runtime.torch_exec import _chunk_backward
+
+        q, k, v, *saved = ctx.saved_tensors
+        sets: list[Tiles] = ctx.sets
+        outs, raws = saved[:len(sets)], saved[len(sets):]
+        D = q.shape[-1]
+        qf, kf, vf = _flat(q), _flat(k), _flat(v)
+        dq, dk, dv = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
+        for i, tl in enumerate(sets):
+            bm, out, raw = tl.block_m, outs[i], raws[i]
+            dout, dlse = grads[2 * i], grads[2 * i + 1]
+            dout = torch.zeros_like(out) if dout is None else dout
+            dlse = torch.zeros_like(raw) if dlse is None else dlse.masked_fill(tl.row_empty, 0.0)
+            for c0, c1 in tl.chunks():
+                c, rs = c1 - c0, slice(c0 * bm, c1 * bm)
+                qi, idx = tl.q_rows[rs], tl.key_rows(c0, c1)
+                view = lambda x: x.reshape(1, c, -1, D)  # noqa: E731
+                dqc, dkc, dvc = _chunk_backward(view(dout[rs]), view(qf.index_select(0, qi)),
+                                                view(kf.index_select(0, idx)), view(vf.index_select(0, idx)),
+                                                view(out[rs]), raw[rs].view(1, c, bm), tl.bias(c0, c1), ctx.scale,
+                                                dlse[rs].view(1, c, bm))
+                dq.index_add_(0, qi, dqc.reshape(-1, D))
+                dk.index_add_(0, idx, dkc.reshape(-1, D))
+                dv.index_add_(0, idx, dvc.reshape(-1, D))
+        shape = lambda g, x: g[:-1].view(x.shape).to(x.dtype)  # noqa: E731
+        return shape(dq, q), shape(dk, k), shape(dv, v), None, None
+
+
+def run(call: Call, sp: Split) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [B, Hq, N, D] in q's dtype, lse [B, Hq, N] fp32)`` of a split routed pattern."""
+    B, Hq, N, D = call.q.shape
+    rows = B * Hq * N
+    sets = tiles(call, sp)
+    res = _Routed.apply(call.q, call.k, call.v, sets, call.scale)
+    parts = [(tl, res[2 * i], res[2 * i + 1]) for i, tl in enumerate(sets)]
+    # Exact log-sum-exp merge of disjoint key sets into rows + 1 (the last: padding rows' sink);
+    # the max only steadies the exponentials.
+    dev = call.q.device
+    m = torch.full((rows + 1,), float("-inf"), device=dev)
+    for tl, _, l in parts:
+        m.scatter_reduce_(0, tl.dest, l.detach(), "amax")
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    den = torch.zeros(rows + 1, device=dev)
+    num = torch.zeros((rows + 1, D), device=dev)
+    for tl, o, l in parts:
+        w = torch.exp(l - m.index_select(0, tl.dest))
+        den = den.index_add(0, tl.dest, w)
+        num = num.index_add(0, tl.dest, o * w[:, None])
+    den, num, m = den[:rows], num[:rows], m[:rows]
+    some = den > 0
+    safe = torch.where(some, den, torch.ones_like(den))
+    out = (num / safe[:, None]).view(B, Hq, N, D)
+    lse = torch.where(some, m + torch.log(safe), torch.full_like(m, float("-inf"))).view(B, Hq, N)
+    return out.to(call.q.dtype), lse
