@@ -9,7 +9,9 @@ For a plan and a hardware target it gives, as speedups over the dense kernel of 
    overhead, uneven work between query tiles and wave quantisation over the target's SMs
    (CTAs list-scheduled in launch order); never above ``tile_bound``;
 4. ``predicted``      -- the schedule plus the overheads the plan adds outside the tile loop:
-   token permutation passes and index-table reads (tabulated plans only).
+   token permutation passes, index-table reads (tabulated plans only) and, for patterns that
+   read Q/K (``route``/``pyramid``, LANGUAGE.md §6), the routing stage (pooling, block scores,
+   selection, key permutation, pooled key levels).
 
 >>> from attnlang import causal, sliding
 >>> r = simulate(causal & sliding(256), "h100", tokens=8192, heads=16)
@@ -53,7 +55,7 @@ class Direction:
     dense_s: float  # the dense kernel's time
     kernel_s: float  # the sparse kernel's scheduled time (no overheads)
     time_s: float  # kernel_s + overheads
-    overheads_s: Mapping[str, float]  # "permute", "index_tables"
+    overheads_s: Mapping[str, float]  # "permute", "index_tables", "routing"
     breakdown_s: Mapping[str, float]  # kernel_s split by COMPONENTS (sums to kernel_s)
     clamped: bool = False  # the schedule model beat the tile bound (wave luck) and was clamped
 
@@ -167,36 +169,68 @@ class Report:
 def simulate(spec: Any, target: "str | Target" = "h100", pattern: str | None = None, *,
              dtype: str | None = None, head_dim: int = 128, batch: int = 1, heads: int | None = None,
              inputs: Mapping[str, Any] | None = None, tokens: Any = None,
-             block_m: int | None = None, block_n: int | None = None, **params: Any) -> Report:
+             block_m: int | None = None, block_n: int | None = None,
+             content: Mapping[Any, np.ndarray] | None = None, **params: Any) -> Report:
     """Predict the speedup of a pattern over dense attention on ``target``.
 
     ``spec`` is anything :func:`attnlang.make_plan` takes (a file, source text, a Pattern, an
     expression with ``tokens=``), a :class:`~attnlang.Compiled`, or a ready :class:`Plan`.
     ``dtype`` defaults to bf16 on GPUs and fp32 on the CPU; ``heads`` to the pattern's own
-    ``heads`` line, else 8. ``**params`` override the pattern's parameters.
+    ``heads`` line, else 8. ``**params`` override the pattern's parameters. Patterns that read
+    Q/K (``route``, ``pyramid``) are planned for ``content`` (their routing decisions, see
+    :func:`attnlang.make_plan`), by default for seeded Gaussian Q/K (:func:`sample_content`).
 
     >>> simulate("pattern p { tokens n[4096]\\n attend full }", "a100").forward.schedule_bound
     1.0
     """
     tgt = load_target(target)
-    plan = _plan_of(spec, pattern, inputs, tokens, block_m, block_n, params)
-    return simulate_plan(plan, tgt, dtype=dtype, head_dim=head_dim, batch=batch, heads=heads, inputs=inputs)
+    plan, content = _plan_of(spec, pattern, inputs, tokens, block_m, block_n, params, content, heads, head_dim)
+    return simulate_plan(plan, tgt, dtype=dtype, head_dim=head_dim, batch=batch, heads=heads, inputs=inputs,
+                         content=content)
 
 
-def _plan_of(spec, pattern, inputs, tokens, block_m, block_n, params) -> Plan:
-    from attnlang.api import Compiled, make_plan
+def _plan_of(spec, pattern, inputs, tokens, block_m, block_n, params, content, heads, head_dim):
+    """``(plan, content)``: the plan to simulate and the routing content it was made with."""
+    from attnlang.api import Compiled, make_plan, resolve
 
     if isinstance(spec, Plan):
-        return spec
-    if isinstance(spec, Compiled):
-        return spec.plan(inputs=inputs)
-    return make_plan(spec, pattern, inputs=inputs, tokens=tokens, block_m=block_m, block_n=block_n, **params)
+        return spec, content
+    p = spec.pattern if isinstance(spec, Compiled) else resolve(spec, pattern, tokens=tokens, **params)
+    if p.reads_content and content is None:
+        content = sample_content(p, heads or p.heads or 8, head_dim)
+    if isinstance(spec, Compiled) and not p.reads_content:
+        return spec.plan(inputs=inputs), content
+    return make_plan(p, inputs=inputs, block_m=block_m, block_n=block_n, content=content), content
+
+
+def sample_content(pattern: Any, heads: int, head_dim: int = 128, seed: int = 0) -> dict | None:
+    """Routing decisions of a pattern that reads Q/K, for seeded Gaussian Q/K of ``heads`` heads
+    (what the simulator plans with when it is given no content); None for static patterns.
+
+    >>> from attnlang.pattern import Pattern, route
+    >>> c = sample_content(Pattern.create(route(64, top=2), 256), heads=2, head_dim=16)
+    >>> [v.shape for v in c.values()]
+    [(2, 256, 4)]
+    """
+    from attnlang.pattern import Pyramid
+
+    if not pattern.reads_content:
+        return None
+    rng = np.random.default_rng(seed)
+    q, k = (rng.standard_normal((heads, pattern.n, head_dim), dtype=np.float32) for _ in range(2))
+    if isinstance(pattern.attend, Pyramid):
+        from attnlang.pyramid import pattern_content
+    else:
+        from attnlang.routing import pattern_content
+    return pattern_content(pattern, q, k)
 
 
 def simulate_plan(plan: Plan, target: "str | Target" = "h100", *, dtype: str | None = None,
                   head_dim: int = 128, batch: int = 1, heads: int | None = None,
-                  inputs: Mapping[str, Any] | None = None) -> Report:
-    """The model itself, for a given plan (see the module docstring)."""
+                  inputs: Mapping[str, Any] | None = None,
+                  content: Mapping[Any, np.ndarray] | None = None) -> Report:
+    """The model itself, for a given plan (see the module docstring); ``content`` is the routing
+    content the plan was made with (pattern that read Q/K only; used to count allowed pairs)."""
     tgt = load_target(target)
     dtype = dtype or ("bf16" if tgt.kind == "gpu" else "fp32")
     if dtype not in DTYPE_BYTES:
@@ -210,8 +244,11 @@ def simulate_plan(plan: Plan, target: "str | Target" = "h100", *, dtype: str | N
     if p.heads is not None and heads != p.heads:
         raise AttnError(f"pattern '{p.name}' declares heads {p.heads}; got heads = {heads}")
 
+    if p.reads_content and len(plan.groups) < heads:
+        raise AttnError(f"the plan of '{p.name}' was routed for {len(plan.groups)} head(s) but heads = {heads}",
+                        hint="plan it with content for every head (simulate(...) does this itself)")
     head_groups = [plan.group_for_head(h) for h in range(heads)]
-    per_group = {id(g): _count_pairs(plan, g, inputs) for g in head_groups}
+    per_group = {id(g): _count_pairs(plan, g, inputs, content) for g in head_groups}
     pairs = sum(per_group[id(g)] for g in head_groups)
     dense_tiles = -(-p.n // plan.block_m) * -(-p.n // plan.block_n) * heads
     full = sum(g.full.nnz for g in head_groups)
@@ -222,6 +259,9 @@ def simulate_plan(plan: Plan, target: "str | Target" = "h100", *, dtype: str | N
     analytic = all(g.analytic is not None for g in head_groups)
 
     notes = list(plan.notes)
+    if p.reads_content:
+        notes.append("routing decisions depend on Q/K: simulated for the content this plan was made "
+                     "with (seeded Gaussian Q/K unless given); the routing stage is the 'routing' overhead")
     directions = {}
     for direction in ("forward", "backward"):
         costs = getattr(tgt, direction)
@@ -334,7 +374,10 @@ def _direction(plan, tgt, costs, tile_s, direction, heads, batch, dtype, head_di
     comp = {k: v / tgt.units for k, v in comp.items()}
     comp["idle"] = max(kernel_s - busy / tgt.units, 0.0)
     overheads = {"permute": _permute_seconds(plan, tgt, dtype, head_dim, batch, heads),
-                 "index_tables": with_idx_s - kernel_s}
+                 "index_tables": with_idx_s - kernel_s,
+                 # Selection is not differentiated: the backward reuses the forward's decisions.
+                 "routing": _routing_seconds(plan.pattern, tgt, dtype, head_dim, batch, heads)
+                 if direction == "forward" else 0.0}
     time_s = kernel_s + sum(overheads.values())
     schedule = _ratio(dense_s, kernel_s)
     clamped = schedule > tile_bound
@@ -370,13 +413,61 @@ def _permute_seconds(plan: Plan, tgt: Target, dtype: str, head_dim: int, batch: 
     return nbytes / (tgt.bandwidth_gbs * 1e9)
 
 
-def _count_pairs(plan: Plan, group, inputs: Mapping[str, Any] | None) -> int:
+def _routing_seconds(p, tgt: Target, dtype: str, head_dim: int, batch: int, heads: int) -> float:
+    """The routing stage of a pattern that reads Q/K (LANGUAGE.md §6), per call, forward only.
+
+    Per batch item and query head: pooling reads Q and K once (``2 N D`` elements); the block
+    scores are ``groups x blocks`` dot products of length ``D`` (``2 G nb D`` FLOPs); selection
+    sorts every group's scores (``G nb log2 nb`` fp32 reads). ``permute_keys`` (PBS-Attn) adds
+    the importance scores of the last query block against every key (``2 B N D`` FLOPs) and a
+    gather of K and V into the permuted order; a pyramid adds one pooled copy of K and V per
+    level above 1. Bytes go at the profile's bandwidth, FLOPs at its dense forward rate.
+    """
+    if not p.reads_content:
+        return 0.0
+    from attnlang.pattern import Pyramid
+
+    n, D, eb = p.n, head_dim, DTYPE_BYTES[dtype]
+    rate = tgt.peak(dtype) * tgt.forward.efficiency
+    bw = tgt.bandwidth_gbs * 1e9
+    nbytes = flops = 0.0
+    if isinstance(p.attend, Pyramid):
+        from attnlang.pyramid import box_ids
+
+        stages = [(box_ids(p.layout, p.attend.query_block)[1], box_ids(p.layout, p.attend.block)[1], None)]
+        # Pooled K and V per level l > 1: read both, write 1/l of them.
+        nbytes += sum(2 * n * D * eb * (1 + 1 / lv) for lv in set(p.attend.levels) if lv > 1)
+    else:
+        from attnlang.routing import routes
+
+        stages = [(r.groups(p.layout), r.blocks(p.layout), r) for r in routes(p)]
+    for groups, blocks, r in stages:
+        nbytes += 2 * n * D * eb + 4 * groups * blocks * max(1.0, math.log2(max(blocks, 2)))
+        flops += 2 * groups * blocks * D
+        if r is not None and r.permute is not None:
+            flops += 2 * min(r.block[0], n) * n * D
+            nbytes += 2 * 2 * n * D * eb  # K and V gathered into the permuted order
+    return batch * heads * (nbytes / bw + flops / rate)
+
+
+def _count_pairs(plan: Plan, group, inputs: Mapping[str, Any] | None,
+                 content: Mapping[Any, np.ndarray] | None = None) -> int:
     """Allowed pairs of one head group: from the plan when it knows, else from a closed form,
-    else full-tile areas plus the predicate evaluated on partial tiles only (O(visited work))."""
+    else full-tile areas plus the predicate evaluated on partial tiles only (O(visited work)).
+    A pyramid counts (query, pooled key) pairs from its level table: a key block seen at level
+    ``l`` is ``|block| / l`` keys (the work the pooled keys cost)."""
     if plan.allowed_pairs is not None:
         return int(plan.allowed_pairs[plan.groups.index(group)])
     p = plan.pattern
-    if not p.inputs:
+    if plan.levels is not None:
+        from attnlang.pyramid import box_ids
+
+        qsize = np.bincount(box_ids(p.layout, p.attend.query_block)[0])
+        ksize = np.bincount(box_ids(p.layout, p.attend.block)[0])
+        lv = np.asarray(plan.levels[group.lo], dtype=np.float64)
+        per = np.divide(1.0, lv, out=np.zeros_like(lv), where=lv > 0)
+        return int(round(float(qsize @ per @ ksize)))
+    if not p.inputs and not p.reads_content:
         from attnlang.closed_form import derive
 
         cf = derive(p, group.lo)
@@ -385,7 +476,7 @@ def _count_pairs(plan: Plan, group, inputs: Mapping[str, Any] | None) -> int:
     order = np.arange(plan.n) if plan.order is None else np.asarray(plan.order)
     qpos, kpos = _pad(order, plan.q_tiles * plan.block_m), _pad(order, plan.kv_tiles * plan.block_n)
     expr = p.expr_for_head(group.lo)
-    env = Env(p.layout, {k: np.asarray(v) for k, v in (inputs or {}).items()}, group.lo)
+    env = Env(p.layout, {k: np.asarray(v) for k, v in (inputs or {}).items()}, group.lo, content or {})
     total = group.full.nnz * plan.block_m * plan.block_n
     rows = np.repeat(np.arange(group.partial.rows), group.partial.counts())
     cols = group.partial.indices.astype(np.int64)
@@ -507,5 +598,5 @@ def _share(part: float, total: float) -> str:
     return f"{100 * part / total:.1f}%" if total else "-"
 
 
-__all__ = ["COMPONENTS", "Direction", "PassWork", "pass_work", "Report", "SCHEMA", "SweepPoint", "parse_sweep", "simulate",
-           "simulate_plan", "sweep"]
+__all__ = ["COMPONENTS", "Direction", "PassWork", "pass_work", "Report", "SCHEMA", "SweepPoint", "parse_sweep",
+           "sample_content", "simulate", "simulate_plan", "sweep"]

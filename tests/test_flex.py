@@ -52,3 +52,26 @@ def test_flex_refuses_gradients_on_cpu_with_a_clear_error():
         fn(q, q, q)
     with torch.no_grad():
         assert fn(q, q, q).shape == (1, 1, 32, 8)
+
+
+def test_flex_reuses_the_block_mask_of_a_static_plan(monkeypatch):
+    import attnlang.runtime.flex as flex
+
+    built = []
+    real = flex.block_mask
+    monkeypatch.setattr(flex, "block_mask", lambda *a, **kw: built.append(1) or real(*a, **kw))
+    fn = attnlang.compile(causal & sliding(8), tokens=64, backend="flex")
+    q, k, v = (torch.randn(1, 2, 64, 8) for _ in range(3))
+    with torch.no_grad():
+        first, second = fn(q, k, v), fn(q, k, v)
+    assert len(built) == 1
+    torch.testing.assert_close(first, second)
+    ref = attnlang.compile(causal & sliding(8), tokens=64, backend="reference")(q, k, v)
+    torch.testing.assert_close(second, ref, atol=1e-5, rtol=1e-5)
+    # Runtime inputs give a fresh plan (and mask) per call: never served from the cache.
+    p = attnlang.Pattern.create(causal & same("doc"), 64, inputs={"doc": "ids"})
+    fd = attnlang.compile(p, backend="flex")
+    ref = attnlang.compile(p, backend="reference")
+    with torch.no_grad():
+        for doc in (torch.tensor([0] * 20 + [1] * 44), torch.tensor([0] * 50 + [1] * 14)):
+            torch.testing.assert_close(fd(q, k, v, doc=doc), ref(q, k, v, doc=doc), atol=1e-5, rtol=1e-5)

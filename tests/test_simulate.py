@@ -13,7 +13,7 @@ import attnlang
 from attnlang.errors import AttnError
 from attnlang.pattern import Pattern, and_, block, causal, full, sliding
 from attnlang.plan import Plan
-from attnlang.simulate import COMPONENTS, SCHEMA, parse_sweep, simulate
+from attnlang.simulate import COMPONENTS, SCHEMA, parse_sweep, simulate, simulate_plan
 from attnlang.targets import known_targets, load_target, target_from_dict
 from strategies import exprs, patterns
 
@@ -119,7 +119,7 @@ def test_json_schema():
         for key in ("flop_bound", "tile_bound", "schedule_bound", "predicted", "dense_s", "kernel_s", "time_s"):
             assert isinstance(sec[key], float), (d, key)
         assert set(sec["breakdown_s"]) == set(COMPONENTS)
-        assert set(sec["overheads_s"]) == {"permute", "index_tables"}
+        assert set(sec["overheads_s"]) == {"permute", "index_tables", "routing"}
         assert set(sec["gaps"]) == {"tile granularity", "schedule", "overheads"}
     assert doc["closed_form"]["pairs"] == "(2*N - r)*(r + 1)/2"
     empty = json.loads(simulate(attnlang.none, "h100", tokens=256).to_json())
@@ -231,3 +231,64 @@ def test_cli_errors(capsys):
     assert rc == 1 and "empty" in err
     rc, out, err = run_main(capsys, swa, "--sweep", "N=1k..x")
     assert rc == 1 and "not a size" in err
+
+
+# --------------------------------------------------------------------------------------------
+# Patterns that read Q/K: the routing overhead
+# --------------------------------------------------------------------------------------------
+
+def test_routing_overhead_for_route_and_pyramid():
+    from attnlang.pattern import pyramid, route
+
+    n, D, H = 1024, 64, 2
+    r = simulate(Pattern.create(route(128, top=2, query_block=128), n, name="m"), "h100", head_dim=D, heads=H)
+    assert r.forward.overheads_s["routing"] > 0 and r.backward.overheads_s["routing"] == 0
+    assert any("seeded Gaussian" in note for note in r.notes)
+    # The term is what its docstring says: pooling bytes + selection bytes + score FLOPs, per head.
+    t = load_target("h100")
+    G = nb = n // 128
+    nbytes = 2 * n * D * 2 + 4 * G * nb * math.log2(nb)
+    flops = 2 * G * nb * D
+    want = H * (nbytes / (t.bandwidth_gbs * 1e9) + flops / (t.peak("bf16") * t.forward.efficiency))
+    assert r.forward.overheads_s["routing"] == pytest.approx(want)
+    assert r.forward.predicted < r.forward.schedule_bound
+    # Static patterns pay none; a pyramid pays for its pooled key levels on top.
+    assert simulate(causal, "h100", tokens=n).forward.overheads_s["routing"] == 0
+    py = simulate(Pattern.create(pyramid(128, 128, keep=[0.25, 0.25, 0.25, 0.25]), n, name="p"), "cpu",
+                  head_dim=D, heads=H)
+    assert py.forward.overheads_s["routing"] > 0
+    assert 0 < py.allowed_pairs <= H * n * n
+    assert set(json.loads(r.to_json())["forward"]["overheads_s"]) == {"permute", "index_tables", "routing"}
+
+
+def test_routed_pairs_match_the_mask_for_the_sampled_content():
+    from attnlang.pattern import route
+    from attnlang.simulate import sample_content
+
+    p = Pattern.create(causal & route(64, top=2, query_block=64), 256, name="m")
+    content = sample_content(p, heads=2, head_dim=16)
+    r = simulate(p, "h100", heads=2, head_dim=16, content=content)
+    assert r.allowed_pairs == int(p.mask(heads=2, content=content).sum())
+    with pytest.raises(AttnError, match="routed for 1 head"):
+        simulate_plan(attnlang.make_plan(p, content=sample_content(p, heads=1)), "h100", heads=2)
+
+
+def test_calibration_fit_recovers_costs_and_refuses_nonsense():
+    import numpy as np
+
+    from attnlang.commands.calibrate import _check_fit, fit_costs
+
+    feats = np.array([[32, 1024, 0], [32, 256, 0], [32, 64, 0], [32, 544, 544], [32, 200, 150]], float)
+    x = np.array([1e-4, 2e-4, 1e-4])
+    times = feats @ x
+    fit = fit_costs(feats, times)
+    assert fit == pytest.approx(x, rel=1e-6)
+    names = ["full", "b4", "b16", "causal", "window"]
+    _check_fit({"forward": fit}, {"forward": feats.tolist()}, {"forward": times.tolist()}, names)
+    noisy = times.copy()
+    noisy[1] *= 3  # a sparse pattern measured 3x slower: a busy machine
+    bad = fit_costs(feats, noisy)
+    with pytest.raises(AttnError, match="calibration failed.*miss b4"):
+        _check_fit({"forward": bad, "backward": bad}, {"forward": feats.tolist(), "backward": feats.tolist()},
+                   {"forward": noisy.tolist(), "backward": noisy.tolist()}, names)
+

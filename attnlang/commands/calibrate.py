@@ -3,13 +3,15 @@
     $ attnlang calibrate --target cpu
     wrote ~/.config/attnlang/targets/cpu.json (fp32 0.061 TFLOP/s per tile slot, ...)
 
-Runs the CPU ``torch`` backend (torch is imported only here) on the dense pattern and on two
-sparse ones at one size, and fits the simulator's per-direction costs to the times:
+Runs the CPU ``torch`` backend (torch is imported only here) on the dense pattern and on four
+sparse ones at one size (timed round-robin, medians of ``--repeat``), and fits the simulator's
+per-direction costs to the times by non-negative least squares:
 
     time = CTAs * cta_overhead + slots * t_tile + masked slots * t_tile * mask_cost
 
 with the slot counts the simulator itself derives from each plan (:func:`attnlang.simulate.pass_work`),
-so a calibrated profile predicts exactly what it measured and extrapolates from there. The
+so a calibrated profile predicts what it measured and extrapolates from there. A fit that
+misses any measurement by more than 35% is refused with the measurements in the error. The
 profile goes to the user profile directory (``attnlang.targets.user_dir()``), where
 :func:`attnlang.simulate` prefers it over the packaged one, or to ``-o FILE``.
 """
@@ -21,6 +23,7 @@ import itertools
 import json
 import pathlib
 import statistics
+import sys
 import time
 from typing import Any, Callable
 
@@ -39,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heads", type=int, default=8, metavar="H", help="heads (default 8)")
     p.add_argument("--head-dim", type=int, default=64, metavar="D", help="head dimension (default 64)")
     p.add_argument("--repeat", type=int, default=3, metavar="R", help="timed runs per pattern (median; default 3)")
+    p.add_argument("--threads", type=int, metavar="T",
+                   help="torch threads to measure with (default: torch's; the profile is for that many)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,9 +57,16 @@ def run(args: argparse.Namespace) -> int:
                     ("--repeat", args.repeat)):
         if v < 1:
             raise AttnError(f"{flag} {v} must be a positive integer")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise AttnError(f"--threads {args.threads} must be a positive integer")
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.n < 256:
         raise AttnError(f"--n {args.n} is too small to time reliably", hint="use --n 1024 or more")
-    doc = calibrate_cpu(args.n, args.heads, args.head_dim, args.repeat)
+    doc = calibrate_cpu(args.n, args.heads, args.head_dim, args.repeat,
+                        progress=lambda name: print(f"measuring {name} ...", file=sys.stderr))
     out = pathlib.Path(args.output) if args.output else user_dir() / "cpu.json"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -68,114 +80,159 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-# The measured patterns: dense (the baseline), a block-diagonal one (full tiles only, fewer per
-# row: separates per-tile from per-query-tile cost) and a causal window (partial tiles: mask cost).
+# The measured patterns, each exercising a different term of the model: dense (every slot full,
+# many per query tile), blocks of two sizes (full tiles only, fewer per query tile: separates
+# per-tile from per-query-tile cost), causal (ragged rows: padding and whole-row masks) and a
+# causal window (partial tiles on every row: the mask cost). Five measurements, three unknowns.
 def calibration_patterns(n: int) -> dict[str, Any]:
     from attnlang.pattern import Pattern, block, causal, full, sliding
 
     return {"full": Pattern.create(full, n, name="full"),
-            "block": Pattern.create(block(max(n // 4, 1)), n, name="block"),
-            "causal_window": Pattern.create(causal & sliding(max(n // 8, 1)), n, name="causal_window")}
+            "block(N/4)": Pattern.create(block(max(n // 4, 1)), n, name="block4"),
+            "block(N/16)": Pattern.create(block(max(n // 16, 1)), n, name="block16"),
+            "causal": Pattern.create(causal, n, name="causal"),
+            "causal & sliding(N/8)": Pattern.create(causal & sliding(max(n // 8, 1)), n, name="causal_window")}
 
 
-def time_backend(pattern, heads: int, head_dim: int, repeat: int, backend: str = "torch") -> tuple[float, float]:
-    """Median ``(forward seconds, backward seconds)`` of one backend on random fp32 inputs."""
+def time_patterns(patterns: dict[str, Any], heads: int, head_dim: int, repeat: int,
+                  inputs: dict[str, dict] | None = None, backend: str = "torch",
+                  progress: Callable[[str], None] | None = None) -> dict[str, tuple[float, float]]:
+    """Median ``(forward seconds, backward seconds)`` per pattern on random fp32 inputs.
+
+    The timed runs go round-robin over the patterns (one warm-up each first), so a load spike on
+    a shared machine hits every pattern alike instead of one; the backward is timed on its own
+    (after an untimed forward), not as a difference of two noisy totals.
+    """
     import torch
 
     import attnlang
 
-    fn = attnlang.compile(pattern, backend=backend)
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, heads, pattern.n, head_dim, generator=g, requires_grad=True) for _ in range(3))
+    runs = {}
+    for name, pattern in patterns.items():
+        fn = attnlang.compile(pattern, backend=backend)
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, heads, pattern.n, head_dim, generator=g, requires_grad=True) for _ in range(3))
+        kw = {key: torch.as_tensor(np.asarray(x)) for key, x in ((inputs or {}).get(name) or {}).items()}
+        runs[name] = (fn, q, k, v, kw)
+    times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in patterns}
 
-    def fwd() -> Any:
-        return fn(q, k, v)
-
-    def both() -> None:
-        fwd().sum().backward()
-
-    f = _median(fwd, repeat)
-    b = _median(both, repeat)
-    return f, max(b - f, 0.0)
-
-
-def _median(fn: Callable[[], Any], repeat: int) -> float:
-    fn()  # warm-up: plans, schedules and caches
-    times = []
-    for _ in range(repeat):
+    def once(name: str) -> tuple[float, float]:
+        fn, q, k, v, kw = runs[name]
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            fn(q, k, v, **kw)
+            f = time.perf_counter() - t0
+        out = fn(q, k, v, **kw).sum()
         t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        out.backward()
+        return f, time.perf_counter() - t0
+
+    for name in patterns:  # warm-up: plans, schedules, caches
+        if progress:
+            progress(name)
+        once(name)
+    for _ in range(repeat):
+        for name in patterns:
+            f, b = once(name)
+            times[name][0].append(f)
+            times[name][1].append(b)
+    return {name: (statistics.median(fs), statistics.median(bs)) for name, (fs, bs) in times.items()}
+
+
+def time_backend(pattern, heads: int, head_dim: int, repeat: int, backend: str = "torch") -> tuple[float, float]:
+    """Median ``(forward seconds, backward seconds)`` of one backend on random fp32 inputs."""
+    return time_patterns({"p": pattern}, heads, head_dim, repeat, backend=backend)["p"]
 
 
 def _bandwidth_gbs() -> float:
     import torch
 
     x = torch.empty(1 << 24, dtype=torch.float32).uniform_()
-    t = _median(lambda: x.clone(), 3)
+    x.clone()  # warm-up: first-touch page faults
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x.clone()
+        times.append(time.perf_counter() - t0)
+    t = statistics.median(times)
     return 2 * x.numel() * 4 / t / 1e9
 
 
 def fit_costs(features: np.ndarray, times: np.ndarray) -> np.ndarray:
-    """Non-negative least squares by enumerating the active set (3 unknowns: tiny).
+    """Non-negative least squares on *relative* errors, by enumerating the active set (3 unknowns).
 
     ``features [m, 3]`` = (CTAs, slots, masked slots) per measurement; returns
-    ``(cta seconds, slot seconds, mask seconds per masked slot)``.
+    ``(cta seconds, slot seconds, mask seconds per masked slot)``. Each row is divided by its
+    measured time, so a 20 ms pattern counts as much as a 2 s one.
     """
+    w = 1.0 / np.maximum(times, 1e-12)
+    a, y = features * w[:, None], times * w
     best, best_err = np.zeros(features.shape[1]), float("inf")
     for k in range(1, features.shape[1] + 1):
         for cols in itertools.combinations(range(features.shape[1]), k):
-            sol, *_ = np.linalg.lstsq(features[:, cols], times, rcond=None)
+            sol, *_ = np.linalg.lstsq(a[:, cols], y, rcond=None)
             if (sol < 0).any():
                 continue
             x = np.zeros(features.shape[1])
             x[list(cols)] = sol
-            err = float(np.sum((features @ x - times) ** 2))
+            err = float(np.sum((a @ x - y) ** 2))
             # Prefer the fit with the slot cost (the model's core) when errors tie.
-            if err < best_err - 1e-18 or (abs(err - best_err) <= 1e-18 and x[1] > 0 >= best[1]):
+            if err < best_err - 1e-12 or (abs(err - best_err) <= 1e-12 and x[1] > 0 >= best[1]):
                 best, best_err = x, err
     return best
 
 
-def calibrate_cpu(n: int = 2048, heads: int = 8, head_dim: int = 64, repeat: int = 3) -> dict[str, Any]:
-    """Measure the torch backend here and return a ``cpu`` profile document."""
+MAX_RESIDUAL = 0.35  # largest relative misfit of one calibration measurement that is accepted
+
+
+def features(plan, target, direction: str, heads: int) -> list[float]:
+    """``(CTAs, tile slots, masked slots)`` of one plan and direction, as the simulator counts them
+    (:func:`attnlang.simulate.pass_work`), with backward passes weighted by their share."""
+    from attnlang.simulate import pass_work
+
+    ws = pass_work(plan, target, direction, heads)
+    return [sum(len(w.full) for w in ws),
+            sum(float((w.full + w.partial + w.padding).sum()) * w.share for w in ws),
+            sum(float(w.masked.sum()) * w.share for w in ws)]
+
+
+def calibrate_cpu(n: int = 2048, heads: int = 8, head_dim: int = 64, repeat: int = 3,
+                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Measure the torch backend here and return a ``cpu`` profile document.
+
+    Raises AttnError (with the measurements) when they do not fit the model: a per-slot cost
+    that is not positive, or a measurement that the fitted costs miss by more than
+    ``MAX_RESIDUAL`` — what a busy machine produces.
+    """
     try:
         import torch
     except ImportError:
         raise AttnError("calibrating the cpu target needs torch", hint="pip install torch") from None
     from attnlang.api import make_plan
     from attnlang.runtime import BACKENDS
-    from attnlang.simulate import pass_work
     from attnlang.targets import load_target
 
     if "torch" not in BACKENDS:
         raise AttnError("calibration needs the 'torch' backend, which this installation lacks",
                         hint=f"available backends: {', '.join(BACKENDS)}")
     base = load_target(pathlib.Path(__file__).parent.parent / "targets" / "cpu.json")
+    patterns = calibration_patterns(n)
+    measured = time_patterns(patterns, heads, head_dim, repeat, progress=progress)
     measurements, feats = [], {"forward": [], "backward": []}
     times = {"forward": [], "backward": []}
     bm = bn = None
-    for name, pattern in calibration_patterns(n).items():
+    for name, pattern in patterns.items():
         plan = make_plan(pattern)
         bm, bn = plan.block_m, plan.block_n
-        f, b = time_backend(pattern, heads, head_dim, repeat)
-        measurements.append({"pattern": pattern.attend.to_attn(), "forward_s": f, "backward_s": b,
-                             "block_m": bm, "block_n": bn})
+        f, b = measured[name]
+        measurements.append({"pattern": name, "forward_s": f, "backward_s": b, "block_m": bm, "block_n": bn})
         for direction, t in (("forward", f), ("backward", b)):
-            ws = pass_work(plan, base, direction, heads)
-            feats[direction].append([sum(len(w.full) for w in ws),
-                                     sum(float((w.full + w.partial + w.padding).sum()) * w.share for w in ws),
-                                     sum(float(w.masked.sum()) * w.share for w in ws)])
+            feats[direction].append(features(plan, base, direction, heads))
             times[direction].append(t)
     fits = {d: fit_costs(np.array(feats[d]), np.array(times[d])) for d in feats}
+    _check_fit(fits, feats, times, list(patterns))
     cf, tf, mf = fits["forward"]
     cb, tb, mb = fits["backward"]
-    if tf <= 0 or tb <= 0:
-        raise AttnError(f"calibration failed: the measured times {times} (dense, block, causal window) "
-                        "do not fit time = CTAs * c + slots * t + masked slots * t * mask with t > 0",
-                        hint="a busy machine, or a backend whose sparse path is slower per tile than its "
-                             "dense one; rerun on a quiet machine with a larger --n or --repeat")
     tile_flops = 4.0 * bm * bn * head_dim
     return {
         "name": "cpu", "kind": "cpu",
@@ -190,5 +247,34 @@ def calibrate_cpu(n: int = 2048, heads: int = 8, head_dim: int = 64, repeat: int
         "executor": {"pad_rows": base.executor.pad_rows, "mask_whole_row": base.executor.mask_whole_row,
                      "backward": base.executor.backward},
         "calibration": {"n": n, "heads": heads, "head_dim": head_dim, "repeat": repeat,
-                        "measurements": measurements},
+                        "measurements": measurements,
+                        "residuals": {d: _residuals(fits[d], feats[d], times[d]) for d in fits}},
     }
+
+
+def _residuals(x: np.ndarray, feats: list, times: list) -> list[float]:
+    """Relative misfit of each measurement: fitted / measured - 1."""
+    fitted = np.array(feats) @ x
+    return [float(f / t - 1) if t > 0 else float("inf") for f, t in zip(fitted, times)]
+
+
+def _check_fit(fits: dict, feats: dict, times: dict, names: list[str]) -> None:
+    """Refuse a fit that is nonsense, naming the measurements and what would help."""
+    problems = []
+    for d, x in fits.items():
+        if x[1] <= 0:
+            problems.append(f"{d}: no positive per-tile cost fits (the sparse patterns are not cheaper "
+                            "per tile than dense)")
+            continue
+        res = _residuals(x, feats[d], times[d])
+        bad = [f"{n} {100 * r:+.0f}%" for n, r in zip(names, res) if abs(r) > MAX_RESIDUAL]
+        if bad:
+            problems.append(f"{d}: the fitted costs miss {', '.join(bad)} (more than "
+                            f"{100 * MAX_RESIDUAL:.0f}%)")
+    if problems:
+        table = "; ".join(f"{n}: forward {1e3 * f:.1f} ms, backward {1e3 * b:.1f} ms"
+                          for n, f, b in zip(names, times["forward"], times["backward"]))
+        raise AttnError("calibration failed: the measurements do not fit time = query tiles * c + slots * t "
+                        "+ masked slots * t * mask_cost: " + "; ".join(problems) + f". Measured: {table}",
+                        hint="timings on a busy machine measure the load; rerun when it is quiet "
+                             "(`uptime`), with a larger --repeat or --n")

@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from attnlang.api import make_plan, resolve
-    from attnlang.simulate import parse_sweep, simulate_plan, sweep
+    from attnlang.simulate import parse_sweep, sample_content, simulate_plan, sweep
     from attnlang.targets import load_target
 
     for flag, v in (("--block-m", args.block_m), ("--block-n", args.block_n), ("--head-dim", args.head_dim),
@@ -56,9 +56,11 @@ def run(args: argparse.Namespace) -> int:
     path = pathlib.Path(args.file)
     pattern = resolve(path, args.pattern, **params)
     inputs = spec_inputs(args, pattern)
-    plan = make_plan(pattern, inputs=inputs, block_m=args.block_m, block_n=args.block_n)
+    # Patterns that read Q/K are planned for seeded Gaussian Q/K (the report notes it).
+    content = sample_content(pattern, args.heads or pattern.heads or 8, args.head_dim)
+    plan = make_plan(pattern, inputs=inputs, block_m=args.block_m, block_n=args.block_n, content=content)
     kw = dict(dtype=args.dtype, head_dim=args.head_dim, batch=args.batch, heads=args.heads)
-    report = simulate_plan(plan, target, inputs=inputs, **kw)
+    report = simulate_plan(plan, target, inputs=inputs, content=content, **kw)
     points = None
     if sweep_spec is not None:
         name, values = sweep_spec
