@@ -109,9 +109,12 @@ def _finite_point(p) -> dict:
 def _sweep_rows(name: str, points) -> list[list[str]]:
     from attnlang.simulate import _t, _x
 
-    rows = [[name, "N", "FLOP bound", "tile bound", "schedule bound", "predicted fwd", "predicted bwd", "time fwd"]]
+    with_n = name != "N"  # sweeping another parameter: show the N it gives too
+    rows = [[name] + (["N"] if with_n else []) +
+            ["FLOP bound", "tile bound", "schedule bound", "predicted fwd", "predicted bwd", "time fwd"]]
     for p in points:
-        rows.append([str(p.value), str(p.n), _x(p.flop_bound), _x(p.tile_bound), _x(p.schedule_bound),
+        rows.append([str(p.value)] + ([str(p.n)] if with_n else []) +
+                    [_x(p.flop_bound), _x(p.tile_bound), _x(p.schedule_bound),
                      _x(p.predicted), _x(p.backward_predicted), _t(p.time_s)])
     return rows
 
