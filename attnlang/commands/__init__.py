@@ -6,7 +6,6 @@ A command module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run
 from __future__ import annotations
 
 import argparse
-import ast
 from typing import Any
 
 from attnlang.errors import AttnError
@@ -24,12 +23,17 @@ def add_spec_arguments(p: argparse.ArgumentParser, many: bool = False) -> None:
 
 
 def parse_value(text: str) -> Any:
-    """A ``--set`` value: an int, bool, float, tuple or list in .attn syntax."""
-    src = text.strip().replace("true", "True").replace("false", "False")
+    """A ``--set`` value in .attn syntax: ``4096``, ``(3, 7, 7)``, ``true``, ``inf``, ``0..4``,
+    ``2 * 128``, ``[1, 2]``, ``0.25``; a bare identifier (an axis name) is passed as text."""
+    from attnlang.grammar import parse_value as parse_attn_value
+
+    src = text.strip()
     try:
-        return ast.literal_eval(src)
-    except (ValueError, SyntaxError):
-        raise AttnError(f"--set value {text!r} is not a number, boolean, tuple or list",
+        return parse_attn_value(src)
+    except AttnError as e:
+        if src.isidentifier():
+            return src
+        raise AttnError(f"--set value {text!r} is not an .attn value ({e.diagnostics[0].message})",
                         hint="examples: --set N=4096  --set window=(3,7,7)  --set causal=true") from None
 
 
