@@ -338,7 +338,11 @@ def pass_work(plan: Plan, tgt: Target, direction: str, heads: int, batch: int = 
             g = plan.group_for_head(h)
             if id(g) not in per_head:
                 f, p = counts_of(g)
-                pad = (int((f + p).max(initial=0)) - (f + p)) if ex.pad_rows else np.zeros_like(f)
+                w = f + p
+                # The torch executor pads rows to the group's widest, except when rows are
+                # uneven (widest > 2x median): it then sorts them and chunks pad little.
+                uneven = int(w.max(initial=0)) > 2 * max(1, int(np.median(w))) if len(w) else False
+                pad = (int(w.max(initial=0)) - w) if ex.pad_rows and not uneven else np.zeros_like(f)
                 masked = np.where((p > 0) | (pad > 0), f + p + pad, 0) if ex.mask_whole_row else p
                 per_head[id(g)] = (f, p, pad, masked)
         # Launch order: batch, then heads, then tiles (the grid's fastest axis).

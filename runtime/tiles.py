@@ -49,11 +49,27 @@ class TileSchedule:
     row_empty: torch.Tensor  # bool [q_tiles * BM]: rows that see no key at all
     identity: bool  # natural order with no padding: tensors are tiled as views, no gathers
     window_start: np.ndarray | None  # [q_tiles]: slots are start + 0..W (strided key views)
+    # Query tiles widest first (rows of slots / bias_id and q_index follow it), so a chunk of
+    # tiles pads to its own widest row, not the group's: one global-token row no longer makes
+    # every chunk as wide as the whole sequence. None = the plan's own tile order.
+    q_perm: np.ndarray | None
+    row_width: np.ndarray  # [q_tiles]: visited key tiles of each (reordered) query tile
     chunk_bias: dict = field(default_factory=dict, compare=False)  # executor's per-chunk bias cache
 
     @property
     def width(self) -> int:
         return self.slots.shape[1]
+
+    @property
+    def q_identity(self) -> bool:
+        """Queries need no gather: natural order, no padding, tiles not reordered."""
+        return self.identity and self.q_perm is None
+
+    def chunk_width(self, c0: int, c1: int) -> int:
+        """Slots query tiles ``c0..c1`` need: their widest row (rows are left-aligned when reordered)."""
+        if self.q_perm is None:
+            return self.width
+        return max(int(self.row_width[c0:c1].max(initial=0)), 1)
 
     @property
     def has_partial(self) -> bool:
@@ -129,8 +145,12 @@ def _build(plan: Plan, group: int, inputs: Mapping[str, np.ndarray], device: tor
     slots[prow, pcol] = g.partial.indices
     bias_id[prow, pcol] = 2 + np.arange(g.partial.nnz)
 
+    widths = fcount + pcount
+    # Uneven rows (global tokens, sinks, documents): a strided window as wide as the widest row
+    # would make every row that wide, so such schedules sort rows instead (below).
+    uneven = width > 2 * max(1, int(np.median(widths)))
     window_start = None
-    if nk >= width:
+    if nk >= width and not uneven:
         slots, bias_id, window_start = _as_windows(slots, bias_id, nk, width)
 
     allow = partial_masks(plan, expr, env, qpos, kpos, prow, g.partial.indices.astype(np.int64))
@@ -144,13 +164,20 @@ def _build(plan: Plan, group: int, inputs: Mapping[str, np.ndarray], device: tor
     if len(allow):
         np.logical_or.at(row_any, prow, allow.any(axis=2))
 
+    q_perm = None
+    if uneven:  # widest first: each chunk pads to its own widest row
+        q_perm = np.argsort(-widths, kind="stable")
+        slots, bias_id, widths = slots[q_perm], bias_id[q_perm], widths[q_perm]
+        qpos = qpos.reshape(nq, bm)[q_perm].reshape(-1)
+        row_any = row_any[q_perm]
+
     n = plan.n
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
     return TileSchedule(
         bm, bn, nq, nk, t(slots), t(bias_id), t(bias),
         t(np.where(qpos >= 0, qpos, n)), t(np.where(kpos >= 0, kpos, n)),
         t(_inverse(qpos, n)), t(_inverse(kpos, n)), t(~row_any.reshape(-1)),
-        plan.order is None and n == nq * bm == nk * bn, window_start)
+        plan.order is None and n == nq * bm == nk * bn, window_start, q_perm, widths)
 
 
 def _as_windows(slots: np.ndarray, bias_id: np.ndarray, nk: int, width: int):

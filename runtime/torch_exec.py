@@ -94,20 +94,25 @@ def _from_kernel(x: torch.Tensor, inverse: torch.Tensor, identity: bool) -> torc
     return x if identity else x.index_select(1, inverse)
 
 
-def _chunks(s: TileSchedule, rows: int, G: int) -> range:
-    """Query-tile chunks of about ``CHUNK_BYTES`` of fp32 scores. The fused kernel blocks
-    internally, but small chunks keep its K/V windows and bias in cache (measured: one chunk
-    per head group is 2-3x slower on an idle machine, though it suffers less from a busy one)."""
-    per_tile = rows * G * s.block_m * s.width * s.block_n * 4
-    step = max(1, min(s.q_tiles, CHUNK_BYTES // max(per_tile, 1)))
-    return range(0, s.q_tiles, step)
+def _chunks(s: TileSchedule, rows: int, G: int) -> list[tuple[int, int]]:
+    """Query-tile chunks ``(c0, c1)`` of about ``CHUNK_BYTES`` of fp32 scores. The fused kernel
+    blocks internally, but small chunks keep its K/V windows and bias in cache (measured: one
+    chunk per head group is 2-3x slower on an idle machine, though it suffers less from a busy
+    one). Reordered schedules (widest rows first) size each chunk by its own widest row."""
+    out, c0 = [], 0
+    while c0 < s.q_tiles:
+        per_tile = rows * G * s.block_m * s.chunk_width(c0, c0 + 1) * s.block_n * 4
+        c1 = min(s.q_tiles, c0 + max(1, CHUNK_BYTES // max(per_tile, 1)))
+        out.append((c0, c1))
+        c0 = c1
+    return out
 
 
 def _gather(s: TileSchedule, kk: torch.Tensor, vk: torch.Tensor, c0: int, c1: int, G: int):
     """Key/value tiles and bias of query tiles ``c0..c1``: ``[H, c, W*BN, D]`` and ``[1, c, G*BM, W*BN]``."""
     H, D = kk.shape[0], kk.shape[-1]
-    c, W, bm, bn = c1 - c0, s.width, s.block_m, s.block_n
-    idx = s.slots[c0:c1].reshape(-1)
+    c, W, bm, bn = c1 - c0, s.chunk_width(c0, c1), s.block_m, s.block_n
+    idx = s.slots[c0:c1, :W].reshape(-1)
     step = _window_step(s, c0, c1)
     if step is not None:
         # Evenly spaced windows of consecutive tiles: a strided view, no copy.
@@ -120,7 +125,7 @@ def _gather(s: TileSchedule, kk: torch.Tensor, vk: torch.Tensor, c0: int, c1: in
         vg = vk.view(H, -1, bn, D).index_select(1, idx).view(H, c, W * bn, D)
     key = (c0, c1, G)
     if key not in s.chunk_bias:
-        bid = s.bias_id[c0:c1]
+        bid = s.bias_id[c0:c1, :W]
         if not bool((bid > 0).any()):
             bias = None  # only full tiles: no mask work at all
         else:
@@ -128,7 +133,7 @@ def _gather(s: TileSchedule, kk: torch.Tensor, vk: torch.Tensor, c0: int, c1: in
             if G > 1:
                 bias = bias.unsqueeze(1).expand(c, G, bm, W * bn).reshape(c, G * bm, W * bn)
             bias = bias.unsqueeze(0)
-        if s.q_tiles * G * bm * W * bn * 4 > BIAS_CACHE_BYTES:
+        if s.q_tiles * G * bm * s.width * bn * 4 > BIAS_CACHE_BYTES:
             return idx, kg, vg, bias
         s.chunk_bias[key] = bias  # small enough to keep with the plan: later calls skip the gather
     return idx, kg, vg, s.chunk_bias[key]
@@ -235,22 +240,20 @@ class _TileAttention(torch.autograd.Function):
         raw = torch.empty_like(lse)  # the chunk kernels' lse (0 on empty rows), for backward
         with torch.no_grad():
             for b, s, lo, hi, rows, G, kv_map in _groups(call):
-                qk = _to_kernel(q[b, lo:hi], s.q_index, s.identity).view(rows, G, -1, D)
+                qk = _to_kernel(q[b, lo:hi], s.q_index, s.q_identity).view(rows, G, -1, D)
                 kk = _kernel_kv(call, k, b, lo, hi, G, kv_map, s)
                 vk = _kernel_kv(call, v, b, lo, hi, G, kv_map, s)
                 outs, lses = [], []
-                chunks = _chunks(s, rows, G)
-                for c0 in chunks:
-                    c1 = min(s.q_tiles, c0 + chunks.step)
+                for c0, c1 in _chunks(s, rows, G):
                     _, kg, vg, bias = _gather(s, kk, vk, c0, c1, G)
                     o, l = _chunk_forward(_rows(qk, c0, c1, G, s.block_m), kg, vg, bias, call.scale)
                     outs.append(o)
                     lses.append(l.unsqueeze(-1))
                 ok, lk = _unrows(outs, G, s.block_m), _unrows(lses, G, s.block_m).squeeze(-1)
-                out[b, lo:hi] = _from_kernel(ok.view(hi - lo, -1, D), s.q_inverse, s.identity)
-                raw[b, lo:hi] = _from_kernel(lk.reshape(hi - lo, -1, 1), s.q_inverse, s.identity)[..., 0]
+                out[b, lo:hi] = _from_kernel(ok.view(hi - lo, -1, D), s.q_inverse, s.q_identity)
+                raw[b, lo:hi] = _from_kernel(lk.reshape(hi - lo, -1, 1), s.q_inverse, s.q_identity)[..., 0]
                 fixed = lk.masked_fill(s.row_empty, float("-inf")).reshape(hi - lo, -1, 1)
-                lse[b, lo:hi] = _from_kernel(fixed, s.q_inverse, s.identity)[..., 0]
+                lse[b, lo:hi] = _from_kernel(fixed, s.q_inverse, s.q_identity)[..., 0]
         ctx.call = call
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, out, raw)
@@ -269,7 +272,7 @@ class _TileAttention(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         for b, s, lo, hi, rows, G, kv_map in _groups(call):
-            view = lambda x: _to_kernel(x, s.q_index, s.identity).view(rows, G, -1, x.shape[-1])  # noqa: E731
+            view = lambda x: _to_kernel(x, s.q_index, s.q_identity).view(rows, G, -1, x.shape[-1])  # noqa: E731
             qk, ok, dok = view(q[b, lo:hi]), view(out[b, lo:hi]), view(dout[b, lo:hi])
             lk = view(raw[b, lo:hi].unsqueeze(-1))
             gk = None
@@ -281,9 +284,7 @@ class _TileAttention(torch.autograd.Function):
             dqs = []
             dkk = torch.zeros_like(kk).view(kk.shape[0], -1, s.block_n, D)
             dvk = torch.zeros_like(dkk)
-            chunks = _chunks(s, rows, G)
-            for c0 in chunks:
-                c1 = min(s.q_tiles, c0 + chunks.step)
+            for c0, c1 in _chunks(s, rows, G):
                 idx, kg, vg, bias = _gather(s, kk, vk, c0, c1, G)
                 rows_of = lambda x: _rows(x, c0, c1, G, s.block_m)  # noqa: E731
                 g = None if gk is None else rows_of(gk).squeeze(-1)
@@ -292,7 +293,7 @@ class _TileAttention(torch.autograd.Function):
                 dqs.append(dqc)
                 dkk.index_add_(1, idx, dkg.reshape(kk.shape[0], -1, s.block_n, D))
                 dvk.index_add_(1, idx, dvg.reshape(kk.shape[0], -1, s.block_n, D))
-            dq[b, lo:hi] = _from_kernel(_unrows(dqs, G, s.block_m), s.q_inverse, s.identity)
+            dq[b, lo:hi] = _from_kernel(_unrows(dqs, G, s.block_m), s.q_inverse, s.q_identity)
             for acc, grad in ((dk, dkk), (dv, dvk)):
                 g_user = _from_kernel(grad.view(grad.shape[0], -1, D), s.k_inverse, s.identity)
                 if kv_map is None:

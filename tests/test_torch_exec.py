@@ -6,6 +6,7 @@ import torch
 
 import attnlang
 from attnlang.pattern import Pattern, causal, sliding, strided
+from attnlang.pattern import keys as keys_
 from attnlang.plan import Plan
 from attnlang.runtime import torch_exec
 from attnlang.runtime.tiles import schedule_for
@@ -70,3 +71,33 @@ def test_chunks_bound_memory(monkeypatch):
     whole = fn(q, k, v)
     monkeypatch.setattr(torch_exec, "CHUNK_BYTES", 1)
     torch.testing.assert_close(fn(q, k, v), whole, atol=1e-6, rtol=1e-6)
+
+
+def test_uneven_rows_are_reordered_widest_first_and_stay_exact():
+    """Global tokens make one query tile see every key tile: the schedule sorts query tiles by
+    width so each chunk pads to its own widest row, and results still equal the reference."""
+    from attnlang.pattern import global_
+
+    torch_exec_chunk = torch_exec.CHUNK_BYTES
+    p = Pattern.create((sliding(8) | global_(0, 4)) - keys_(range(40, 44)), 256)
+    plan = attnlang.make_plan(p, block_m=16, block_n=16)
+    s = schedule_for(plan, 0, None, torch.device("cpu"))
+    assert s.q_perm is not None and not s.q_identity
+    assert list(s.row_width) == sorted(s.row_width, reverse=True)
+    assert s.chunk_width(s.q_tiles - 1, s.q_tiles) < s.width
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 256, 16, requires_grad=True)
+    k = torch.randn(2, 2, 256, 16, requires_grad=True)
+    v = torch.randn(2, 2, 256, 16, requires_grad=True)
+    try:
+        torch_exec.CHUNK_BYTES = 64 << 10  # many chunks of different widths
+        outs = {}
+        for backend in ("torch", "reference"):
+            fn = attnlang.compile(p, backend=backend)
+            o, lse = fn(q, k, v, return_lse=True)
+            grads = torch.autograd.grad((o * o).sum() + lse.sum(), (q, k, v))
+            outs[backend] = (o, lse, *grads)
+    finally:
+        torch_exec.CHUNK_BYTES = torch_exec_chunk
+    for a, b in zip(outs["torch"], outs["reference"]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
