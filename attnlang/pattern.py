@@ -234,6 +234,15 @@ def _per_axis(node: Expr, name: str, value: Any, layout: Layout, out: list[Diagn
     return tuple(bool(v) if kind is bool else int(v) for v in vals)
 
 
+def check_boxes(node: Any, prim: str, boxes: Mapping[str, tuple], layout: Layout, out: list[Diagnostic]) -> None:
+    """Every entry of each named box lies in ``1..L`` of its axis (route / pyramid blocks)."""
+    for name, box in boxes.items():
+        for a, L in enumerate(layout.sizes):
+            _check(1 <= box[a] <= L, out, node,
+                   f"{prim} {name} {box[a]} on axis {layout.names[a]} is outside 1..{L} (the axis size)",
+                   f"valid: 1 <= {name} <= {L}")
+
+
 def _prim_name(node: Expr) -> str:
     return _PRIM_NAMES.get(type(node), type(node).__name__.lower())
 
@@ -791,11 +800,7 @@ class Route(Expr):
         B = _per_axis(self, "block", self.block, layout, out)
         Bq = _per_axis(self, "query_block", self.query_block, layout, out)
         if len(out) == n0:
-            for name, box in (("block", B), ("query_block", Bq)):
-                for a, L in enumerate(layout.sizes):
-                    _check(1 <= box[a] <= L, out, self,
-                           f"route {name} {box[a]} on axis {layout.names[a]} is outside 1..{L} (the axis size)",
-                           f"valid: 1 <= {name} <= {L}")
+            check_boxes(self, "route", {"block": B, "query_block": Bq}, layout, out)
         if (self.top is None) == (self.threshold is None):
             out.append(Diagnostic(
                 "route needs exactly one of top = k or threshold = tau"

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 
 from attnlang.errors import AttnError, Diagnostic
-from attnlang.pattern import Env, Expr, Layout, Pattern, Pyramid, Route, _check, _per_axis
+from attnlang.pattern import Env, Expr, Layout, Pattern, Pyramid, Route, _check, _per_axis, check_boxes
 from attnlang.pattern import box_ids as cell_ids
 
 if TYPE_CHECKING:
@@ -53,11 +53,7 @@ def bind_pyramid(p: Pyramid, layout: Layout, out: list[Diagnostic]) -> Pyramid:
     block = _per_axis(p, "block", p.block, layout, out)
     qblock = _per_axis(p, "query_block", p.query_block, layout, out)
     if len(out) == n0:
-        for name, box in (("block", block), ("query_block", qblock)):
-            for a, L in enumerate(layout.sizes):
-                _check(1 <= box[a] <= L, out, p,
-                       f"pyramid {name} {box[a]} on axis {layout.names[a]} is outside 1..{L} (the axis size)",
-                       f"valid: 1 <= {name} <= {L}")
+        check_boxes(p, "pyramid", {"block": block, "query_block": qblock}, layout, out)
     levels, keep = tuple(p.levels), tuple(p.keep or ())
     if not keep:
         out.append(Diagnostic("pyramid needs keep = [...]: the fraction of eligible blocks each level gets",

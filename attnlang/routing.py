@@ -34,7 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from attnlang.pattern import Env, Full, Layout, Pattern, Route, box_ids
+from attnlang.pattern import Empty, Env, Expr, Full, Layout, Pattern, Route, box_ids
+from attnlang.plan import EMPTY, FULL, PARTIAL
 
 ELEMENTS = 1 << 22  # (query, key) pairs of `among` evaluated at once
 
@@ -127,9 +128,20 @@ def _eligibility_dense(route: Route, layout: Layout, kblock: np.ndarray) -> np.n
 def _eligibility_planned(route: Route, layout: Layout) -> np.ndarray | None:
     """Eligibility from the planner's exact tile classes, with groups and blocks as tiles
     (1-D, or boxes that nest): work grows with the eligible pairs, not N². None otherwise."""
+    cls = group_block_classes(route.among, route, layout)
+    return None if cls is None else cls != EMPTY
+
+
+def group_block_classes(expr: Expr, route: Route, layout: Layout) -> np.ndarray | None:
+    """int8 ``[groups, blocks]``: the exact EMPTY / PARTIAL / FULL class of a static ``expr`` on
+    every (query group, key block) of ``route``, from the planner's tile rules with groups and
+    blocks as tiles (1-D, or boxes that nest); None when groups or blocks are not tiles."""
     from attnlang.order import Ordering
     from attnlang.planner import Ctx, plan_group
 
+    G, nb = route.groups(layout), route.blocks(layout)
+    if isinstance(expr, (Full, Empty)):
+        return np.full((G, nb), FULL if isinstance(expr, Full) else EMPTY, dtype=np.int8)
     Bq, B = route.query_block, route.block
     if layout.rank == 1:
         o = Ordering.natural(layout)
@@ -138,15 +150,13 @@ def _eligibility_planned(route: Route, layout: Layout) -> np.ndarray | None:
     else:
         return None
     ctx = Ctx(layout, o, o.tiles("q", math.prod(Bq)), o.tiles("kv", math.prod(B)), {})
-    part, full, _ = plan_group(route.among, ctx)
-    gid_of = _tile_ids(ctx, "q", group_ids(route, layout))
-    bid_of = _tile_ids(ctx, "kv", block_ids(route, layout))
-    if gid_of is None or bid_of is None:
+    part, full, _ = plan_group(expr, ctx)
+    gid, bid = _tile_ids(ctx, "q", group_ids(route, layout)), _tile_ids(ctx, "kv", block_ids(route, layout))
+    if gid is None or bid is None:
         return None
-    out = np.zeros((route.groups(layout), route.blocks(layout)), dtype=bool)
-    for t in (part, full):
-        rows = np.repeat(np.arange(t.rows), t.counts())
-        out[gid_of[rows], bid_of[t.indices]] = True
+    out = np.zeros((G, nb), dtype=np.int8)
+    for t, c in ((part, PARTIAL), (full, FULL)):
+        out[gid[np.repeat(np.arange(t.rows), t.counts())], bid[t.indices]] = c
     return out
 
 

@@ -42,10 +42,10 @@ import torch
 
 from attnlang.pattern import And, Empty, Env, Expr, Full, Layout, Not, Or, Pattern, Route, Same, Valid, and_, \
     not_, or_
-from attnlang.routing import _tile_ids, block_ids, group_ids, routes
+from attnlang.plan import EMPTY, FULL, PARTIAL
+from attnlang.routing import block_ids, group_block_classes, group_ids, routes
 from attnlang.runtime.call import Call
 
-EMPTY, PARTIAL, FULL = 0, 1, 2
 BLOCK_M = None  # query rows per tile (None: chosen per call from the selection)
 CHUNK_BYTES = 4 << 20  # fp32 scores per fused call (as the tile executor)
 MIN_BLOCK = 4  # smaller key blocks take the generic plan: a row per (query, key or two) is all overhead
@@ -110,40 +110,13 @@ def split(pattern: Pattern) -> Split | None:
     extra = and_(_subst(pattern.attend, r, Full()), not_(base))
     if any(isinstance(n, (Route, Same, Valid)) for e in (base, extra) for n in e.walk()):
         return None
-    cls, base_cls = _classes(extra, r, pattern.layout), _classes(base, r, pattern.layout)
+    cls, base_cls = group_block_classes(extra, r, pattern.layout), group_block_classes(base, r, pattern.layout)
     if cls is None or base_cls is None:
         return None
     natural = cls
     if r.permute is not None:
         cls = _permuted_classes(cls, r, pattern.n)
     return Split(r, base, extra, cls, natural, base_cls)
-
-
-def _classes(extra: Expr, r: Route, layout: Layout) -> np.ndarray | None:
-    """Exact class of ``extra`` on every (query group, key block) from the planner's tile rules,
-    with groups and blocks as tiles (1-D, or boxes that nest); None otherwise."""
-    from attnlang.order import Ordering
-    from attnlang.planner import Ctx, plan_group
-
-    G, nb = r.groups(layout), r.blocks(layout)
-    if isinstance(extra, (Full, Empty)):
-        return np.full((G, nb), FULL if isinstance(extra, Full) else EMPTY, dtype=np.int8)
-    Bq, B = r.query_block, r.block
-    if layout.rank == 1:
-        o = Ordering.natural(layout)
-    elif all(b % a == 0 for a, b in zip(Bq, B)) or all(a % b == 0 for a, b in zip(Bq, B)):
-        o = Ordering.boxed(layout, Bq, B)
-    else:
-        return None
-    ctx = Ctx(layout, o, o.tiles("q", math.prod(Bq)), o.tiles("kv", math.prod(B)), {})
-    part, full, _ = plan_group(extra, ctx)
-    gid, bid = _tile_ids(ctx, "q", group_ids(r, layout)), _tile_ids(ctx, "kv", block_ids(r, layout))
-    if gid is None or bid is None:
-        return None
-    out = np.zeros((G, nb), dtype=np.int8)
-    for t, c in ((part, PARTIAL), (full, FULL)):
-        out[gid[np.repeat(np.arange(t.rows), t.counts())], bid[t.indices]] = c
-    return out
 
 
 def _permuted_classes(cls: np.ndarray, r: Route, n: int) -> np.ndarray:
