@@ -41,7 +41,7 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 # Share of the backward tile work done in the dK/dV pass (CTA per key tile): it recomputes S and
 # dP and forms dV and dK (4 matmuls); the dQ pass (CTA per query tile) does 3 (S, dP, dQ).
 DKDV_SHARE = 4 / 7
-COMPONENTS = ("full tiles", "partial tiles", "row padding", "mask", "tile fixed", "CTA overhead", "idle")
+COMPONENTS = ("full tiles", "partial tiles", "row padding", "mask", "gather", "tile fixed", "CTA overhead", "idle")
 
 
 @dataclass(frozen=True)
@@ -300,27 +300,34 @@ def _tile_seconds(tgt: Target, costs: PassCosts, dtype: str, head_dim: int, bm: 
 
 @dataclass(frozen=True)
 class PassWork:
-    """The work of one kernel pass, per CTA in launch order (one entry per CTA)."""
+    """The work of one kernel pass, per work item in launch order: a CTA on a GPU, one fused
+    call over a chunk of query tiles (every head of a head group) on the CPU torch executor."""
 
     share: float  # fraction of a direction's tile work done in this pass
-    full: np.ndarray  # full tiles per CTA
-    partial: np.ndarray  # partial tiles per CTA
-    padding: np.ndarray  # dummy slots per CTA (executors that pad ragged rows)
-    masked: np.ndarray  # slots per CTA that pay the mask
+    full: np.ndarray  # full tiles per item
+    partial: np.ndarray  # partial tiles per item
+    padding: np.ndarray  # dummy slots per item (executors that pad ragged rows)
+    masked: np.ndarray  # slots per item that pay the mask
+    gathered: np.ndarray  # slots per item whose key tiles are gathered (CPU: no strided view)
+    qtiles: np.ndarray  # query (or key) tiles per item: what the per-CTA overhead counts
 
 
 def pass_work(plan: Plan, tgt: Target, direction: str, heads: int, batch: int = 1,
               dense: bool = False) -> list[PassWork]:
-    """How the target's executor walks the plan: the passes of ``direction`` and their CTAs.
+    """How the target's executor walks the plan: the passes of ``direction`` and their items.
 
     GPUs: the forward is one CTA per query tile; the backward a dK/dV pass (CTA per key tile,
-    transposed tables) and a dQ pass. An executor with ``pad_rows`` (the torch backend) gives
-    every query tile of a head group as many slots as its widest row, and with
-    ``mask_whole_row`` a row with any partial or dummy slot pays the mask on all of them.
-    ``dense=True`` is the same backend's dense kernel: every tile full, natural order.
+    transposed tables) and a dQ pass. An executor with ``chunk_bytes`` (the CPU torch backend)
+    instead makes one item per fused call: a chunk of query tiles of a head group, laid out
+    exactly as the executor lays it (:mod:`attnlang.rows`: padded or sorted rows, windows read
+    as strided views or gathered, a bias on chunks with a partial or dummy slot); its backward
+    walks the same chunks. ``dense=True`` is the same backend's dense kernel: every tile full,
+    natural order.
     """
     ex = tgt.executor
     nq, nk = -(-plan.n // plan.block_m), -(-plan.n // plan.block_n)
+    if ex.chunk_bytes:
+        return [_chunk_work(plan, ex.chunk_bytes, heads, batch, dense)]
     if direction == "forward" or ex.backward == "query-major":
         specs = [(1.0, lambda g: (g.full.counts(), g.partial.counts()), nq, nk)]
     else:
@@ -331,46 +338,75 @@ def pass_work(plan: Plan, tgt: Target, direction: str, heads: int, batch: int = 
         if dense:
             n = dense_ctas * heads * batch
             z = np.zeros(n, dtype=np.int64)
-            out.append(PassWork(share, np.full(n, dense_width, dtype=np.int64), z, z, z))
+            out.append(PassWork(share, np.full(n, dense_width, dtype=np.int64), z, z, z, z, np.ones_like(z)))
             continue
         per_head = {}
         for h in range(heads):
             g = plan.group_for_head(h)
             if id(g) not in per_head:
                 f, p = counts_of(g)
-                w = f + p
-                # The torch executor pads rows to the group's widest, except when rows are
-                # uneven (widest > 2x median): it then sorts them and chunks pad little.
-                uneven = int(w.max(initial=0)) > 2 * max(1, int(np.median(w))) if len(w) else False
-                pad = (int(w.max(initial=0)) - w) if ex.pad_rows and not uneven else np.zeros_like(f)
+                pad = (int((f + p).max(initial=0)) - f - p) if ex.pad_rows else np.zeros_like(f)
                 masked = np.where((p > 0) | (pad > 0), f + p + pad, 0) if ex.mask_whole_row else p
                 per_head[id(g)] = (f, p, pad, masked)
         # Launch order: batch, then heads, then tiles (the grid's fastest axis).
         cols = [np.concatenate([per_head[id(plan.group_for_head(h))][i] for h in range(heads)] * batch)
                 for i in range(4)]
-        out.append(PassWork(share, *cols))
+        out.append(PassWork(share, *cols, np.zeros_like(cols[0]), np.ones_like(cols[0])))
     return out
+
+
+def _chunk_work(plan: Plan, chunk_bytes: int, heads: int, batch: int, dense: bool) -> PassWork:
+    """One item per fused call of the CPU torch executor (see :func:`pass_work`)."""
+    from attnlang.rows import chunks, dense_layout, row_layout
+
+    nq, nk = -(-plan.n // plan.block_m), -(-plan.n // plan.block_n)
+    if dense:
+        groups = [(dense_layout(nq, nk), heads)]
+    else:
+        count: dict[int, list] = {}
+        for h in range(heads):  # the executor runs every head of a group in one call
+            g = plan.group_for_head(h)
+            count.setdefault(id(g), [g, 0])[1] += 1
+        groups = [(row_layout(g.full, g.partial), hc) for g, hc in count.values()]
+    items = []
+    for lay, hc in groups:
+        for c0, c1 in chunks(lay, hc, plan.block_m, plan.block_n, chunk_bytes):
+            slots = (c1 - c0) * lay.chunk_width(c0, c1)
+            seen = int(lay.widths[c0:c1].sum())
+            part = int(lay.partial[c0:c1].sum())
+            # Counts over the chunk's hc heads: (full, partial, padding, masked, gathered, tiles).
+            items.append([hc * x for x in (seen - part, part, slots - seen, slots if lay.masked(c0, c1) else 0,
+                                           slots if lay.window_step(c0, c1) is None else 0, c1 - c0)])
+    cols = np.array(items, dtype=np.int64).reshape(-1, 6)
+    return PassWork(1.0, *(np.tile(cols[:, i], batch) for i in range(6)))
 
 
 def _direction(plan, tgt, costs, tile_s, direction, heads, batch, dtype, head_dim,
                flop_bound, tile_bound, analytic) -> tuple[Direction, bool]:
     t_full, fixed = tile_s
-    cta = costs.cta_overhead_ns * 1e-9
+    cta, call = costs.cta_overhead_ns * 1e-9, costs.chunk_overhead_ns * 1e-9
     idx = 0.0 if analytic else tgt.index_read_ns * 1e-9
     comp = dict.fromkeys(COMPONENTS, 0.0)
     dense_s = kernel_s = with_idx_s = 0.0
+
+    def item_seconds(w: PassWork) -> np.ndarray:
+        tf = t_full * w.share
+        return (call + w.qtiles * cta + (w.full + w.partial + w.padding) * tf
+                + w.masked * tf * costs.mask_cost + w.gathered * tf * costs.gather_cost)
+
     for dw in pass_work(plan, tgt, direction, heads, batch, dense=True):
-        dense_s += _makespan(cta + dw.full * t_full * dw.share, tgt.units)
+        dense_s += _makespan(item_seconds(dw), tgt.units)
     for w in pass_work(plan, tgt, direction, heads, batch):
         tf, fx = t_full * w.share, fixed * w.share
         slots = w.full + w.partial + w.padding
-        works = cta + slots * tf + w.masked * tf * costs.mask_cost
+        works = item_seconds(w)
         comp["full tiles"] += float(w.full.sum()) * (tf - fx)
         comp["partial tiles"] += float(w.partial.sum()) * (tf - fx)
         comp["row padding"] += float(w.padding.sum()) * (tf - fx)
         comp["mask"] += float(w.masked.sum()) * tf * costs.mask_cost
+        comp["gather"] += float(w.gathered.sum()) * tf * costs.gather_cost
         comp["tile fixed"] += float(slots.sum()) * fx
-        comp["CTA overhead"] += len(works) * cta
+        comp["CTA overhead"] += float(w.qtiles.sum()) * cta + len(works) * call
         span = _makespan(works, tgt.units)
         kernel_s += span
         with_idx_s += _makespan(works + (w.full + w.partial) * idx, tgt.units) if idx else span

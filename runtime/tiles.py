@@ -5,8 +5,8 @@ A :class:`TileSchedule` is a Plan's head group laid out for batched tensor work:
 * ``slots [q_tiles, W]`` — the key tiles each query tile visits, full tiles first, then partial
   ones, ragged rows padded with a *dummy* slot (key tile 0 under an all ``-inf`` bias, so the
   key tensor needs no extra zero tile and contributes exactly nothing);
-  When every query tile's key tiles span at most ``W`` tiles (bands, blocks, windows), rows are
-  laid out as consecutive tiles ``window_start + 0..W`` so keys can be read as a strided view;
+  rows are windows of consecutive tiles, sorted, and chunked as :mod:`attnlang.rows` decides
+  (``layout``: the same decisions the simulator's CPU model prices);
 * ``bias_id [q_tiles, W]`` — per slot, a row of ``bias [2 + partial, BM, BN]``: ``0`` = a full
   tile (all zeros), ``1`` = the dummy (all ``-inf``), ``2 + j`` = partial tile ``j``'s mask as an
   additive ``0 / -inf`` bias, evaluated once with the IR's ``allowed`` on the tile's tokens;
@@ -27,6 +27,7 @@ import torch
 
 from attnlang.pattern import Env
 from attnlang.plan import Plan
+from attnlang.rows import RowLayout, row_layout
 
 _CACHE: dict[tuple[int, int, str], "TileSchedule"] = {}
 
@@ -48,12 +49,10 @@ class TileSchedule:
     k_inverse: torch.Tensor  # int64 [N]
     row_empty: torch.Tensor  # bool [q_tiles * BM]: rows that see no key at all
     identity: bool  # natural order with no padding: tensors are tiled as views, no gathers
-    window_start: np.ndarray | None  # [q_tiles]: slots are start + 0..W (strided key views)
-    # Query tiles widest first (rows of slots / bias_id and q_index follow it), so a chunk of
-    # tiles pads to its own widest row, not the group's: one global-token row no longer makes
-    # every chunk as wide as the whole sequence. None = the plan's own tile order.
-    q_perm: np.ndarray | None
-    row_width: np.ndarray  # [q_tiles]: visited key tiles of each (reordered) query tile
+    # Windows (slots = window_start + 0..W: strided key views) or widest-first row order (rows
+    # of slots / bias_id and q_index follow layout.q_perm, so a chunk pads to its own widest
+    # row, not the group's: one global-token row no longer makes every chunk that wide).
+    layout: RowLayout
     chunk_bias: dict = field(default_factory=dict, compare=False)  # executor's per-chunk bias cache
 
     @property
@@ -63,13 +62,7 @@ class TileSchedule:
     @property
     def q_identity(self) -> bool:
         """Queries need no gather: natural order, no padding, tiles not reordered."""
-        return self.identity and self.q_perm is None
-
-    def chunk_width(self, c0: int, c1: int) -> int:
-        """Slots query tiles ``c0..c1`` need: their widest row (rows are left-aligned when reordered)."""
-        if self.q_perm is None:
-            return self.width
-        return max(int(self.row_width[c0:c1].max(initial=0)), 1)
+        return self.identity and self.layout.q_perm is None
 
     @property
     def has_partial(self) -> bool:
@@ -132,7 +125,8 @@ def _build(plan: Plan, group: int, inputs: Mapping[str, np.ndarray], device: tor
     qpos, kpos = _positions(plan, nq, bm), _positions(plan, nk, bn)
 
     fcount, pcount = g.full.counts(), g.partial.counts()
-    width = max(int((fcount + pcount).max(initial=0)), 1)
+    layout = row_layout(g.full, g.partial)
+    width = layout.width
     slots = np.zeros((nq, width), dtype=np.int64)
     bias_id = np.ones((nq, width), dtype=np.int64)
     # Column of each CSR entry within its row: full tiles first, then partial ones.
@@ -145,13 +139,8 @@ def _build(plan: Plan, group: int, inputs: Mapping[str, np.ndarray], device: tor
     slots[prow, pcol] = g.partial.indices
     bias_id[prow, pcol] = 2 + np.arange(g.partial.nnz)
 
-    widths = fcount + pcount
-    # Uneven rows (global tokens, sinks, documents): a strided window as wide as the widest row
-    # would make every row that wide, so such schedules sort rows instead (below).
-    uneven = width > 2 * max(1, int(np.median(widths)))
-    window_start = None
-    if nk >= width and not uneven:
-        slots, bias_id, window_start = _as_windows(slots, bias_id, nk, width)
+    if layout.window_start is not None:
+        slots, bias_id = _as_windows(slots, bias_id, layout.window_start, width)
 
     allow = partial_masks(plan, expr, env, qpos, kpos, prow, g.partial.indices.astype(np.int64))
     bias = np.zeros((2 + len(allow), bm, bn), dtype=np.float32)
@@ -164,10 +153,9 @@ def _build(plan: Plan, group: int, inputs: Mapping[str, np.ndarray], device: tor
     if len(allow):
         np.logical_or.at(row_any, prow, allow.any(axis=2))
 
-    q_perm = None
-    if uneven:  # widest first: each chunk pads to its own widest row
-        q_perm = np.argsort(-widths, kind="stable")
-        slots, bias_id, widths = slots[q_perm], bias_id[q_perm], widths[q_perm]
+    q_perm = layout.q_perm
+    if q_perm is not None:  # widest first: each chunk pads to its own widest row
+        slots, bias_id = slots[q_perm], bias_id[q_perm]
         qpos = qpos.reshape(nq, bm)[q_perm].reshape(-1)
         row_any = row_any[q_perm]
 
@@ -177,23 +165,17 @@ def _build(plan: Plan, group: int, inputs: Mapping[str, np.ndarray], device: tor
         bm, bn, nq, nk, t(slots), t(bias_id), t(bias),
         t(np.where(qpos >= 0, qpos, n)), t(np.where(kpos >= 0, kpos, n)),
         t(_inverse(qpos, n)), t(_inverse(kpos, n)), t(~row_any.reshape(-1)),
-        plan.order is None and n == nq * bm == nk * bn, window_start, q_perm, widths)
+        plan.order is None and n == nq * bm == nk * bn, layout)
 
 
-def _as_windows(slots: np.ndarray, bias_id: np.ndarray, nk: int, width: int):
-    """Lay rows out as ``start + 0..W`` when every row's visited tiles span at most ``W`` tiles.
+def _as_windows(slots: np.ndarray, bias_id: np.ndarray, start: np.ndarray, width: int):
+    """Lay rows out as ``start + 0..width`` (the layout checked that every row fits its window).
 
     Unvisited positions inside a window become dummies. Consecutive key tiles are then a strided
-    view of the key tensor (band patterns: no gather at all). Returns the inputs unchanged and
-    ``None`` when some row spans more.
+    view of the key tensor (band patterns: no gather at all).
     """
     visited = bias_id != 1
-    lo = np.where(visited, slots, nk).min(axis=1)
-    hi = np.where(visited, slots, -1).max(axis=1)
-    if not np.all((hi - lo < width) | ~visited.any(axis=1)):
-        return slots, bias_id, None
-    start = np.minimum(np.where(visited.any(axis=1), lo, 0), nk - width)
     rows, cols = np.nonzero(visited)
     new_bias = np.ones_like(bias_id)
     new_bias[rows, slots[rows, cols] - start[rows]] = bias_id[rows, cols]
-    return start[:, None] + np.arange(width), new_bias, start
+    return start[:, None] + np.arange(width), new_bias

@@ -32,10 +32,10 @@ import numpy as np
 import torch
 
 from attnlang.pattern import Pyramid
+from attnlang.rows import CHUNK_BYTES, chunks
 from attnlang.runtime.call import Call
 from attnlang.runtime.tiles import TileSchedule, schedule_for
 
-CHUNK_BYTES = 4 << 20  # fp32 scores per chunk of query tiles (bounds memory; 4 MiB measured best)
 BIAS_CACHE_BYTES = 64 << 20  # per-chunk masks are kept with the plan when they take at most this
 _FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FUSED_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
@@ -95,28 +95,19 @@ def _from_kernel(x: torch.Tensor, inverse: torch.Tensor, identity: bool) -> torc
 
 
 def _chunks(s: TileSchedule, rows: int, G: int) -> list[tuple[int, int]]:
-    """Query-tile chunks ``(c0, c1)`` of about ``CHUNK_BYTES`` of fp32 scores. The fused kernel
-    blocks internally, but small chunks keep its K/V windows and bias in cache (measured: one
-    chunk per head group is 2-3x slower on an idle machine, though it suffers less from a busy
-    one). Reordered schedules (widest rows first) size each chunk by its own widest row."""
-    out, c0 = [], 0
-    while c0 < s.q_tiles:
-        per_tile = rows * G * s.block_m * s.chunk_width(c0, c0 + 1) * s.block_n * 4
-        c1 = min(s.q_tiles, c0 + max(1, CHUNK_BYTES // max(per_tile, 1)))
-        out.append((c0, c1))
-        c0 = c1
-    return out
+    """Query-tile chunks ``(c0, c1)`` of about ``CHUNK_BYTES`` of fp32 scores (:func:`attnlang.rows.chunks`)."""
+    return chunks(s.layout, rows * G, s.block_m, s.block_n, CHUNK_BYTES)
 
 
 def _gather(s: TileSchedule, kk: torch.Tensor, vk: torch.Tensor, c0: int, c1: int, G: int):
     """Key/value tiles and bias of query tiles ``c0..c1``: ``[H, c, W*BN, D]`` and ``[1, c, G*BM, W*BN]``."""
     H, D = kk.shape[0], kk.shape[-1]
-    c, W, bm, bn = c1 - c0, s.chunk_width(c0, c1), s.block_m, s.block_n
+    c, W, bm, bn = c1 - c0, s.layout.chunk_width(c0, c1), s.block_m, s.block_n
     idx = s.slots[c0:c1, :W].reshape(-1)
-    step = _window_step(s, c0, c1)
+    step = s.layout.window_step(c0, c1)
     if step is not None:
         # Evenly spaced windows of consecutive tiles: a strided view, no copy.
-        first = int(s.window_start[c0]) * bn * D
+        first = int(s.layout.window_start[c0]) * bn * D
         shape, strides = (H, c, W * bn, D), (kk.stride(0), step * bn * D, D, 1)
         kg = kk.as_strided(shape, strides, kk.storage_offset() + first)
         vg = vk.as_strided(shape, strides, vk.storage_offset() + first)
@@ -137,17 +128,6 @@ def _gather(s: TileSchedule, kk: torch.Tensor, vk: torch.Tensor, c0: int, c1: in
             return idx, kg, vg, bias
         s.chunk_bias[key] = bias  # small enough to keep with the plan: later calls skip the gather
     return idx, kg, vg, s.chunk_bias[key]
-
-
-def _window_step(s: TileSchedule, c0: int, c1: int) -> int | None:
-    """The constant tile step between consecutive windows of query tiles ``c0..c1``, if any."""
-    if s.window_start is None:
-        return None
-    st = s.window_start[c0:c1]
-    if len(st) == 1:
-        return 0
-    d = np.diff(st)
-    return int(d[0]) if d[0] >= 0 and np.all(d == d[0]) else None
 
 
 def _rows(x: torch.Tensor, c0: int, c1: int, G: int, bm: int) -> torch.Tensor:

@@ -159,6 +159,12 @@ def test_profile_with_missing_fields(tmp_path):
     assert "'units'" in str(e.value) and "'forward.mask_cost'" in str(e.value)
     with pytest.raises(AttnError, match="efficiency"):
         target_from_dict({**doc, "units": 1, "forward": {**doc["forward"], "mask_cost": 0, "efficiency": 2}})
+    cpu = json.loads(open(load_target("cpu").path).read())
+    with pytest.raises(AttnError) as e:
+        target_from_dict({**cpu, "executor": {**cpu["executor"], "chunk_bytes": -1},
+                          "backward": {**cpu["backward"], "gather_cost": "high"}})
+    assert "chunk_bytes (a non-negative integer)" in str(e.value)
+    assert "'backward.gather_cost' = 'high' must be a non-negative number" in str(e.value)
 
 
 def test_user_profile_wins(tmp_path, monkeypatch):
@@ -278,12 +284,15 @@ def test_calibration_fit_recovers_costs_and_refuses_nonsense():
 
     from attnlang.commands.calibrate import _check_fit, fit_costs
 
-    feats = np.array([[32, 1024, 0], [32, 256, 0], [32, 64, 0], [32, 544, 544], [32, 200, 150]], float)
-    x = np.array([1e-4, 2e-4, 1e-4])
+    # (calls, query tiles, slots, masked slots, gathered slots) of eight calibration patterns
+    feats = np.array([[64, 512, 32768, 0, 0], [32, 512, 8192, 0, 0], [8, 512, 2048, 0, 0],
+                      [2, 512, 512, 0, 0], [64, 512, 32768, 32768, 0], [24, 512, 5120, 5120, 0],
+                      [24, 512, 5632, 5632, 5632], [8, 512, 2560, 512, 2560]], float)
+    x = np.array([2e-4, 1.5e-5, 1e-5, 1.5e-6, 4e-6])
     times = feats @ x
     fit = fit_costs(feats, times)
     assert fit == pytest.approx(x, rel=1e-6)
-    names = ["full", "b4", "b16", "causal", "window"]
+    names = ["full", "b4", "b16", "b64", "causal", "window", "window_sink", "b16_sink"]
     _check_fit({"forward": fit}, {"forward": feats.tolist()}, {"forward": times.tolist()}, names)
     noisy = times.copy()
     noisy[1] *= 3  # a sparse pattern measured 3x slower: a busy machine
@@ -292,3 +301,37 @@ def test_calibration_fit_recovers_costs_and_refuses_nonsense():
         _check_fit({"forward": bad, "backward": bad}, {"forward": feats.tolist(), "backward": feats.tolist()},
                    {"forward": noisy.tolist(), "backward": noisy.tolist()}, names)
 
+
+
+@settings(max_examples=25, deadline=None)
+@given(patterns(max_n=200, max_leaves=4), st.sampled_from([16, 32]), st.integers(1, 4),
+       st.sampled_from([1 << 12, 1 << 14, 1 << 22]))
+def test_cpu_model_walks_the_executors_chunks(p, tile, heads, chunk_bytes):
+    """The CPU model's work items are the torch executor's fused calls, slot for slot: same
+    chunks, same padding, bias exactly where the executor builds one, gathers exactly where it
+    cannot read keys as a strided view."""
+    import numpy as np
+    import torch
+
+    from attnlang.rows import chunks
+    from attnlang.runtime.tiles import schedule_for
+    from attnlang.simulate import pass_work
+
+    plan = attnlang.make_plan(p, block_m=tile, block_n=tile)
+    tgt = dataclasses.replace(load_target("cpu"), executor=dataclasses.replace(load_target("cpu").executor,
+                                                                              chunk_bytes=chunk_bytes))
+    (w,) = pass_work(plan, tgt, "forward", heads)
+    want = []
+    for gi, g in enumerate(plan.groups):
+        hc = sum(plan.group_for_head(h) is g for h in range(heads))
+        if not hc:
+            continue
+        s = schedule_for(plan, gi, None, torch.device("cpu"))
+        for c0, c1 in chunks(s.layout, hc, tile, tile, chunk_bytes):
+            W = s.layout.chunk_width(c0, c1)
+            bid = s.bias_id[c0:c1, :W].numpy()
+            want.append([hc * x for x in ((bid == 0).sum(), (bid >= 2).sum(), (bid == 1).sum(),
+                                          bid.size if (bid > 0).any() else 0,
+                                          bid.size if s.layout.window_step(c0, c1) is None else 0, c1 - c0)])
+    got = np.stack([w.full, w.partial, w.padding, w.masked, w.gathered, w.qtiles], axis=1)
+    assert got.tolist() == want

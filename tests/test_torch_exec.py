@@ -20,9 +20,9 @@ def test_band_schedule_is_windowed_and_masks_only_partial_tiles():
     p = Pattern.create(causal & sliding(20), 128)
     plan = oracle(p, 16, 16)
     s = schedule_for(plan, 0, None, torch.device("cpu"))
-    assert s.window_start is not None and s.identity
+    assert s.layout.window_start is not None and s.identity
     slots, bias_id = s.slots.numpy(), s.bias_id.numpy()
-    assert np.array_equal(slots, s.window_start[:, None] + np.arange(s.width))
+    assert np.array_equal(slots, s.layout.window_start[:, None] + np.arange(s.width))
     tm = plan.tile_map()
     for qt in range(plan.q_tiles):
         for j in range(s.width):
@@ -82,9 +82,9 @@ def test_uneven_rows_are_reordered_widest_first_and_stay_exact():
     p = Pattern.create((sliding(8) | global_(0, 4)) - keys_(range(40, 44)), 256)
     plan = attnlang.make_plan(p, block_m=16, block_n=16)
     s = schedule_for(plan, 0, None, torch.device("cpu"))
-    assert s.q_perm is not None and not s.q_identity
-    assert list(s.row_width) == sorted(s.row_width, reverse=True)
-    assert s.chunk_width(s.q_tiles - 1, s.q_tiles) < s.width
+    assert s.layout.q_perm is not None and not s.q_identity
+    assert list(s.layout.widths) == sorted(s.layout.widths, reverse=True)
+    assert s.layout.chunk_width(s.q_tiles - 1, s.q_tiles) < s.width
     torch.manual_seed(0)
     q = torch.randn(2, 4, 256, 16, requires_grad=True)
     k = torch.randn(2, 2, 256, 16, requires_grad=True)

@@ -3,13 +3,15 @@
     $ attnlang calibrate --target cpu
     wrote ~/.config/attnlang/targets/cpu.json (fp32 0.061 TFLOP/s per tile slot, ...)
 
-Runs the CPU ``torch`` backend (torch is imported only here) on the dense pattern and on four
+Runs the CPU ``torch`` backend (torch is imported only here) on the dense pattern and on seven
 sparse ones at one size (timed round-robin, medians of ``--repeat``), and fits the simulator's
 per-direction costs to the times by non-negative least squares:
 
-    time = CTAs * cta_overhead + slots * t_tile + masked slots * t_tile * mask_cost
+    time = calls * call_overhead + query tiles * tile_overhead + slots * t_tile
+           + masked slots * t_tile * mask_cost + gathered slots * t_tile * gather_cost
 
-with the slot counts the simulator itself derives from each plan (:func:`attnlang.simulate.pass_work`),
+with the counts the simulator itself derives from each plan (:func:`attnlang.simulate.pass_work`,
+which lays the plan out as the executor does: :mod:`attnlang.rows`),
 so a calibrated profile predicts what it measured and extrapolates from there. A fit that
 misses any measurement by more than 35% is refused with the measurements in the error. The
 profile goes to the user profile directory (``attnlang.targets.user_dir()``), where
@@ -75,23 +77,32 @@ def run(args: argparse.Namespace) -> int:
         raise AttnError(f"cannot write {out}: {e}") from None
     f = doc["forward"]
     print(f"wrote {out}: {doc['tflops']['fp32'] * 1e3:.1f} GFLOP/s per tile, mask cost {f['mask_cost']:.2f}, "
+          f"gather cost {f['gather_cost']:.2f}, per-call overhead {f['chunk_overhead_ns'] / 1e3:.1f} us, "
           f"per-query-tile overhead {f['cta_overhead_ns'] / 1e3:.1f} us, backward/forward "
           f"{doc['backward']['flop_ratio']:.2f}x, bandwidth {doc['bandwidth_gbs']:.1f} GB/s")
     return 0
 
 
-# The measured patterns, each exercising a different term of the model: dense (every slot full,
-# many per query tile), blocks of two sizes (full tiles only, fewer per query tile: separates
-# per-tile from per-query-tile cost), causal (ragged rows: padding and whole-row masks) and a
-# causal window (partial tiles on every row: the mask cost). Five measurements, three unknowns.
+# The measured patterns, each exercising a different term of the model: dense (many full slots
+# per query tile, one query tile per fused call), blocks of three sizes (full tiles only, fewer
+# per query tile, up to 32 query tiles per call: separates per-slot, per-query-tile and per-call
+# costs), causal (ragged rows: padding and masks on every call), a causal window (partial tiles
+# on every row: the mask cost) and two patterns whose rows are not windows of consecutive key
+# tiles (a sink tile beside each row's own tiles: the gather cost, with and without masks).
+# Eight measurements, five unknowns per direction.
 def calibration_patterns(n: int) -> dict[str, Any]:
-    from attnlang.pattern import Pattern, block, causal, full, sliding
+    from attnlang.pattern import Pattern, block, causal, full, sink, sliding
 
+    tile = 64  # the sink: one key tile at the CPU planner's 64-token tiles
     return {"full": Pattern.create(full, n, name="full"),
             "block(N/4)": Pattern.create(block(max(n // 4, 1)), n, name="block4"),
             "block(N/16)": Pattern.create(block(max(n // 16, 1)), n, name="block16"),
+            "block(N/64)": Pattern.create(block(max(n // 64, 1)), n, name="block64"),
             "causal": Pattern.create(causal, n, name="causal"),
-            "causal & sliding(N/8)": Pattern.create(causal & sliding(max(n // 8, 1)), n, name="causal_window")}
+            "causal & sliding(N/8)": Pattern.create(causal & sliding(max(n // 8, 1)), n, name="causal_window"),
+            "causal & (sliding(N/8) | sink)": Pattern.create(causal & (sliding(max(n // 8, 1)) | sink(tile)), n,
+                                                           name="causal_window_sink"),
+            "block(N/16) | sink": Pattern.create(block(max(n // 16, 1)) | sink(tile), n, name="block16_sink")}
 
 
 def time_patterns(patterns: dict[str, Any], heads: int, head_dim: int, repeat: int,
@@ -159,11 +170,11 @@ def _bandwidth_gbs() -> float:
 
 
 def fit_costs(features: np.ndarray, times: np.ndarray) -> np.ndarray:
-    """Non-negative least squares on *relative* errors, by enumerating the active set (3 unknowns).
+    """Non-negative least squares on *relative* errors, by enumerating the active set.
 
-    ``features [m, 3]`` = (CTAs, slots, masked slots) per measurement; returns
-    ``(cta seconds, slot seconds, mask seconds per masked slot)``. Each row is divided by its
-    measured time, so a 20 ms pattern counts as much as a 2 s one.
+    ``features [m, k]`` = (calls, query tiles, slots, masked slots, gathered slots) per
+    measurement; returns the seconds of each. Each row is divided by its measured time, so a
+    20 ms pattern counts as much as a 2 s one.
     """
     w = 1.0 / np.maximum(times, 1e-12)
     a, y = features * w[:, None], times * w
@@ -177,23 +188,26 @@ def fit_costs(features: np.ndarray, times: np.ndarray) -> np.ndarray:
             x[list(cols)] = sol
             err = float(np.sum((a @ x - y) ** 2))
             # Prefer the fit with the slot cost (the model's core) when errors tie.
-            if err < best_err - 1e-12 or (abs(err - best_err) <= 1e-12 and x[1] > 0 >= best[1]):
+            if err < best_err - 1e-12 or (abs(err - best_err) <= 1e-12 and x[SLOT] > 0 >= best[SLOT]):
                 best, best_err = x, err
     return best
 
 
 MAX_RESIDUAL = 0.35  # largest relative misfit of one calibration measurement that is accepted
+SLOT = 2  # column of the per-slot cost in features()
 
 
 def features(plan, target, direction: str, heads: int) -> list[float]:
-    """``(CTAs, tile slots, masked slots)`` of one plan and direction, as the simulator counts them
-    (:func:`attnlang.simulate.pass_work`), with backward passes weighted by their share."""
+    """``(calls, query tiles, slots, masked slots, gathered slots)`` of one plan and direction,
+    as the simulator counts them (:func:`attnlang.simulate.pass_work`), weighted by pass share."""
     from attnlang.simulate import pass_work
 
     ws = pass_work(plan, target, direction, heads)
     return [sum(len(w.full) for w in ws),
+            sum(float(w.qtiles.sum()) for w in ws),
             sum(float((w.full + w.partial + w.padding).sum()) * w.share for w in ws),
-            sum(float(w.masked.sum()) * w.share for w in ws)]
+            sum(float(w.masked.sum()) * w.share for w in ws),
+            sum(float(w.gathered.sum()) * w.share for w in ws)]
 
 
 def calibrate_cpu(n: int = 2048, heads: int = 8, head_dim: int = 64, repeat: int = 3,
@@ -209,6 +223,7 @@ def calibrate_cpu(n: int = 2048, heads: int = 8, head_dim: int = 64, repeat: int
     except ImportError:
         raise AttnError("calibrating the cpu target needs torch", hint="pip install torch") from None
     from attnlang.api import make_plan
+    from attnlang.rows import CHUNK_BYTES
     from attnlang.runtime import BACKENDS
     from attnlang.targets import load_target
 
@@ -231,8 +246,8 @@ def calibrate_cpu(n: int = 2048, heads: int = 8, head_dim: int = 64, repeat: int
             times[direction].append(t)
     fits = {d: fit_costs(np.array(feats[d]), np.array(times[d])) for d in feats}
     _check_fit(fits, feats, times, list(patterns))
-    cf, tf, mf = fits["forward"]
-    cb, tb, mb = fits["backward"]
+    callf, cf, tf, mf, gf = fits["forward"]
+    callb, cb, tb, mb, gb = fits["backward"]
     tile_flops = 4.0 * bm * bn * head_dim
     return {
         "name": "cpu", "kind": "cpu",
@@ -241,11 +256,12 @@ def calibrate_cpu(n: int = 2048, heads: int = 8, head_dim: int = 64, repeat: int
         "units": 1, "cores": torch.get_num_threads(),
         "tflops": {"fp32": tile_flops / tf / 1e12},
         "bandwidth_gbs": _bandwidth_gbs(), "head_dim": head_dim, "index_read_ns": 0.0,
-        "forward": {"efficiency": 1.0, "tile_fixed_ns": 0.0, "mask_cost": mf / tf, "cta_overhead_ns": cf * 1e9},
+        "forward": {"efficiency": 1.0, "tile_fixed_ns": 0.0, "mask_cost": mf / tf, "cta_overhead_ns": cf * 1e9,
+                    "chunk_overhead_ns": callf * 1e9, "gather_cost": gf / tf},
         "backward": {"efficiency": 1.0, "flop_ratio": tb / tf, "tile_fixed_ns": 0.0, "mask_cost": mb / tb,
-                     "cta_overhead_ns": cb * 1e9},
+                     "cta_overhead_ns": cb * 1e9, "chunk_overhead_ns": callb * 1e9, "gather_cost": gb / tb},
         "executor": {"pad_rows": base.executor.pad_rows, "mask_whole_row": base.executor.mask_whole_row,
-                     "backward": base.executor.backward},
+                     "backward": base.executor.backward, "chunk_bytes": CHUNK_BYTES},
         "calibration": {"n": n, "heads": heads, "head_dim": head_dim, "repeat": repeat,
                         "measurements": measurements,
                         "residuals": {d: _residuals(fits[d], feats[d], times[d]) for d in fits}},
@@ -262,7 +278,7 @@ def _check_fit(fits: dict, feats: dict, times: dict, names: list[str]) -> None:
     """Refuse a fit that is nonsense, naming the measurements and what would help."""
     problems = []
     for d, x in fits.items():
-        if x[1] <= 0:
+        if x[SLOT] <= 0:
             problems.append(f"{d}: no positive per-tile cost fits (the sparse patterns are not cheaper "
                             "per tile than dense)")
             continue
@@ -274,7 +290,7 @@ def _check_fit(fits: dict, feats: dict, times: dict, names: list[str]) -> None:
     if problems:
         table = "; ".join(f"{n}: forward {1e3 * f:.1f} ms, backward {1e3 * b:.1f} ms"
                           for n, f, b in zip(names, times["forward"], times["backward"]))
-        raise AttnError("calibration failed: the measurements do not fit time = query tiles * c + slots * t "
-                        "+ masked slots * t * mask_cost: " + "; ".join(problems) + f". Measured: {table}",
+        raise AttnError("calibration failed: the measurements do not fit time = calls * c0 + query tiles * c1 "
+                        "+ slots * t + masked slots * t * mask_cost + gathered slots * t * gather_cost: " + "; ".join(problems) + f". Measured: {table}",
                         hint="timings on a busy machine measure the load; rerun when it is quiet "
                              "(`uptime`), with a larger --repeat or --n")

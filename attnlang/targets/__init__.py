@@ -22,13 +22,18 @@ Schema (every field required unless marked optional; times in nanoseconds)::
     forward, backward      {efficiency: dense kernel's fraction of tflops,
                             tile_fixed_ns: per-tile cost that does not scale with head_dim,
                             mask_cost: extra time of a partial tile, as a fraction of a full one,
-                            cta_overhead_ns: per query tile (CTA) cost: Q load, epilogue}
+                            cta_overhead_ns: per query tile (CTA) cost: Q load, epilogue,
+                            chunk_overhead_ns: optional (0), per fused call (chunk executors),
+                            gather_cost: optional (0), extra time of a key tile read by index
+                                         rather than as a strided view, as a fraction of a full
+                                         tile (chunk executors)}
     backward.flop_ratio    float  backward FLOPs / forward FLOPs (2.5 for FlashAttention-2)
     executor        optional {pad_rows: bool, mask_whole_row: bool,
-                              backward: "two-pass" | "query-major"}: how the backend walks a
-                    plan (defaults: false, false, "two-pass" = generated GPU kernels; the CPU
-                    torch executor pads ragged rows, masks whole rows, and runs a query-major
-                    backward)
+                              backward: "two-pass" | "query-major", chunk_bytes: int}: how the
+                    backend walks a plan (defaults: false, false, "two-pass", 0 = generated GPU
+                    kernels, a CTA per tile; the CPU torch executor has chunk_bytes > 0: one
+                    fused call per chunk of query tiles, laid out as ``attnlang.rows`` does,
+                    which decides padding and masks itself, and a query-major backward)
     calibration     optional: what ``attnlang calibrate`` measured
 """
 from __future__ import annotations
@@ -45,6 +50,7 @@ PACKAGED = pathlib.Path(__file__).parent
 REQUIRED = ("name", "kind", "description", "source", "units", "tflops", "bandwidth_gbs", "head_dim",
             "index_read_ns", "forward", "backward")
 PASS_FIELDS = ("efficiency", "tile_fixed_ns", "mask_cost", "cta_overhead_ns")
+OPTIONAL_PASS_FIELDS = ("chunk_overhead_ns", "gather_cost")
 KINDS = ("gpu", "cpu")
 
 
@@ -57,6 +63,8 @@ class PassCosts:
     mask_cost: float  # partial tile = (1 + mask_cost) x full tile
     cta_overhead_ns: float  # per CTA (query tile, or key tile in the dK/dV pass)
     flop_ratio: float = 1.0  # FLOPs relative to the forward (backward: 2.5)
+    chunk_overhead_ns: float = 0.0  # per fused call (chunk executors)
+    gather_cost: float = 0.0  # gathered key tile = (1 + gather_cost) x full tile (chunk executors)
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,7 @@ class Executor:
     pad_rows: bool = False  # ragged query-tile rows padded to the widest row of their head group
     mask_whole_row: bool = False  # a row with any partial/dummy slot pays the mask on every slot
     backward: str = "two-pass"  # "two-pass" (dK/dV pass + dQ pass) | "query-major"
+    chunk_bytes: int = 0  # > 0: one fused call per chunk of query tiles of this many fp32 scores
 
 
 @dataclass(frozen=True)
@@ -152,8 +161,8 @@ def target_from_dict(doc: Any, path: str = "<dict>") -> Target:
             continue
         want = PASS_FIELDS + (("flop_ratio",) if direction == "backward" else ())
         problems += [f"missing field '{direction}.{f}'" for f in want if f not in sec]
-        problems += [f"'{direction}.{f}' = {sec[f]!r} must be a non-negative number" for f in want
-                     if f in sec and not _nonneg(sec[f])]
+        problems += [f"'{direction}.{f}' = {sec[f]!r} must be a non-negative number"
+                     for f in want + OPTIONAL_PASS_FIELDS if f in sec and not _nonneg(sec[f])]
         if _nonneg(sec.get("efficiency")) and not 0 < sec["efficiency"] <= 1:
             problems.append(f"'{direction}.efficiency' = {sec['efficiency']} must lie in (0, 1]")
     if "kind" in doc and doc["kind"] not in KINDS:
@@ -169,10 +178,11 @@ def target_from_dict(doc: Any, path: str = "<dict>") -> Target:
     if "tflops" in doc and not (isinstance(tf, dict) and tf and all(_nonneg(v) and v > 0 for v in tf.values())):
         problems.append(f"'tflops' = {tf!r} must map dtypes to positive numbers, e.g. {{\"bf16\": 989}}")
     ex = doc.get("executor", {})
-    if not isinstance(ex, dict) or set(ex) - {"pad_rows", "mask_whole_row", "backward"} \
-            or ex.get("backward", "two-pass") not in ("two-pass", "query-major"):
-        problems.append(f"'executor' = {ex!r} must be an object with pad_rows, mask_whole_row (booleans) "
-                        "and backward (\"two-pass\" or \"query-major\")")
+    if not isinstance(ex, dict) or set(ex) - {"pad_rows", "mask_whole_row", "backward", "chunk_bytes"} \
+            or ex.get("backward", "two-pass") not in ("two-pass", "query-major") \
+            or not (isinstance(ex.get("chunk_bytes", 0), int) and ex.get("chunk_bytes", 0) >= 0):
+        problems.append(f"'executor' = {ex!r} must be an object with pad_rows, mask_whole_row (booleans), "
+                        "backward (\"two-pass\" or \"query-major\") and chunk_bytes (a non-negative integer)")
         ex = {}
     if problems:
         raise AttnError(f"target profile {path} is invalid: " + "; ".join(problems),
@@ -180,7 +190,8 @@ def target_from_dict(doc: Any, path: str = "<dict>") -> Target:
 
     def costs(sec: dict) -> PassCosts:
         return PassCosts(float(sec["efficiency"]), float(sec["tile_fixed_ns"]), float(sec["mask_cost"]),
-                         float(sec["cta_overhead_ns"]), float(sec.get("flop_ratio", 1.0)))
+                         float(sec["cta_overhead_ns"]), float(sec.get("flop_ratio", 1.0)),
+                         float(sec.get("chunk_overhead_ns", 0.0)), float(sec.get("gather_cost", 0.0)))
 
     return Target(str(doc["name"]), doc["kind"], str(doc["description"]), str(doc["source"]), doc["units"],
                   {str(k): float(v) for k, v in doc["tflops"].items()}, float(doc["bandwidth_gbs"]),
