@@ -446,11 +446,22 @@ def _makespan(works: np.ndarray, units: int) -> float:
 
 def _permute_seconds(plan: Plan, tgt: Target, dtype: str, head_dim: int, batch: int, heads: int) -> float:
     """Gathering Q, K, V into kernel order and scattering O back (forward; dO, dQ, dK, dV in
-    the backward): four tensors read and written once each, at the target's bandwidth."""
-    if plan.order is None:
+    the backward): four tensors read and written once each, at the target's bandwidth. A chunk
+    executor that sorts a head group's uneven rows (:mod:`attnlang.rows`) moves the queries
+    alone: Q gathered and O scattered, two tensors, for the heads of such groups."""
+    per_head = 2 * batch * plan.n_kernel * head_dim * DTYPE_BYTES[dtype] / (tgt.bandwidth_gbs * 1e9)
+    if plan.order is not None:
+        return 4 * heads * per_head
+    if not tgt.executor.chunk_bytes:
         return 0.0
-    nbytes = 4 * 2 * batch * heads * plan.n_kernel * head_dim * DTYPE_BYTES[dtype]
-    return nbytes / (tgt.bandwidth_gbs * 1e9)
+    from attnlang.rows import row_layout
+
+    sorted_ = {}
+    for h in range(heads):
+        g = plan.group_for_head(h)
+        if id(g) not in sorted_:
+            sorted_[id(g)] = row_layout(g.full, g.partial).q_perm is not None
+    return 2 * per_head * sum(sorted_[id(plan.group_for_head(h))] for h in range(heads))
 
 
 def _routing_seconds(p, tgt: Target, dtype: str, head_dim: int, batch: int, heads: int) -> float:
