@@ -9,9 +9,11 @@ For every pattern of ``examples/*.attn`` at its published defaults (bf16, ``D = 
 * ``sdpa`` — dense ``scaled_dot_product_attention`` with no mask (FlashAttention): the baseline,
 
 Routed patterns (``route``: MoBA, VMoBA, BiFormer, PBS) are timed end to end per call — routing
-stage (torch ops), per-item planning and the kernel with per-call tables — since that is what a
-call costs; their density comes from one call's selection, and the flex column is not measured
-for them. ``pyramid`` patterns (PSA) have no Triton kernel yet and are listed as skipped.
+stage (Triton routing kernels), per-item planning and the kernel with per-call tables — since
+that is what a call costs; their density comes from one call's selection, and the flex column is
+not measured for them. The routing stage alone is also timed (one batch item, forward only), with
+the Triton kernels and with the torch ops, and printed as a note under the table. ``pyramid``
+patterns (PSA) have no Triton kernel yet and are listed as skipped.
 
 their TFLOP/s counted on the allowed pairs (``4 * B * H * pairs * D``; dense counts ``N^2``),
 the speedup over dense, and the simulator's predicted speedup for the same plan and GPU. Prints
@@ -62,6 +64,11 @@ def _target(torch) -> str:
     return "b200" if major >= 10 else "h100" if major == 9 else "a100"
 
 
+def _ms(t) -> str:
+    """Seconds as milliseconds for the report; ``—`` when not measured."""
+    return "—" if t is None else f"{t * 1e3:.3f}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="*", help="pattern or example file names to run")
@@ -78,6 +85,7 @@ def main() -> int:
     import attnlang
     from attnlang.runtime.call import check_call
     from attnlang.runtime.flex import to_block_mask
+    from attnlang.runtime.routing import pattern_content
     from attnlang.runtime.triton import load_module
 
     flex = torch.compile(flex_attention, dynamic=False)
@@ -106,10 +114,10 @@ def main() -> int:
         dense_flops = 4.0 * H * N * N * D * (3.5 if args.backward else 1.0)
         flops = dense_flops * (pairs / (H * N * N)) if pairs else None
 
-        def bench(fn):
+        def bench(fn, backward=args.backward):
             def step():
                 out = fn()
-                if args.backward:
+                if backward:
                     out.backward(do)
             try:
                 step()  # compile / autotune outside the timing
@@ -123,6 +131,12 @@ def main() -> int:
         if routed:  # routing + planning + kernel: the whole per-call cost
             fn = attnlang.compile(p, backend="triton")
             t_ours = bench(lambda: fn(q, k, v))
+            # The routing stage alone (its decisions come back to the host, so the timing syncs).
+            qd, kd, scale = q[0].detach(), k[0].detach(), D ** -0.5
+            t_kern = bench(lambda: pattern_content(p, qd, kd, scale, kernels=True), backward=False)
+            t_torch = bench(lambda: pattern_content(p, qd, kd, scale), backward=False)
+            notes.append(f"{name}: routing stage {_ms(t_kern)} ms with the Triton kernels, {_ms(t_torch)} ms "
+                         "with torch ops (one batch item; part of the attnlang ms column)")
         else:
             module = load_module(plan, target)
             t_ours = bench(lambda: module.attention(q, k, v))
@@ -146,14 +160,11 @@ def main() -> int:
           "SDPA dense ms | TFLOP/s | attnlang vs dense | simulator predicts |")
     print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for fname, name, N, bm, bn, dens, t_o, t_f, t_s, fl, dfl, sim in rows:
-        def ms(t):
-            return "—" if t is None else f"{t * 1e3:.3f}"
-
         def tf(f, t):
             return "—" if t is None or f is None else f"{f / t / 1e12:.0f}"
         speed = "—" if t_o is None or t_s is None else f"{t_s / t_o:.2f}x"
         print(f"| {fname} | {name} | {N} | {bm}x{bn} | {'—' if dens is None else f'{dens:.4f}'} | "
-              f"{ms(t_o)} | {tf(fl, t_o)} | {ms(t_f)} | {tf(fl, t_f)} | {ms(t_s)} | {tf(dfl, t_s)} | "
+              f"{_ms(t_o)} | {tf(fl, t_o)} | {_ms(t_f)} | {tf(fl, t_f)} | {_ms(t_s)} | {tf(dfl, t_s)} | "
               f"{speed} | {'—' if sim is None else f'{sim:.2f}x'} |")
     for n in notes:
         print(f"\n- {n}")

@@ -125,7 +125,9 @@ def main():
                     from torch.nn.attention.flex_attention import flex_attention
 
                     bmask = flex_block_mask(call, sp)
-                    cf = torch.compile(flex_attention)
+                    # Static shapes: after the first family, dynamo would otherwise recompile with
+                    # dynamic shapes, and inductor fails on PBS's mask_mod then (not on its own).
+                    cf = torch.compile(flex_attention, dynamic=False)
                     cf(q, k, v, block_mask=bmask)  # compile here: inductor may fail on the mask_mod
                     runs["flex"] = lambda: cf(q, k, v, block_mask=bmask)
                 except Exception as e:  # noqa: BLE001 - report, do not hide

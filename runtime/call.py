@@ -51,13 +51,15 @@ class Call:
         """Batch item ``b``'s runtime inputs as numpy (what the IR and planner read)."""
         return {name: t[b].detach().cpu().numpy() for name, t in self.inputs.items()}
 
-    def content(self, b: int = 0) -> dict:
+    def content(self, b: int = 0, kernels: bool = False) -> dict:
         """Batch item ``b``'s routing decisions (``route``), computed once per call on first use
-        by the torch routing stage; ``{}`` for patterns that do not read Q/K."""
+        by the torch routing stage (by its Triton kernels with ``kernels``, as the triton backend
+        asks); ``{}`` for patterns that do not read Q/K."""
         if b not in self._content:
             from attnlang.runtime.routing import pattern_content
 
-            self._content[b] = pattern_content(self.pattern, self.q[b].detach(), self.k[b].detach(), self.scale)
+            self._content[b] = pattern_content(self.pattern, self.q[b].detach(), self.k[b].detach(), self.scale,
+                                               kernels)
         return self._content[b]
 
     def plan(self, b: int = 0) -> Plan:

@@ -18,9 +18,9 @@ into tiles so one fused attention call runs many tiles at once. Routed query gro
 selected blocks. The class of ``base``/``extra`` on every (group, block) pair is tabulated
 exactly once per pattern by the planner's tile rules; only pairs where it is partial (or keys
 are padding) get a mask. Work follows the selected pairs, not the tiles they touch. The
-pieces' ``(out, lse)`` are merged by log-sum-exp, which is exact: the key sets are disjoint.
-Gradients flow through the pieces and the merge to Q, K, V; the selection itself is not
-differentiated.
+pieces' ``(out, lse)`` are merged by log-sum-exp chunk by chunk, which is exact: the key sets are
+disjoint. The backward recomputes every piece against the merged output (exact for disjoint
+key sets), so gradients reach Q, K, V; the selection itself is not differentiated.
 
 >>> import torch, attnlang
 >>> fn = attnlang.compile("pattern p { tokens n[256]\\n attend moba(size = 32, top = 3) }", "p", backend="torch")
@@ -51,6 +51,7 @@ CHUNK_BYTES = 4 << 20  # fp32 scores per fused call (as the tile executor)
 MIN_BLOCK = 4  # smaller key blocks take the generic plan: a row per (query, key or two) is all overhead
 GROUP_ROWS = 16  # query groups of at least this many tokens run as tiles of their own (PBS, BiFormer)
 BIAS_CACHE_BYTES = 64 << 20  # the static part's chunk biases are kept when they take at most this
+MERGE_SLACK = 20.0  # a merged row's reference moves only when a piece's lse exceeds it by this
 USE_FAST = True  # tests switch this off to compare with the generic per-call plan
 
 
@@ -153,6 +154,7 @@ class Tiles:
     row_empty: torch.Tensor  # bool [T * BM]: rows whose mask allows no key
     dest: torch.Tensor  # int64 [T * BM]: output row (b*Hq + h)*N + token; B*Hq*N for padding
     chunk_bias: dict | None = None  # static tiles keep chunk biases (by mask ids, up to BIAS_CACHE_BYTES)
+    shift = 0.0  # not a field: these keys are never pooled (GroupTiles.shift)
 
     @property
     def count(self) -> int:
@@ -208,13 +210,11 @@ def _tokens_by(ids: np.ndarray, count: int) -> np.ndarray:
     return out
 
 
-def _tile_rows(h: np.ndarray, blk: np.ndarray, rows: np.ndarray) -> int:
+def _tile_rows(rows: int, buckets: int) -> int:
     """Query rows per tile: big tiles share one gathered key block among more queries, but a
-    (head, block) bucket's last tile is padded; a power of two near half the mean bucket, 16..256."""
-    if not len(h):
-        return 16
-    per = np.bincount(h * (blk.max() + 1) + blk, weights=rows)
-    mean = per[per > 0].mean()
+    (head, block) bucket's last tile is padded; a power of two near half the mean bucket
+    (``rows`` over ``buckets`` non-empty ones), 16..256."""
+    mean = rows / max(buckets, 1)
     return int(min(256, max(16, 2 ** math.floor(math.log2(max(mean / 2, 1))))))
 
 
@@ -229,32 +229,45 @@ def _tile_pairs(h, g, blk, part, gtok: np.ndarray, keys, expr: Expr, natural: np
     evaluated per element only where that class is PARTIAL. Unmasked tiles come first, so most
     chunks run without a bias.
     """
-    o = np.lexsort((part, blk, h))
-    h, g, blk, part = h[o], g[o], blk[o], part[o]
+    nb = int(blk.max()) + 1 if len(blk) else 1
+    key = h * nb
+    key += blk
+    if part.any() or (key[1:] < key[:-1]).any():  # routed pairs usually come in this order already
+        o = np.lexsort((part, blk, h))
+        h, g, blk, part, key = h[o], g[o], blk[o], part[o], key[o]
     tok = gtok[g]
     ok = tok >= 0
-    rh, rblk, rpart, rg = (np.broadcast_to(x[:, None], tok.shape)[ok] for x in (h, blk, part, g))
-    rtok = tok[ok]
-    nb = int(blk.max()) + 1 if len(blk) else 1
-    bucket = rh * nb + rblk
+    if ok.all() and tok.shape[1] == 1:  # one token per group (MoBA, VMoBA): rows are the pairs
+        rh, rblk, rpart, rg, rtok, bucket = h, blk, part, g, tok[:, 0], key
+    else:
+        rh, rblk, rpart, rg = (np.broadcast_to(x[:, None], tok.shape)[ok] for x in (h, blk, part, g))
+        rtok = tok[ok]
+        bucket = rh * nb + rblk
     starts = np.nonzero(np.concatenate([[True], bucket[1:] != bucket[:-1]]))[0] if len(bucket) else np.zeros(0, int)
     size = np.diff(np.concatenate([starts, [len(bucket)]]))
     ntiles = -(-size // bm)
-    rank = np.arange(len(bucket)) - np.repeat(starts, size)
-    tile = np.repeat(np.cumsum(ntiles) - ntiles, size) + rank // bm
     T = int(ntiles.sum())
+    # Row i of bucket j goes to padded position i + (first padded row of j) - (first row of j):
+    # a running sum of steps of 1 that jump by the padding at bucket starts (one array of rows,
+    # which matters at millions of per-token rows).
+    pos = np.ones(len(bucket), dtype=np.int64)
+    if len(bucket):
+        pos[0] = 0
+        pos[starts[1:]] += np.diff((np.cumsum(ntiles) - ntiles) * bm - starts)
+        np.cumsum(pos, out=pos)
     th, tb = np.repeat(rh[starts], ntiles), np.repeat(rblk[starts], ntiles)
     kt = keys(th, tb)
     q_tok = np.full((T, bm), -1, dtype=np.int64)
-    q_tok[tile, rank % bm] = rtok
+    q_tok.reshape(-1)[pos] = rtok
     rowpart = np.zeros((T, bm), dtype=bool)
-    rowpart[tile, rank % bm] = rpart
     q_grp = np.zeros((T, bm), dtype=np.int64)
-    q_grp[tile, rank % bm] = rg
+    if rpart.any():
+        rowpart.reshape(-1)[pos] = rpart
+        q_grp.reshape(-1)[pos] = rg
     need = rowpart.any(1) | (kt < 0).any(1)
-    # Unmasked tiles first, then masked ones.
-    order = np.argsort(need, kind="stable")
-    th, kt, q_tok, rowpart, need, q_grp = th[order], kt[order], q_tok[order], rowpart[order], need[order], q_grp[order]
+    if need.any():  # unmasked tiles first, then masked ones
+        order = np.argsort(need, kind="stable")
+        th, kt, q_tok, rowpart, need, q_grp = (x[order] for x in (th, kt, q_tok, rowpart, need, q_grp))
     masked = np.nonzero(need)[0]
     allow = np.broadcast_to((kt[masked] >= 0)[:, None, :], (len(masked), bm, kt.shape[1])).copy()
     # Partial rows: the (group, natural key block) class decides most keys; `expr` runs on the
@@ -284,11 +297,9 @@ def _place(locs: list[tuple[_Local, int]], call: Call) -> Tiles:
     q_rows, k_rows, mask_id, allows = [], [], [], []
     t0 = m0 = 0
     for loc, b in locs:
-        bm = loc.block_m
-        hrow = np.repeat(loc.head, bm)
-        good = loc.q_tok >= 0
-        qr = np.where(good, (b * Hq + hrow) * N + loc.q_tok, B * Hq * N)
-        q_rows.append(qr)
+        qr = loc.q_tok.reshape(len(loc.head), -1) + ((b * Hq + loc.head) * N)[:, None]
+        qr[loc.q_tok.reshape(qr.shape) < 0] = B * Hq * N
+        q_rows.append(qr.reshape(-1))
         kv = loc.head // (Hq // Hkv)
         k_rows.append(np.where(loc.k_tok >= 0, (b * Hkv + kv[:, None]) * N + loc.k_tok, B * Hkv * N))
         mask_id.append(np.where(loc.mask_id >= 0, loc.mask_id + m0, -1))
@@ -323,6 +334,7 @@ class GroupTiles:
     slot_allow: torch.Tensor  # bool [P, BM, bk]
     row_empty: torch.Tensor  # bool [T * BM]
     dest: torch.Tensor  # int64 [T * BM]
+    shift: float = 0.0  # added to every row's lse before the merge: ln(l) for keys pooled l to 1 (PSA)
 
     @property
     def count(self) -> int:
@@ -369,6 +381,7 @@ def _group_tiles(call: Call, sp: Split, pairs: list, gtok: np.ndarray, kblock: n
     bk, bm, G = math.prod(r.block), gtok.shape[1], gtok.shape[0]
     env = Env(lay)
     per = []
+    t0 = 0
     for b, h, g, blk, part, keys in pairs:
         o = np.lexsort((blk, g, h))
         h, g, blk, part = h[o], g[o], blk[o], part[o]
@@ -377,49 +390,38 @@ def _group_tiles(call: Call, sp: Split, pairs: list, gtok: np.ndarray, kblock: n
         kc = np.diff(np.concatenate([starts, [len(run)]]))
         rank = np.arange(len(run)) - np.repeat(starts, kc)
         tile = np.repeat(np.arange(len(starts)), kc)
-        kt = np.full((len(starts), int(kc.max()), bk), -1, dtype=np.int64)
-        kt[tile, rank] = keys(h, blk)
+        pk = keys(h, blk)  # [pairs, bk] key tokens, -1 padding
         # Masked pairs (partial, or a ragged block with padding keys): the class per (group,
         # natural block of each key), `expr` where that is partial.
-        pi = np.nonzero(part | (kt[tile, rank] < 0).any(-1))[0]
-        pk = kt[tile[pi], rank[pi]]  # [P, bk]
-        c = np.where(part[pi, None], sp.natural[g[pi][:, None], kblock[np.maximum(pk, 0)]], FULL)
-        c = np.where(pk >= 0, c, EMPTY)  # padding keys are never allowed
+        pi = np.nonzero(part | (pk < 0).any(-1))[0]
+        mk = pk[pi]  # [P, bk]
+        c = np.where(part[pi, None], sp.natural[g[pi][:, None], kblock[np.maximum(mk, 0)]], FULL)
+        c = np.where(mk >= 0, c, EMPTY)  # padding keys are never allowed
         ok = np.broadcast_to((c == FULL)[:, None, :], (len(pi), bm, bk)).copy()
         qt = gtok[g[pi]]  # [P, bm]
         ii, jj = np.nonzero(c == PARTIAL)
         if len(ii):
             qq = np.maximum(qt[ii], 0)  # [E, bm]
             ok[ii, :, jj] = np.broadcast_to(
-                sp.extra.allowed(lay.points(qq), lay.points(pk[ii, jj][:, None]), env), qq.shape)
-        per.append((b, h[starts], g[starts], kc, kt, tile[pi], rank[pi], ok))
+                sp.extra.allowed(lay.points(qq), lay.points(mk[ii, jj][:, None]), env), qq.shape)
+        kv = h // (Hq // Hkv)
+        flat = np.where(pk >= 0, ((b * Hkv + kv) * N)[:, None] + pk, B * Hkv * N)  # flat key rows
+        per.append((np.full(len(starts), b), h[starts], g[starts], kc, tile + t0, rank, flat, tile[pi] + t0,
+                    rank[pi], ok))
+        t0 += len(starts)
     # One ordering for all batch items: tiles by block count.
-    kmax = max(int(x[3].max()) for x in per)
-    tb_, th_, tg_, kc_, kt_, st_, si_, sa_ = [], [], [], [], [], [], [], []
-    t0 = 0
-    for b, th, tg, kc, kt, st, si, sa in per:
-        tb_.append(np.full(len(th), b))
-        th_.append(th)
-        tg_.append(tg)
-        kc_.append(kc)
-        kt_.append(np.pad(kt, ((0, 0), (0, kmax - kt.shape[1]), (0, 0)), constant_values=-1))
-        st_.append(st + t0)
-        si_.append(si)
-        sa_.append(sa)
-        t0 += len(th)
-    tb, th, tg, kc, kt = (np.concatenate(x) for x in (tb_, th_, tg_, kc_, kt_))
-    st, si, sa = np.concatenate(st_), np.concatenate(si_), np.concatenate(sa_)
+    tb, th, tg, kc, ptile, prank, flat, st, si, sa = (np.concatenate(x) for x in zip(*per))
     order = np.argsort(kc, kind="stable")
     new_of = np.empty_like(order)
     new_of[order] = np.arange(len(order))
-    tb, th, tg, kc, kt = tb[order], th[order], tg[order], kc[order], kt[order]
+    tb, th, tg, kc = tb[order], th[order], tg[order], kc[order]
+    kr = np.full((len(kc), int(kc.max()), bk), B * Hkv * N, dtype=np.int64)
+    kr[new_of[ptile], prank] = flat
     st = new_of[st]
     so = np.argsort(st, kind="stable")
     st, si, sa = st[so], si[so], sa[so]
     q_tok = gtok[tg]  # [T, bm]
     qr = np.where(q_tok >= 0, (tb[:, None] * Hq + th[:, None]) * N + q_tok, B * Hq * N)
-    kv = th // (Hq // Hkv)
-    kr = np.where(kt >= 0, (tb[:, None, None] * Hkv + kv[:, None, None]) * N + kt, B * Hkv * N)
     # A row sees nothing only if its tile has no full block and no partial block allows it.
     full_blocks = kc - np.bincount(st, minlength=len(kc))
     some = np.broadcast_to((full_blocks > 0)[:, None], q_tok.shape).copy()
@@ -442,7 +444,7 @@ def _base_tiles(sp: Split, call: Call) -> _Local | None:
         h = np.zeros(len(g), np.int64)
         sp.cache["base"] = None if not len(g) else _tile_pairs(
             h, g, blk, part, gtok, lambda th, tb: btok[tb], sp.base, sp.base_classes, block_ids(r, lay), lay,
-            BLOCK_M or _tile_rows(h, blk, (gtok[g] >= 0).sum(1)))
+            BLOCK_M or _tile_rows(int((gtok[g] >= 0).sum()), len(np.unique(blk))))
     return sp.cache["base"]
 
 
@@ -452,6 +454,8 @@ def tiles(call: Call, sp: Split) -> list[Tiles]:
     r, lay = sp.route, call.pattern.layout
     N, Hq = lay.n, call.heads
     gtok = _tokens_by(group_ids(r, lay), r.groups(lay))
+    gsize = (gtok >= 0).sum(1)
+    has_partial = bool((sp.classes == PARTIAL).any())
     kblock = block_ids(r, lay)
     btok = _tokens_by(kblock, r.blocks(lay))
     bk = math.prod(r.block)
@@ -470,11 +474,14 @@ def tiles(call: Call, sp: Split) -> list[Tiles]:
     routed, grouped, bm = [], [], None
     for b in range(call.batch):
         content = call.content(b)
-        h, g, blk = np.nonzero(content[r])
-        cls = sp.classes[g, blk]
-        keep = cls != EMPTY
-        if not keep.any():
+        sel = content[r] & (sp.classes != EMPTY)[None]  # selected pairs where `extra` allows something
+        if gtok.shape[1] < GROUP_ROWS:  # rows by (head, block, group): the order tiles are cut in
+            h, blk, g = np.nonzero(sel.transpose(0, 2, 1))
+        else:
+            h, g, blk = np.nonzero(sel)
+        if not len(h):
             continue
+        part = sp.classes[g, blk] == PARTIAL if has_partial else np.zeros(len(h), dtype=bool)
         if r.permute is None:
             keys = lambda th, tb: btok[tb]  # noqa: E731
         else:
@@ -483,13 +490,13 @@ def tiles(call: Call, sp: Split) -> list[Tiles]:
             def keys(th, tb, perm=perm):
                 pos = tb[:, None] * bk + np.arange(bk)[None]
                 return np.where(pos < N, perm[th[:, None], np.minimum(pos, N - 1)], -1)
-        h, g, blk = h[keep], g[keep], blk[keep]
         if gtok.shape[1] >= GROUP_ROWS:
-            grouped.append((b, h, g, blk, cls[keep] == PARTIAL, keys))
+            grouped.append((b, h, g, blk, part, keys))
             continue
-        bm = bm or BLOCK_M or _tile_rows(h, blk, (gtok[g] >= 0).sum(1))  # one tile size per call
-        routed.append((_tile_pairs(h, g, blk, cls[keep] == PARTIAL, gtok, keys, sp.extra, sp.natural, kblock,
-                                   lay, bm), b))
+        # One tile size per call, from the rows and non-empty (head, block) buckets of the first item.
+        bm = bm or BLOCK_M or _tile_rows(int((np.count_nonzero(sel, axis=(0, 2)) * gsize).sum()),
+                                         int(np.count_nonzero(sel.any(1))))
+        routed.append((_tile_pairs(h, g, blk, part, gtok, keys, sp.extra, sp.natural, kblock, lay, bm), b))
     if routed:
         out.append(_place(routed, call))
     if grouped:
@@ -512,59 +519,104 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(1, x.shape[-1])])
 
 
+def _merge(m: torch.Tensor, den: torch.Tensor, num: torch.Tensor, dest: torch.Tensor, o: torch.Tensor,
+           lse: torch.Tensor) -> None:
+    """Fold one chunk's rows ``(o [R, D], lse [R])`` into the running log-sum-exp merge of their
+    destination rows: reference ``m``, ``den = sum exp(lse - m)``, ``num = sum o exp(lse - m)``.
+
+    Exact, as the key sets of a row's pieces are disjoint; merging chunk by chunk keeps the
+    pieces in cache instead of materialising one row per (query, block) pair. ``m`` is the first
+    piece's ``lse`` and moves (rescaling the sums) only when a piece exceeds it by ``MERGE_SLACK``:
+    weights stay below ``exp(MERGE_SLACK)``, and most chunks skip the rescale. A destination may
+    repeat inside a chunk: its rescale then writes the same value more than once.
+    """
+    old = m.index_select(0, dest)
+    up = lse > old + MERGE_SLACK  # every row's first piece, and pieces far above the reference
+    new = old
+    if up.any():
+        m.scatter_reduce_(0, dest[up], lse[up], "amax")
+        new = m.index_select(0, dest)
+        grow = (new > old) & (old > float("-inf"))  # rows merged before whose reference rises
+        if grow.any():
+            g = dest[grow]
+            f = torch.exp(old[grow] - new[grow])
+            den.index_copy_(0, g, den.index_select(0, g) * f)
+            num.index_copy_(0, g, num.index_select(0, g) * f[:, None])
+    w = torch.exp(lse - torch.where(new > float("-inf"), new, torch.zeros_like(new)))  # 0 where nothing is allowed
+    den.index_add_(0, dest, w)
+    num.index_add_(0, dest, o * w[:, None])
+
+
 class _Routed(torch.autograd.Function):
-    """Rows x key block attention of several tile sets: ``(out [T*BM, D], lse [T*BM])`` per set."""
+    """Attention of every query row over the union of several tile sets' key sets:
+    ``(out [B*Hq*N, D], lse [B*Hq*N])`` fp32, merged on the fly.
+
+    The backward recomputes each chunk against the *merged* ``out`` and ``lse`` of its rows
+    (``p = exp(s + shift - lse)``, ``delta = dO . out``), which is exact for disjoint key sets
+    and lets the fused CPU backward run; only a gradient flowing into ``lse`` takes the
+    explicit kernel. ``k``/``v`` may be any key rows the sets index (PSA passes pooled keys).
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, sets: list[Tiles], scale: float):
         from attnlang.runtime.torch_exec import _chunk_forward
 
-        D = q.shape[-1]
+        D, rows = q.shape[-1], q[..., 0].numel()
         qf, kf, vf = _flat(q), _flat(k), _flat(v)  # once for every set
-        results, raws = [], []
+        m = torch.full((rows + 1,), float("-inf"), device=q.device)  # the last row: padding's sink
+        den = torch.zeros(rows + 1, device=q.device)
+        num = torch.zeros((rows + 1, D), device=q.device)
         with torch.no_grad():
             for tl in sets:
                 bm = tl.block_m
-                out = qf.new_empty((tl.count * bm, D))
-                raw = qf.new_empty(tl.count * bm)
                 for c0, c1 in tl.chunks():
-                    qg = qf.index_select(0, tl.q_rows[c0 * bm:c1 * bm]).view(1, c1 - c0, bm, D)
+                    rs = slice(c0 * bm, c1 * bm)
+                    qg = qf.index_select(0, tl.q_rows[rs]).view(1, c1 - c0, bm, D)
                     idx = tl.key_rows(c0, c1)
                     kg = kf.index_select(0, idx).view(1, c1 - c0, -1, D)
                     vg = vf.index_select(0, idx).view(1, c1 - c0, -1, D)
                     o, l = _chunk_forward(qg, kg, vg, tl.bias(c0, c1), scale)
-                    out[c0 * bm:c1 * bm] = o.reshape(-1, D)
-                    raw[c0 * bm:c1 * bm] = l.reshape(-1)
-                out[tl.row_empty] = 0.0
-                results += [out, raw.masked_fill(tl.row_empty, float("-inf"))]
-                raws.append(raw)
+                    o, l, empty = o.reshape(-1, D), l.reshape(-1), tl.row_empty[rs]
+                    if empty.any():  # a masked row with nothing allowed: lse = -inf (the fused op says 0)
+                        o, l = o.masked_fill(empty[:, None], 0.0), l.masked_fill(empty, float("-inf"))
+                    _merge(m, den, num, tl.dest[rs], o, l + tl.shift if tl.shift else l)
+            some = den[:rows] > 0
+            safe = torch.where(some, den[:rows], torch.ones_like(den[:rows]))
+            out = num[:rows] / safe[:, None]
+            lse = torch.where(some, m[:rows] + torch.log(safe), torch.full_like(safe, float("-inf")))
         ctx.sets, ctx.scale = sets, scale
-        ctx.save_for_backward(q, k, v, *results[::2], *raws)
-        return tuple(results)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.set_materialize_grads(False)
+        return out, lse
 
     @staticmethod
-    def backward(ctx, *grads):
+    def backward(ctx, dout, dlse):
         from attnlang.runtime.torch_exec import _chunk_backward
 
-        q, k, v, *saved = ctx.saved_tensors
-        sets: list[Tiles] = ctx.sets
-        outs, raws = saved[:len(sets)], saved[len(sets):]
+        if dout is None and dlse is None:
+            return None, None, None, None, None
+        q, k, v, out, lse = ctx.saved_tensors
         D = q.shape[-1]
         qf, kf, vf = _flat(q), _flat(k), _flat(v)
         dq, dk, dv = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
-        for i, tl in enumerate(sets):
-            bm, out, raw = tl.block_m, outs[i], raws[i]
-            dout, dlse = grads[2 * i], grads[2 * i + 1]
-            dout = torch.zeros_like(out) if dout is None else dout
-            dlse = torch.zeros_like(raw) if dlse is None else dlse.masked_fill(tl.row_empty, 0.0)
+        sink = lambda x: torch.cat([x, x.new_zeros((1,) + x.shape[1:])])  # noqa: E731
+        # Rows that see nothing have lse = -inf and no pieces to differentiate: 0 keeps exp finite.
+        seen = torch.isfinite(lse)
+        do = sink(torch.zeros_like(out) if dout is None else dout.float())
+        of, lf = sink(out), sink(torch.where(seen, lse, torch.zeros_like(lse)))
+        dl = None if dlse is None or not dlse.any() else sink(dlse.float().masked_fill(~seen, 0.0))
+        for tl in ctx.sets:
+            bm = tl.block_m
             for c0, c1 in tl.chunks():
                 c, rs = c1 - c0, slice(c0 * bm, c1 * bm)
-                qi, idx = tl.q_rows[rs], tl.key_rows(c0, c1)
+                qi, di, idx = tl.q_rows[rs], tl.dest[rs], tl.key_rows(c0, c1)
                 view = lambda x: x.reshape(1, c, -1, D)  # noqa: E731
-                dqc, dkc, dvc = _chunk_backward(view(dout[rs]), view(qf.index_select(0, qi)),
+                dqc, dkc, dvc = _chunk_backward(view(do.index_select(0, di)), view(qf.index_select(0, qi)),
                                                 view(kf.index_select(0, idx)), view(vf.index_select(0, idx)),
-                                                view(out[rs]), raw[rs].view(1, c, bm), tl.bias(c0, c1), ctx.scale,
-                                                dlse[rs].view(1, c, bm))
+                                                view(of.index_select(0, di)),
+                                                (lf.index_select(0, di) - tl.shift).view(1, c, bm),
+                                                tl.bias(c0, c1), ctx.scale,
+                                                None if dl is None else dl.index_select(0, di).view(1, c, bm))
                 dq.index_add_(0, qi, dqc.reshape(-1, D))
                 dk.index_add_(0, idx, dkc.reshape(-1, D))
                 dv.index_add_(0, idx, dvc.reshape(-1, D))
@@ -575,26 +627,5 @@ class _Routed(torch.autograd.Function):
 def run(call: Call, sp: Split) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, Hq, N, D] in q's dtype, lse [B, Hq, N] fp32)`` of a split routed pattern."""
     B, Hq, N, D = call.q.shape
-    rows = B * Hq * N
-    sets = tiles(call, sp)
-    res = _Routed.apply(call.q, call.k, call.v, sets, call.scale)
-    parts = [(tl, res[2 * i], res[2 * i + 1]) for i, tl in enumerate(sets)]
-    # Exact log-sum-exp merge of disjoint key sets into rows + 1 (the last: padding rows' sink);
-    # the max only steadies the exponentials.
-    dev = call.q.device
-    m = torch.full((rows + 1,), float("-inf"), device=dev)
-    for tl, _, l in parts:
-        m.scatter_reduce_(0, tl.dest, l.detach(), "amax")
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    den = torch.zeros(rows + 1, device=dev)
-    num = torch.zeros((rows + 1, D), device=dev)
-    for tl, o, l in parts:
-        w = torch.exp(l - m.index_select(0, tl.dest))
-        den = den.index_add(0, tl.dest, w)
-        num = num.index_add(0, tl.dest, o * w[:, None])
-    den, num, m = den[:rows], num[:rows], m[:rows]
-    some = den > 0
-    safe = torch.where(some, den, torch.ones_like(den))
-    out = (num / safe[:, None]).view(B, Hq, N, D)
-    lse = torch.where(some, m + torch.log(safe), torch.full_like(m, float("-inf"))).view(B, Hq, N)
-    return out.to(call.q.dtype), lse
+    out, lse = _Routed.apply(call.q, call.k, call.v, tiles(call, sp), call.scale)
+    return out.view(B, Hq, N, D).to(call.q.dtype), lse.view(B, Hq, N)

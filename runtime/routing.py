@@ -2,8 +2,9 @@
 
 Same decisions as the numpy oracle :mod:`attnlang.routing` (tested equal), computed in
 O(N·D + groups × blocks): pooled means by ``index_add_`` (fp32), scores by one batched matmul,
-selection by a stable sort over each group's blocks (or the head's pairs with ``scope = head``).
-Eligibility is static and shared with the oracle (cached per pattern). Results come back as
+selection by a stable sort over each group's blocks (or the head's pairs with ``scope = head``;
+on CPU a ``threshold`` over the head's pairs sorts only the prefix that reaches it, see
+:func:`head_threshold`). Eligibility is static and shared with the oracle (cached per pattern). Results come back as
 numpy arrays, which is what the planner and the IR read. Nothing here is differentiated.
 
     >>> import torch
@@ -15,6 +16,7 @@ numpy arrays, which is what the planner and the IR read. Nothing here is differe
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -75,8 +77,94 @@ def select(route: Route, scores: torch.Tensor, eligible: torch.Tensor) -> torch.
     return _select_rows(scores, eligible, route.top, route.threshold)
 
 
-def route_content(route: Route, layout: Layout, q: torch.Tensor, k: torch.Tensor, scale: float) -> dict:
-    """One Route's content entries for one batch item (``q [Hq, N, D]``, ``k [Hkv, N, D]``)."""
+LEAF = 1 << 16  # elements per piece of the exact pairwise sum (bounded temporaries; at least 128)
+
+
+def _pairwise_exp_sum(z: np.ndarray, m: float, lo: int, hi: int) -> float:
+    """``np.exp(z[lo:hi].astype(float64) - m).sum()`` bit for bit, with temporaries of at most
+    ``LEAF`` elements: numpy sums a contiguous row pairwise (halves cut at a multiple of 8 down
+    to blocks of 128), so summing the same halves recursively gives the same rounding."""
+    n = hi - lo
+    if n <= LEAF:
+        return np.exp(z[lo:hi].astype(np.float64) - m).sum()
+    n2 = n // 2
+    n2 -= n2 % 8
+    return _pairwise_exp_sum(z, m, lo, lo + n2) + _pairwise_exp_sum(z, m, lo + n2, hi)
+
+
+def _threshold_row(z: np.ndarray, tau: float) -> np.ndarray:
+    """:func:`attnlang.routing._select_rows` with ``threshold = tau`` on one fp32 row (``-inf``:
+    not eligible), the same decisions bit for bit, without sorting or widening the whole row.
+
+    The oracle's float64 softmax denominator is summed in numpy's pairwise order; its cumulative
+    sum runs over the descending values, so only the prefix that reaches ``tau`` is needed: the
+    top ``ceil(tau * M)`` entries hold at least ``tau`` of the mass (the top-k of a distribution
+    hold at least k / M of it), so a partition to them and a sort of that part suffice (the whole
+    row when rounding leaves the prefix short). Ties at the cut go to the lower index.
+    """
+    M = len(z)
+    n_el = int(np.isfinite(z).sum())
+    if n_el == 0:
+        return np.zeros(M, dtype=bool)
+    m = np.float64(z.max())
+    den = max(_pairwise_exp_sum(z, m, 0, M), np.finfo(np.float64).tiny)
+    k = min(M, math.ceil(tau * M) + 8)
+    while True:
+        top = -np.sort(-(z if k == M else np.partition(z, M - k)[M - k:]))  # descending
+        count, c0 = None, np.float64(0.0)
+        for i in range(0, k, LEAF):  # the oracle's sequential cumsum, piece by piece
+            w = np.exp(top[i:i + LEAF].astype(np.float64) - m) / den
+            w[0] += c0
+            c = np.cumsum(w)
+            if c[-1] >= tau:
+                count = i + int((c < tau).sum()) + 1
+                break
+            c0 = c[-1]
+        if count is not None or k == M:
+            count = min(k if count is None else count, n_el)
+            break
+        k = M
+    cut = top[count - 1]
+    above = z > cut
+    tied = z == cut
+    room = count - int(above.sum())
+    if int(tied.sum()) > room:
+        tied &= np.cumsum(tied) <= room
+    return above | tied
+
+
+def head_threshold(scores: np.ndarray, eligible: np.ndarray, tau: float) -> np.ndarray:
+    """``select`` for ``threshold = tau, scope = head`` (bool ``[H, groups, blocks]``) from fp32
+    ``scores [H, groups, blocks]``: the same decisions as :func:`attnlang.routing.select`, one
+    head at a time in the oracle's flat order (block-major) with :func:`_threshold_row`.
+
+    >>> s = np.array([[[3.0, 1.0], [2.0, 0.0]]], np.float32)
+    >>> head_threshold(s, np.ones((1, 2, 2), bool), 0.5).astype(int).tolist()
+    [[[1, 0], [0, 0]]]
+    """
+    H, G, nb = scores.shape
+    eligible = np.broadcast_to(eligible, scores.shape)
+    out = np.zeros((H, nb, G), dtype=bool)
+    for h in range(H):
+        z = np.ascontiguousarray(scores[h].T).reshape(-1)
+        if not eligible[h].all():
+            z[~eligible[h].T.reshape(-1)] = -np.inf
+        out[h] = _threshold_row(z, tau).reshape(nb, G)
+    return out.transpose(0, 2, 1)
+
+
+def route_content(route: Route, layout: Layout, q: torch.Tensor, k: torch.Tensor, scale: float,
+                  kernels: bool = False) -> dict:
+    """One Route's content entries for one batch item (``q [Hq, N, D]``, ``k [Hkv, N, D]``).
+
+    ``kernels``: compute them with the Triton routing kernels
+    (:mod:`attnlang.runtime.triton_routing`; CUDA tensors, or CPU under ``TRITON_INTERPRET=1``),
+    as the triton backend does; else with the torch ops below.
+    """
+    if kernels:
+        from attnlang.runtime import triton_routing
+
+        return triton_routing.route_content(route, layout, q, k, scale)
     dev = q.device
     Hq = q.shape[0]
     kv_of = torch.arange(Hq, device=dev) // (Hq // k.shape[0])
@@ -104,19 +192,24 @@ def route_content(route: Route, layout: Layout, q: torch.Tensor, k: torch.Tensor
             from attnlang.routing import select as np_select
 
             scores = np.einsum("hgd,hbd->hgb", qmean.numpy(), kmean.numpy()).astype(np.float32) * np.float32(scale)
-            out[route] = np_select(route, scores, elig.numpy())
+            if route.scope == "head" and route.threshold is not None:  # many pairs: no whole-head sort
+                out[route] = head_threshold(scores, elig.numpy(), route.threshold)
+            else:
+                out[route] = np_select(route, scores, elig.numpy())
         else:
             scores = torch.matmul(qmean, kmean.transpose(1, 2)) * scale
             out[route] = select(route, scores, elig).cpu().numpy()
     return out
 
 
-def pattern_content(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, scale: float) -> dict:
-    """Every Route's content for one batch item; ``{}`` for patterns without ``route``."""
+def pattern_content(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, scale: float,
+                    kernels: bool = False) -> dict:
+    """Every Route's content for one batch item; ``{}`` for patterns without ``route``.
+    ``kernels``: use the Triton routing kernels (see :func:`route_content`)."""
     out: dict[Any, np.ndarray] = {}
     for r in routes(pattern):
-        out.update(route_content(r, pattern.layout, q, k, scale))
+        out.update(route_content(r, pattern.layout, q, k, scale, kernels))
     return out
 
 
-__all__ = ["pattern_content", "route_content", "select", "importance_perm"]
+__all__ = ["pattern_content", "route_content", "select", "head_threshold", "importance_perm"]

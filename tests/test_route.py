@@ -108,6 +108,84 @@ def test_routed_fast_path_equals_generic_plan(case):
         torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 30), st.integers(1, 30), st.sampled_from(["normal", "ties", "zeros", "large"]),
+       st.sampled_from([1.0, 0.7, 0.1, 0.0]), st.booleans(),
+       st.sampled_from([1e-9, 0.1, 0.25, 1 / 3, 0.5, 0.9, 0.999999, 1.0]), st.integers(0, 2**31 - 1))
+def test_torch_stage_head_threshold_is_the_oracle_bit_for_bit(H, G, nb, kind, density, shared, tau, seed):
+    """runtime/routing.head_threshold (partial sort, pairwise sum in pieces) against the oracle's
+    whole-head sort: the same pairs, with ties, equal scores (cuts at exact fractions), ineligible
+    pairs and thresholds near 0 and 1; small pieces so the pairwise recursion runs."""
+    from attnlang.routing import select
+    from attnlang.runtime import routing as torch_routing
+
+    rng = np.random.default_rng(seed)
+    s = {"normal": rng.standard_normal((H, G, nb)), "ties": rng.integers(-2, 3, (H, G, nb)),
+         "zeros": np.zeros((H, G, nb)), "large": rng.standard_normal((H, G, nb)) * 30}[kind].astype(np.float32)
+    e = rng.random((1 if shared else H, G, nb)) < density
+    leaf = torch_routing.LEAF
+    torch_routing.LEAF = 128
+    try:
+        got = torch_routing.head_threshold(s, e, tau)
+    finally:
+        torch_routing.LEAF = leaf
+    assert np.array_equal(got, select(route(1, threshold=tau, scope="head"), s, e))
+
+
+@pytest.mark.parametrize("tau", [1e-6, 0.25, 0.999999, 1.0])
+def test_vmoba_per_token_rows_on_ragged_boxes(tau):
+    """Per-token routing with scope = head on boxes that do not divide the axes, as one row per
+    (token, block) merged chunk by chunk: outputs, lse and gradients against float64 dense."""
+    p = attnlang.parse(f"pattern p {{ tokens t[5], h[6], w[7]\n attend vmoba((2, 4, 4), {tau}) }}").instantiate("p")
+    q, k, v = planted(7, 2, 1, p.n)
+    res = []
+    for backend in ("torch", "float64"):
+        qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+        out, lse = dense64(p, qq, kk, vv) if backend == "float64" else \
+            attnlang.compile(p, backend=backend)(qq, kk, vv, return_lse=True)
+        res.append((out, lse, torch.autograd.grad((out * torch.sin(out)).sum() + lse.sum(), (qq, kk, vv))))
+    (o1, l1, g1), (o2, l2, g2) = res
+    torch.testing.assert_close(o1, o2.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(l1, l2.float(), atol=1e-5, rtol=1e-5)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b.float(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("slack", [0.0, 20.0])
+def test_merge_of_pieces_far_apart(slack):
+    """Pieces of one query whose lse differ by far more than the merge's slack (large logits,
+    every block selected): the running reference must move and rescale the sums exactly; with
+    slack 0 it moves on every larger piece."""
+    from attnlang.runtime import routed as fast
+
+    p = Pattern.create(block(8) | route(8, top=7), tokens=64)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 64, 8, generator=g) for _ in range(3))
+    q, k = q * 6, k * 6
+    moved, merge, old = [], fast._merge, fast.MERGE_SLACK
+
+    def spy(m, den, num, dest, o, lse):
+        moved.append(int(((lse > m.index_select(0, dest) + 20) & (m.index_select(0, dest) > -np.inf)).sum()))
+        merge(m, den, num, dest, o, lse)
+
+    fast._merge, fast.MERGE_SLACK = spy, slack
+    res = []
+    try:
+        for backend in ("torch", "float64"):
+            qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+            out, lse = dense64(p, qq, kk, vv) if backend == "float64" else \
+                attnlang.compile(p, backend=backend)(qq, kk, vv, return_lse=True)
+            res.append((out, lse, torch.autograd.grad((out * torch.sin(out)).sum(), (qq, kk, vv))))
+    finally:
+        fast._merge, fast.MERGE_SLACK = merge, old
+    assert sum(moved) > 50  # pieces far above the first one of their row
+    (o1, l1, g1), (o2, l2, g2) = res
+    torch.testing.assert_close(o1, o2.float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(l1, l2.float(), atol=1e-4, rtol=1e-5)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b.float(), atol=1e-3, rtol=1e-3)
+
+
 def test_prelude_families_take_the_fast_path():
     from attnlang.runtime.routed import split
 

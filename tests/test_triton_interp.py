@@ -11,7 +11,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in th
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
+from hypothesis import assume, given, settings  # noqa: E402
 
 from attnlang.pattern import (  # noqa: E402
     Pattern, axial, block, causal, full, global_, grid, halo, keys, neighborhood, none, queries,
@@ -24,6 +24,7 @@ from attnlang.runtime import triton as triton_backend  # noqa: E402
 from attnlang.runtime.call import check_call  # noqa: E402
 from strategies import patterns  # noqa: E402
 from test_route import routed as st_routed  # noqa: E402
+from test_triton_routing import clear_margins  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -249,8 +250,10 @@ def test_per_call_module_is_reused_and_static_plans_are_not_rehashed(monkeypatch
     triton_backend.run(call)
 
 
-def _routed_check(p, H=2, Hkv=1, B=2, seed=0, dtype=torch.float32):
-    """Triton vs the reference for a routed pattern, with planted Q/K and a loss reading lse."""
+def _routed_check(p, H=2, Hkv=1, B=2, seed=0, dtype=torch.float32, clear=False):
+    """Triton vs the reference for a routed pattern, with planted Q/K and a loss reading lse.
+    ``clear``: skip (hypothesis) inputs whose routing decisions sit within rounding of their cut,
+    where the Triton routing kernels and the numpy oracle may round either way."""
     g = torch.Generator().manual_seed(seed)
     D = 16
     u = torch.randn(1, 1, 1, D, generator=g)
@@ -258,6 +261,8 @@ def _routed_check(p, H=2, Hkv=1, B=2, seed=0, dtype=torch.float32):
     k = torch.randn(B, Hkv, p.n, D, generator=g) * 0.5 + torch.randn(B, Hkv, p.n, 1, generator=g) * 2 * u
     v = torch.randn(B, Hkv, p.n, D, generator=g)
     q, k, v = (t.to(dtype) for t in (q, k, v))
+    if clear:
+        assume(all(clear_margins(p, q[b], k[b], 1 / np.sqrt(D)) for b in range(B)))
     res = []
     for backend in (triton_backend, reference):
         qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
@@ -313,11 +318,14 @@ def test_lse_gradient_static():
 
 
 def test_pyramid_refused_with_reason():
+    # pyramid(...) runs on its own kernels (tests/test_triton_pyramid.py) for among = full,
+    # causal or causal(axis); any other among is refused with the reason.
     from attnlang.pattern import pyramid
 
-    p = Pattern.create(pyramid(block=8, query_block=8, levels=[1, 2], keep=[0.5, 0.5]), 32)
+    p = Pattern.create(pyramid(block=8, query_block=8, levels=[1, 2], keep=[0.5, 0.5], among=~causal), 32)
     q = torch.randn(1, 1, 32, 16)
-    assert "pyramid" in triton_backend.supports(check_call(p, q, q, q, None, {}, None))
+    why = triton_backend.supports(check_call(p, q, q, q, None, {}, None))
+    assert "pyramid among = ~causal" in why and "backend='torch'" in why
 
 
 @settings(max_examples=10, deadline=None)
@@ -325,4 +333,4 @@ def test_pyramid_refused_with_reason():
 def test_random_routed_patterns(case):
     # The route engineer's strategy (random blocks, boxes, among, top/threshold, scope, permute).
     p, (H, Hkv), seed = case
-    _routed_check(p, H=H, Hkv=Hkv, B=1, seed=seed % 1000)
+    _routed_check(p, H=H, Hkv=Hkv, B=1, seed=seed % 1000, clear=True)
