@@ -2,18 +2,25 @@
 
 Prints one Markdown row per case: PSA forward and forward+backward against SDPA with the same
 static constraint (``is_causal`` for causal among, none for full), and the share of the dense
-(query, key) work PSA does (selected keys weighted by 1/level). Not a test.
+(query, key) work PSA does (selected keys weighted by 1/level). Every timing is the median of
+``--reps`` runs after a warm-up, PSA and SDPA interleaved so load from other jobs hits both
+alike. Not a test.
 
-    .venv/bin/python bench/pyramid.py            # B=1, H=8, D=64
+    .venv/bin/python bench/pyramid.py [--threads 1] [--reps 3] [--only video]   # B=1, H=8, D=64
 """
 from __future__ import annotations
 
+import argparse
+import os
+import statistics
 import time
 
 import torch
 
 import attnlang
 from attnlang.pattern import Pattern, causal, full, pyramid
+from attnlang.runtime.call import check_call
+from attnlang.runtime.pyramid import _static, levels as level_of
 
 CASES = [  # (label, tokens, block, query block, levels, keep, among)
     ("1-D causal, N=4096", 4096, 64, 64, [1, 2, 4, 8], [0.15, 0.15, 0.2, 0.2], causal),
@@ -22,43 +29,60 @@ CASES = [  # (label, tokens, block, query block, levels, keep, among)
 ]
 
 
-def timed(fn, reps: int = 3) -> float:
-    fn()  # warm: plans, caches
-    best = float("inf")
+def timed(runs: dict, reps: int) -> dict[str, float]:
+    """Median seconds of each function, after one warm-up call each (plans, caches), interleaved."""
+    times = {key: [] for key in runs}
+    for f in runs.values():
+        f()
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        for key, f in runs.items():
+            t0 = time.perf_counter()
+            f()
+            times[key].append(time.perf_counter() - t0)
+    return {key: statistics.median(t) for key, t in times.items()}
 
 
 def main() -> None:
-    torch.manual_seed(0)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--only", default=None, help="substring of the case labels to run")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch threads {torch.get_num_threads()}, load average at start {os.getloadavg()[0]:.1f}")
     print("| case | N | PSA fwd ms | SDPA fwd ms | speedup | PSA fwd+bwd ms | SDPA fwd+bwd ms | speedup | work |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for label, tokens, block, qblock, levels, keep, among in CASES:
+        if args.only and args.only not in label:
+            continue
         p = Pattern.create(pyramid(block, qblock, levels, keep, among), tokens)
         n = p.n
+        torch.manual_seed(0)
         q, k, v = (torch.randn(1, 8, n, 64, requires_grad=True) for _ in range(3))
         fn = attnlang.compile(p, backend="torch")
         is_causal = among is causal
         sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=is_causal)  # noqa: E731
-        with torch.no_grad():
-            f_psa, f_dense = timed(lambda: fn(q, k, v)), timed(sdpa)
-        b_psa = timed(lambda: fn(q, k, v).sum().backward())
-        b_dense = timed(lambda: sdpa().sum().backward())
-        from attnlang.runtime.call import check_call
-        from attnlang.runtime.pyramid import _static, levels as level_of
 
+        def no_grad(f):
+            def g():
+                with torch.no_grad():
+                    f()
+            return g
+
+        ms = timed({"fwd": no_grad(lambda: fn(q, k, v)), "sdpa": no_grad(sdpa),
+                    "fb": lambda: fn(q, k, v).sum().backward(), "sdpa_fb": lambda: sdpa().sum().backward()},
+                   args.reps)
         call = check_call(p, q, k, v, None, {}, planner=None)
         t = level_of(call, 0)
-        ksize = _static(p, "cpu").ksize_t
-        gsize = _static(p, "cpu").qsize
+        st = _static(p, "cpu")
         lv = t.clamp(min=1).float()
-        keys = ((t > 0).float() * ksize[None, None, :] / lv).sum(-1)  # virtual keys per group
-        work = float((keys * gsize[None, :]).sum() / (8 * n * n * (0.5 if is_causal else 1.0)))
-        print(f"| {label} | {n} | {f_psa * 1e3:.1f} | {f_dense * 1e3:.1f} | {f_dense / f_psa:.2f}x | "
-              f"{b_psa * 1e3:.1f} | {b_dense * 1e3:.1f} | {b_dense / b_psa:.2f}x | {work:.3f} |")
+        keys = ((t > 0).float() * st.ksize_t[None, None, :] / lv).sum(-1)  # virtual keys per group
+        work = float((keys * st.qsize[None, :]).sum() / (8 * n * n * (0.5 if is_causal else 1.0)))
+        print(f"| {label} | {n} | {ms['fwd'] * 1e3:.1f} | {ms['sdpa'] * 1e3:.1f} | {ms['sdpa'] / ms['fwd']:.2f}x | "
+              f"{ms['fb'] * 1e3:.1f} | {ms['sdpa_fb'] * 1e3:.1f} | {ms['sdpa_fb'] / ms['fb']:.2f}x | {work:.3f} |",
+              flush=True)
+    print(f"load average at end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

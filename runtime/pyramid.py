@@ -8,31 +8,34 @@ Per batch item:
    oracle :func:`attnlang.pyramid.level_table` (tested);
 2. **pooled keys**: keys in block order (row-major inside each block) are cut into runs of ``l``
    for every level ``l`` and averaged, once, giving *virtual keys* (K and V means);
-3. **attention**: each query group gathers the virtual keys of its selected blocks at their
-   levels and attends to them with logit ``scale * <q, mean K> + ln(l)`` (``-inf`` where
-   ``among`` does not allow ``q`` every key of the run). Work is ``groups x group size x
-   selected virtual keys``: a block at level ``l`` costs ``1/l`` of its dense tiles.
+3. **attention** by the routed executor (:mod:`attnlang.runtime.routed`), one tile set per
+   level: a tile is one (head, query group) against the concatenated virtual keys of the
+   blocks it sees at that level, so a block at level ``l`` costs ``1/l`` of its dense tiles,
+   and tiles are sorted by width so the fused CPU attention op runs long chunks that pad
+   little. The logit ``+ ln(l)`` of a pooled key is the same for a whole level, so it is added
+   to that set's ``lse`` before the exact log-sum-exp merge instead of being a bias. Masks only
+   where ``among`` cuts a (group, block) pair (the planner's classes, static) or a block is
+   ragged: a run is visible to ``q`` when ``among`` allows ``q`` every key of it.
 
-Gradients flow to Q, K and V through the attention and the pooling (autograd, each chunk of
-query groups checkpointed so memory stays bounded); the selection itself is not
-differentiated, as in the paper.
+Gradients flow to Q, K and V through the attention (the executor's fused backward, per chunk)
+and the pooling (autograd); the selection itself is not differentiated, as in the paper.
 """
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.checkpoint import checkpoint
 
-from attnlang.pattern import Causal, Env, Full, Pattern, Pyramid
+from attnlang.pattern import Env, Pattern, Pyramid, Route
+from attnlang.plan import PARTIAL
 from attnlang.pyramid import box_ids, box_order, eligible, level_bounds
+from attnlang.routing import group_block_classes
 from attnlang.runtime.call import Call
+from attnlang.runtime.routed import GroupTiles, _Routed
 
-CHUNK_BYTES = 32 << 20  # gathered fp32 K+V of one chunk of query groups
-_FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-USE_FUSED = True  # tests switch this off to check the explicit chunk kernel on CPU
 MASK_PAIRS = 1 << 24  # (query, key) pairs of `among` evaluated at once for visibility
 
 
@@ -47,21 +50,18 @@ class Static:
     qsize: torch.Tensor  # fp32 [nq]
     ksize_t: torch.Tensor  # fp32 [nk]
     korder: torch.Tensor  # int64 [N]: tokens in block order
-    qpad: torch.Tensor  # int64 [nq * Gm]: group slot -> token (N = padding)
-    qinv: torch.Tensor  # int64 [N]: token -> group slot
     gm: int  # largest group
     elig: torch.Tensor  # bool [nq, nk]
     bounds: torch.Tensor  # int64 [nk + 1, len(levels) + 1]
     level_values: torch.Tensor  # int32 [len(levels) + 1]: levels then 0 (skipped)
     levels: tuple[int, ...]  # distinct levels, ascending
     offset: dict[int, int]  # first virtual key of each level
-    # numpy, for building gather indices
+    # numpy, for building tiles and gather indices
     kstart: np.ndarray  # [nk + 1] in block order
     vk_level: np.ndarray  # [M]: level of each virtual key
-    vk_last: np.ndarray  # [M]: largest flat key index in the run (causal visibility)
     vk_first: np.ndarray  # [M]: first position of the run in block order
     korder_np: np.ndarray
-    qpad_np: np.ndarray
+    qpad_np: np.ndarray  # [nq * Gm]: group slot -> token (N = padding)
 
 
 @functools.lru_cache(maxsize=16)
@@ -78,25 +78,22 @@ def _static(pattern: Pattern, device: str) -> Static:
     qpad = np.full((nq, gm), n, dtype=np.int64)
     slot = np.arange(n) - np.repeat(qstart[:-1], qsize)
     qpad[qids[qorder], slot] = qorder
-    qinv = np.empty(n, dtype=np.int64)
-    qinv[qorder] = qids[qorder] * gm + slot
     levels = tuple(sorted(set(p.levels)))
-    offset, lv, first, last = {}, [], [], []
+    offset, lv, first = {}, [], []
     m = 0
     for lvl in levels:
         offset[lvl] = m
         runs = n // lvl
         lv.append(np.full(runs, lvl))
         first.append(np.arange(runs) * lvl)
-        last.append(korder.reshape(runs, lvl).max(axis=1))
         m += runs
     dev = torch.device(device)
     t = lambda x, dt=torch.int64: torch.as_tensor(np.ascontiguousarray(x), dtype=dt, device=dev)  # noqa: E731
     return Static(
         nq, nk, t(qids), t(kids), t(qsize, torch.float32), t(np.diff(kstart), torch.float32), t(korder),
-        t(qpad.reshape(-1)), t(qinv), gm, t(eligible(p, layout), torch.bool), t(level_bounds(p, nk)),
+        gm, t(eligible(p, layout), torch.bool), t(level_bounds(p, nk)),
         t(np.asarray(p.levels + (0,)), torch.int32), levels, offset, kstart,
-        np.concatenate(lv), np.concatenate(last), np.concatenate(first), korder, qpad.reshape(-1))
+        np.concatenate(lv), np.concatenate(first), korder, qpad.reshape(-1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,52 +146,6 @@ def _gather_index(st: Static, table: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return vidx.reshape(H, nq, width), valid.reshape(H, nq, width), width
 
 
-def _visible(pattern: Pattern, st: Static, vidx: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """bool ``[Hq, nq, Gm or 1, W]``: ``among`` allows the query every key of the virtual key's run."""
-    among, layout = pattern.attend.among, pattern.layout
-    H, nq, W = vidx.shape
-    qtok = st.qpad_np.reshape(nq, st.gm)
-    if isinstance(among, Full):
-        return valid[:, :, None, :].copy()  # the same for every query: broadcast over Gm
-    if isinstance(among, Causal) and among.axis is None:
-        return valid[:, :, None, :] & (st.vk_last[vidx][:, :, None, :] <= qtok[None, :, :, None])
-    out = np.zeros((H, nq, st.gm, W), dtype=bool)
-    lmax = max(st.levels)
-    env = Env(layout)
-    # Runs padded to the longest level by repeating their last key (all() is unchanged).
-    step = np.minimum(np.arange(lmax)[None, :], st.vk_level[:, None] - 1)
-    members = st.korder_np[st.vk_first[:, None] + step]  # [M, lmax]
-    rows = max(1, MASK_PAIRS // max(1, st.gm * W * lmax))
-    qsafe = np.minimum(qtok, layout.n - 1)  # padding slots are discarded later
-    for h in range(H):
-        for g0 in range(0, nq, rows):
-            g1 = min(nq, g0 + rows)
-            qp = layout.points(qsafe[g0:g1, :, None, None])
-            kp = layout.points(members[vidx[h, g0:g1]][:, None, :, :])
-            a = np.broadcast_to(among.allowed(qp, kp, env), (g1 - g0, st.gm, W, lmax))
-            out[h, g0:g1] = a.all(axis=-1) & valid[h, g0:g1, None, :]
-    return out
-
-
-def _attend(qg, kv_k, kv_v, vidx, bias, scale, fused):
-    """One chunk: ``qg [H, c, Gm, D]`` against virtual keys ``kv_* [H, M, D]`` picked by
-    ``vidx [H, c, W]`` under ``bias [H, c, Gm, W]``; returns ``(out, lse)`` (lse garbage on rows
-    that see nothing: the caller fixes those)."""
-    H, c, W = vidx.shape
-    flat = (vidx + torch.arange(H, device=vidx.device)[:, None, None] * kv_k.shape[1]).reshape(-1)
-    kg = kv_k.reshape(-1, kv_k.shape[-1]).index_select(0, flat).view(H, c, W, -1)
-    vg = kv_v.reshape(-1, kv_v.shape[-1]).index_select(0, flat).view(H, c, W, -1)
-    if fused:  # PyTorch's CPU flash kernel: fused forward and backward (lse not differentiated)
-        return _FUSED(qg, kg, vg, attn_mask=bias, scale=scale)
-    s = torch.matmul(qg, kg.transpose(-1, -2)) * scale + bias
-    m = s.amax(dim=-1, keepdim=True).detach()
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # rows that see nothing
-    p = torch.exp(s - m)
-    den = p.sum(dim=-1, keepdim=True)
-    den = torch.where(den > 0, den, torch.ones_like(den))  # finite gradients on empty rows
-    return torch.matmul(p, vg) / den, (m + torch.log(den)).squeeze(-1)
-
-
 def _pooled(x: torch.Tensor, st: Static) -> torch.Tensor:
     """``x [H, N, D]`` -> virtual keys ``[H, M, D]``: means of runs of ``l`` keys in block order."""
     xs = x.index_select(1, st.korder)
@@ -202,40 +153,102 @@ def _pooled(x: torch.Tensor, st: Static) -> torch.Tensor:
     return torch.cat([xs.view(H, N // lv, lv, D).mean(dim=2) for lv in st.levels], dim=1)
 
 
+@dataclass(frozen=True)
+class Level:
+    """One level's virtual keys as block slots, and the masks of the (group, block) pairs that
+    need one (static: per pattern)."""
+
+    level: int
+    bk: int  # slots per block: the largest block's token count / level
+    vkey: np.ndarray  # int64 [nk, bk]: head-relative virtual key of each slot, -1 padding
+    mask_id: np.ndarray  # int64 [nq, nk]: row of ``allow`` for masked pairs, -1 for the others
+    allow: np.ndarray  # bool [P, Gm, bk]: query slot x virtual key of each masked pair
+
+
+@functools.lru_cache(maxsize=16)
+def _levels_static(pattern: Pattern, device: str) -> dict[int, Level]:
+    """Every level's slots and masks. A pair needs a mask where ``among`` is PARTIAL on it (the
+    planner's exact class; every eligible pair when the boxes are not tiles) or its block is
+    ragged (padding slots)."""
+    p: Pyramid = pattern.attend
+    st = _static(pattern, device)
+    layout, n = pattern.layout, pattern.n
+    elig = st.elig.cpu().numpy()
+    cls = group_block_classes(p.among, Route(p.block, top=1, among=p.among, query_block=p.query_block), layout)
+    partial = elig if cls is None else cls == PARTIAL
+    sizes = np.diff(st.kstart)
+    qtok = np.minimum(st.qpad_np.reshape(st.nq, st.gm), n - 1)  # padding slots go to the sink
+    env = Env(layout)
+    out = {}
+    for lv in st.levels:
+        bk = int(sizes.max()) // lv
+        slot = np.arange(bk)
+        runs = sizes // lv
+        vkey = np.where(slot[None] < runs[:, None], st.offset[lv] + st.kstart[:-1, None] // lv + slot[None], -1)
+        g, j = np.nonzero(elig & (partial | (runs < bk)[None, :]))
+        allow = np.zeros((len(g), st.gm, bk), dtype=bool)
+        step = max(1, MASK_PAIRS // (st.gm * bk * lv))
+        for a in range(0, len(g), step):
+            gg, jj = g[a:a + step], j[a:a + step]
+            pos = st.kstart[jj][:, None, None] + slot[None, :, None] * lv + np.arange(lv)[None, None, :]
+            ktok = st.korder_np[np.minimum(pos, n - 1)]  # [P, bk, lv]: members of each run
+            ok = p.among.allowed(layout.points(qtok[gg][:, :, None, None]), layout.points(ktok[:, None]), env)
+            allow[a:a + step] = np.broadcast_to(ok, (len(gg), st.gm, bk, lv)).all(-1) & \
+                (slot[None, :] < runs[jj][:, None])[:, None, :]
+        mask_id = np.full((st.nq, st.nk), -1, dtype=np.int64)
+        mask_id[g, j] = np.arange(len(g))
+        out[lv] = Level(lv, bk, vkey, mask_id, allow)
+    return out
+
+
+def _tiles(call: Call, st: Static, tables: list[np.ndarray]) -> list[GroupTiles]:
+    """One tile set per level: a tile per (batch item, head, group) with blocks at that level,
+    its keys the blocks' virtual keys; tiles sorted by block count (chunks pad little)."""
+    Hq, Hkv, N, B = call.heads, call.kv_heads, call.pattern.n, call.batch
+    M = len(st.vk_level)
+    dev = call.q.device
+    qtok = st.qpad_np.reshape(st.nq, st.gm)
+    sets = []
+    for lv, L in _levels_static(call.pattern, str(dev)).items():
+        found = [(np.full(len(h), b), h, g, j) for b, t in enumerate(tables) for h, g, j in [np.nonzero(t == lv)]]
+        b_, h, g, j = (np.concatenate(x) for x in zip(*found))
+        if not len(h):
+            continue
+        run = (b_ * Hq + h) * st.nq + g  # non-decreasing: nonzero lists (h, g, j) in order
+        starts = np.nonzero(np.concatenate([[True], run[1:] != run[:-1]]))[0]
+        kc = np.diff(np.concatenate([starts, [len(run)]]))
+        rank = np.arange(len(run)) - np.repeat(starts, kc)
+        order = np.argsort(kc, kind="stable")
+        new_of = np.empty_like(order)
+        new_of[order] = np.arange(len(order))
+        tile = new_of[np.repeat(np.arange(len(starts)), kc)]
+        tb, th, tg, kc = b_[starts][order], h[starts][order], g[starts][order], kc[order]
+        kt = np.full((len(kc), int(kc.max()), L.bk), -1, dtype=np.int64)
+        kt[tile, rank] = L.vkey[j]
+        head = (tb * Hkv + th // (Hq // Hkv)) * M
+        k_rows = np.where(kt >= 0, head[:, None, None] + kt, B * Hkv * M).reshape(len(kc), -1)
+        qt = qtok[tg]
+        q_rows = np.where(qt < N, (tb * Hq + th)[:, None] * N + qt, B * Hq * N).reshape(-1)
+        mid = L.mask_id[g, j]
+        m = np.nonzero(mid >= 0)[0]
+        m = m[np.argsort(tile[m], kind="stable")]  # masked slots by tile (GroupTiles.bias)
+        slot_tile, allow = tile[m], L.allow[mid[m]]
+        # A row sees nothing only if its tile has no unmasked block and no mask allows it.
+        some = np.broadcast_to((kc > np.bincount(slot_tile, minlength=len(kc)))[:, None], qt.shape).copy()
+        np.logical_or.at(some, slot_tile, allow.any(-1))
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)  # noqa: E731
+        q = t(q_rows)
+        sets.append(GroupTiles(st.gm, L.bk, q, t(k_rows), kc, B * Hkv * M, slot_tile, rank[m], t(allow),
+                               t(~some.reshape(-1)), q, shift=math.log(lv)))
+    return sets
+
+
 def run(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(out [B, Hq, N, D] in q's dtype, lse [B, Hq, N] fp32)``, differentiable in q, k, v."""
-    pattern = call.pattern
-    st = _static(pattern, str(call.q.device))
+    st = _static(call.pattern, str(call.q.device))
     B, Hq, N, D = call.q.shape
-    group = Hq // call.kv_heads
-    outs, lses = [], []
-    for b in range(B):
-        table = levels(call, b).cpu().numpy()
-        vidx_np, valid, width = _gather_index(st, table)
-        vis = torch.from_numpy(_visible(pattern, st, vidx_np, valid)).to(call.q.device)
-        log_l = torch.from_numpy(np.log(st.vk_level[vidx_np].astype(np.float32))).to(call.q.device)
-        bias = log_l[:, :, None, :].masked_fill(~vis, float("-inf"))
-        empty = ~vis.any(dim=-1)  # [Hq, nq, Gm or 1]: zero output, lse = -inf
-        vidx = torch.from_numpy(vidx_np).to(call.q.device)
-        kv_k = _pooled(call.k[b].float(), st).repeat_interleave(group, dim=0)
-        kv_v = _pooled(call.v[b].float(), st).repeat_interleave(group, dim=0)
-        q = torch.cat([call.q[b].float(), call.q.new_zeros(Hq, 1, D, dtype=torch.float32)], dim=1)
-        qg = q.index_select(1, st.qpad).view(Hq, st.nq, st.gm, D)
-        per_group = Hq * width * D * 4 * 2
-        step = max(1, min(st.nq, CHUNK_BYTES // max(per_group, 1)))
-        chunk_out, chunk_lse = [], []
-        fused = USE_FUSED and _FUSED is not None and qg.device.type == "cpu" and not call.want_lse
-        for c0 in range(0, st.nq, step):
-            c1 = min(st.nq, c0 + step)
-            args = (qg[:, c0:c1], kv_k, kv_v, vidx[:, c0:c1], bias[:, c0:c1], call.scale, fused)
-            if torch.is_grad_enabled() and any(t.requires_grad for t in (call.q, call.k, call.v)):
-                o, l = checkpoint(_attend, *args, use_reentrant=False)
-            else:
-                o, l = _attend(*args)
-            chunk_out.append(o)
-            chunk_lse.append(l)
-        o = torch.cat(chunk_out, dim=1).masked_fill(empty[..., None], 0.0).reshape(Hq, st.nq * st.gm, D)
-        l = torch.cat(chunk_lse, dim=1).masked_fill(empty, float("-inf")).reshape(Hq, st.nq * st.gm)
-        outs.append(o.index_select(1, st.qinv))
-        lses.append(l.index_select(1, st.qinv))
-    return torch.stack(outs).to(call.q.dtype), torch.stack(lses)
+    tables = [levels(call, b).cpu().numpy() for b in range(B)]
+    pk = torch.stack([_pooled(call.k[b].float(), st) for b in range(B)])  # [B, Hkv, M, D]
+    pv = torch.stack([_pooled(call.v[b].float(), st) for b in range(B)])
+    out, lse = _Routed.apply(call.q, pk, pv, _tiles(call, st, tables), call.scale)
+    return out.view(B, Hq, N, D).to(call.q.dtype), lse.view(B, Hq, N)

@@ -10,10 +10,13 @@ Runtime-input patterns (``same``/``valid``) and routed patterns (``route``): the
 generated once per pattern and tiling with their tile tables as per-call arguments
 (``per_call``); each call passes the exact tables of its per-batch-item plans
 (:meth:`Call.plan`) with a batch dimension (and a query-head dimension for routed groups), so
-full tiles stay full. The routing stage (pooled means, scores, selection) runs as torch ops on
-the tensors' device (:mod:`attnlang.runtime.routing`); its decisions reach the kernels as
-``SEL`` (and ``POS`` for ``permute_keys``) tables that the compiled ``route`` predicate reads.
-Selection is not differentiated. ``pyramid(...)`` is not generated yet (torch backend).
+full tiles stay full. The routing stage (pooled means, scores, selection) runs as hand-written
+Triton kernels on the tensors' device (:mod:`attnlang.runtime.triton_routing`; the PBS
+permutation and ``scope = head`` selection stay torch ops there); its decisions reach the kernels
+as ``SEL`` (and ``POS`` for ``permute_keys``) tables that the compiled ``route`` predicate reads.
+Selection is not differentiated. ``pyramid(...)`` patterns run on handwritten kernels instead
+(:mod:`attnlang.runtime.triton_pyramid`: pooling, attention over the pooled keys, backward) for
+``among = full``, ``causal`` or ``causal(axis)``; other ``among`` are refused (backend='torch').
 
 Triton itself specialises and caches the compiled binaries per dtype and head dim.
 
@@ -37,6 +40,7 @@ import numpy as np
 import torch
 
 from attnlang.errors import AttnError
+from attnlang.pattern import Pyramid
 from attnlang.runtime.call import Call
 
 _LOADED: dict[str, ModuleType] = {}  # plan_key -> imported module
@@ -57,11 +61,6 @@ def _interpreting() -> bool:
 
 
 def supports(call: Call) -> str | None:
-    from attnlang.pattern import Pyramid
-
-    if isinstance(call.pattern.attend, Pyramid):
-        return ("pyramid(...) runs on the torch backend for now (no Triton pooling kernel for the "
-                "pooled K/V levels yet): use backend='torch'")
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -76,6 +75,12 @@ def supports(call: Call) -> str | None:
     d = call.q.shape[-1]
     if d > 256:
         return f"head dim {d} is over the kernels' limit of 256: use backend='torch'"
+    if isinstance(call.pattern.attend, Pyramid):
+        # Imported only once the device is known to run kernels: its @triton.jit functions
+        # choose compiled or interpreted (TRITON_INTERPRET) when the module is imported.
+        from attnlang.runtime import triton_pyramid
+
+        return triton_pyramid.refusal(call)
     return None
 
 
@@ -216,15 +221,20 @@ def run(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
     why = supports(call)
     if why:
         raise AttnError(f"backend 'triton' cannot run this call: {why}")
+    if isinstance(call.pattern.attend, Pyramid):  # pooled keys: their own kernels
+        from attnlang.runtime import triton_pyramid
+
+        return triton_pyramid.run(call)
     target = target_for(call.q.device)
     if not per_call(call):
         mod = load_module(call.plan(0), target)
         return mod.attention(call.q, call.k, call.v, scale=call.scale, return_lse=True, **call.inputs)
     from attnlang.codegen.triton import call_arrays
 
+    # Routing first, by the Triton routing kernels: the per-item plans read these decisions.
+    contents = [call.content(b, kernels=True) for b in range(call.batch)] if call.pattern.reads_content else []
     plans = item_plans(call)
     mod, kernels = per_call_module(plans[0], target)
-    contents = [call.content(b) for b in range(call.batch)] if call.pattern.reads_content else []
     arrays = call_arrays(kernels, plans, contents, call.heads)
     tables = {n: torch.from_numpy(a).to(call.q.device).contiguous() for n, a in arrays.items()}
     return mod.attention_tables(call.q, call.k, call.v, tables, scale=call.scale, return_lse=True,

@@ -220,13 +220,21 @@ def test_diagnostics(body, message, col):
 
 
 def test_pyramid_has_no_mask_and_other_backends_refuse():
+    from attnlang.pattern import sliding
+
     p = Pattern.create(pyramid(8, levels=[1], keep=[0.5]), 64)
     with pytest.raises(AttnError, match="no boolean mask"):
         p.mask()
     q = torch.randn(1, 1, 64, 8)
-    for backend in ("flex", "triton"):
-        with pytest.raises(AttnError, match="backend='torch'"):
-            attnlang.compile(p, backend=backend)(q, q, q)
+    with pytest.raises(AttnError, match="backend='torch'"):
+        attnlang.compile(p, backend="flex")(q, q, q)
+    # triton runs pyramids over full / causal among (tests/test_triton_pyramid.py); any other
+    # among is refused, whether or not this session interprets Triton on the CPU (the Triton
+    # test modules set TRITON_INTERPRET=1 for the whole session; unsetting it here would make
+    # later kernels compile instead of interpret)
+    windowed = Pattern.create(pyramid(8, levels=[1], keep=[0.5], among=causal & sliding(9)), 64)
+    with pytest.raises(AttnError, match="backend='torch'"):
+        attnlang.compile(windowed, backend="triton")(q, q, q)
     assert attnlang.compile(p)(q, q, q).shape == q.shape  # the default picks the torch path
 
 
@@ -258,3 +266,28 @@ def test_plan_lists_exactly_the_tiles_with_pooled_keys():
         assert np.array_equal(plan.tile_map(h) > 0, touched)
     with pytest.raises(AttnError, match="planned per call"):
         make_plan(p)
+
+
+@pytest.mark.parametrize("among, tokens", [(causal, 100), (full, 96)])
+def test_torch_tiles_hold_exactly_the_pooled_keys(among, tokens):
+    """The executor's tiles (one set per level) hold exactly each group's selected virtual keys —
+    a block at level l costs 1/l of its keys — and masks only pairs that may need one: where
+    `among` cuts the pair (the diagonal causally; the ragged tail group, whose class the planner
+    leaves partial) or the block is ragged (the tail of 100); none with full among on whole boxes."""
+    from attnlang.runtime.call import check_call
+    from attnlang.runtime.pyramid import _static, _tiles, levels
+
+    p = Pattern.create(pyramid(8, 8, [1, 2, 4], [0.25, 0.25, 0.25], among), tokens)
+    q, k, v = _planted(p.layout, p.attend, Hq=4, Hkv=2)
+    call = check_call(p, q, k, v, None, {}, planner=None)
+    st, table = _static(p, "cpu"), levels(call, 0).numpy()
+    h, g, j = np.nonzero(table)
+    size = np.diff(st.kstart)
+    want = int((st.qsize.numpy()[g] * size[j] // table[h, g, j]).sum())
+    may = int((((g == j) | (g == st.nq - 1)) & (among is causal) | (size[j] < 8)).sum())
+    work = masked = 0
+    for tl in _tiles(call, st, [table]):
+        rows = (tl.q_rows != q[..., 0].numel()).view(tl.count, tl.block_m).sum(1)
+        work += int((rows * (tl.k_rows != tl.k_sink).sum(1)).sum())
+        masked += len(tl.slot_tile)
+    assert work == want and masked <= may and (masked > 0) == (among is causal)
