@@ -413,7 +413,7 @@ def _direction(plan, tgt, costs, tile_s, direction, heads, batch, dtype, head_di
     busy = sum(comp.values())
     comp = {k: v / tgt.units for k, v in comp.items()}
     comp["idle"] = max(kernel_s - busy / tgt.units, 0.0)
-    overheads = {"permute": _permute_seconds(plan, tgt, dtype, head_dim, batch, heads),
+    overheads = {"permute": _permute_seconds(plan, tgt, dtype, head_dim, batch, heads, direction),
                  "index_tables": with_idx_s - kernel_s,
                  # Selection is not differentiated: the backward reuses the forward's decisions.
                  "routing": _routing_seconds(plan.pattern, tgt, dtype, head_dim, batch, heads)
@@ -444,14 +444,17 @@ def _makespan(works: np.ndarray, units: int) -> float:
     return max(heap)
 
 
-def _permute_seconds(plan: Plan, tgt: Target, dtype: str, head_dim: int, batch: int, heads: int) -> float:
-    """Gathering Q, K, V into kernel order and scattering O back (forward; dO, dQ, dK, dV in
-    the backward): four tensors read and written once each, at the target's bandwidth. A chunk
-    executor that sorts a head group's uneven rows (:mod:`attnlang.rows`) moves the queries
-    alone: Q gathered and O scattered, two tensors, for the heads of such groups."""
+def _permute_seconds(plan: Plan, tgt: Target, dtype: str, head_dim: int, batch: int, heads: int,
+                     direction: str = "forward") -> float:
+    """Moving tokens between the user's order and kernel order, each tensor read and written once
+    at the target's bandwidth: Q, K, V gathered and O scattered in the forward; Q, K, V, O, dO
+    gathered and dQ, dK, dV scattered in the backward. A chunk executor that sorts a head
+    group's uneven rows (:mod:`attnlang.rows`) moves the query-side tensors alone (Q, O; and
+    dO, dQ in the backward) for the heads of such groups."""
+    tensors, query_side = (4, 2) if direction == "forward" else (8, 4)
     per_head = 2 * batch * plan.n_kernel * head_dim * DTYPE_BYTES[dtype] / (tgt.bandwidth_gbs * 1e9)
     if plan.order is not None:
-        return 4 * heads * per_head
+        return tensors * heads * per_head
     if not tgt.executor.chunk_bytes:
         return 0.0
     from attnlang.rows import row_layout
@@ -461,7 +464,7 @@ def _permute_seconds(plan: Plan, tgt: Target, dtype: str, head_dim: int, batch: 
         g = plan.group_for_head(h)
         if id(g) not in sorted_:
             sorted_[id(g)] = row_layout(g.full, g.partial).q_perm is not None
-    return 2 * per_head * sum(sorted_[id(plan.group_for_head(h))] for h in range(heads))
+    return query_side * per_head * sum(sorted_[id(plan.group_for_head(h))] for h in range(heads))
 
 
 def _routing_seconds(p, tgt: Target, dtype: str, head_dim: int, batch: int, heads: int) -> float:
