@@ -13,7 +13,9 @@ stage (Triton routing kernels), per-item planning and the kernel with per-call t
 that is what a call costs; their density comes from one call's selection, and the flex column is
 not measured for them. The routing stage alone is also timed (one batch item, forward only), with
 the Triton kernels and with the torch ops, and printed as a note under the table. ``pyramid``
-patterns (PSA) have no Triton kernel yet and are listed as skipped.
+patterns (PSA) run on their Triton kernels (``runtime/triton_pyramid.py``) and are timed end to
+end the same way (level selection, pooling, attention); their density counts (query, pooled key)
+pairs, the work a pooled key costs.
 
 their TFLOP/s counted on the allowed pairs (``4 * B * H * pairs * D``; dense counts ``N^2``),
 the speedup over dense, and the simulator's predicted speedup for the same plan and GPU. Prints
@@ -44,9 +46,8 @@ def _require_cuda():
 
 
 def _patterns(only):
-    """(file, pattern name, Pattern) for every example pattern without runtime inputs or pyramid."""
+    """(file, pattern name, Pattern) for every example pattern without runtime inputs."""
     import attnlang
-    from attnlang.pattern import Pyramid
 
     out, skipped = [], []
     for path in sorted((ROOT / "examples").glob("*.attn")):
@@ -55,7 +56,7 @@ def _patterns(only):
             if only and name not in only and path.stem not in only:
                 continue
             p = attnlang.resolve(path, name)
-            (skipped if p.inputs or isinstance(p.attend, Pyramid) else out).append((path.name, name, p))
+            (skipped if p.inputs else out).append((path.name, name, p))
     return out, [f"{f}:{n}" for f, n, _ in skipped]
 
 
@@ -83,6 +84,8 @@ def main() -> int:
     from torch.nn.attention.flex_attention import flex_attention
 
     import attnlang
+    from attnlang.pattern import Pyramid
+    from attnlang.pyramid import pattern_content as pyramid_content
     from attnlang.runtime.call import check_call
     from attnlang.runtime.flex import to_block_mask
     from attnlang.runtime.routing import pattern_content
@@ -94,7 +97,7 @@ def main() -> int:
     rows, notes = [], []
     patterns, skipped = _patterns(set(args.only or ()))
     if skipped:
-        notes.append(f"skipped (runtime inputs, or pyramid: no Triton kernel yet): {', '.join(skipped)}")
+        notes.append(f"skipped (runtime inputs): {', '.join(skipped)}")
     dev = torch.device("cuda")
     D = args.head_dim
     for fname, name, p in patterns:
@@ -108,9 +111,24 @@ def main() -> int:
             continue
         do = torch.randn_like(q)
         routed = p.reads_content
-        # routed: one call's per-head plan (its selection) gives the density
-        plan = check_call(p, q, k, v, None, {}, None).plan(0) if routed else attnlang.make_plan(p)
-        pairs = sum(plan.stats(plan.group_for_head(h).lo).get("allowed_pairs", 0) for h in range(H)) or None
+        content = None
+        if isinstance(p.attend, Pyramid):  # this call's level table (numpy, from the same Q/K)
+            content = pyramid_content(p, q[0].detach().float().cpu().numpy(), k[0].detach().float().cpu().numpy())
+            plan = attnlang.make_plan(p, content=content)
+        elif routed:  # one call's per-head plan (its selection) gives the density
+            call = check_call(p, q, k, v, None, {}, None)
+            plan, content = call.plan(0), call.content(0)
+        else:
+            plan = attnlang.make_plan(p)
+        try:
+            from attnlang.simulate import simulate_plan
+
+            report = simulate_plan(plan, target, head_dim=D, heads=H, content=content)
+            sim, pairs = report.forward.predicted, report.allowed_pairs or None
+        except Exception as e:
+            notes.append(f"{name}: simulator: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+            sim = None
+            pairs = sum(plan.stats(plan.group_for_head(h).lo).get("allowed_pairs", 0) for h in range(H)) or None
         dense_flops = 4.0 * H * N * N * D * (3.5 if args.backward else 1.0)
         flops = dense_flops * (pairs / (H * N * N)) if pairs else None
 
@@ -128,15 +146,16 @@ def main() -> int:
 
         # Plans, modules and block masks are built once, outside the timed region.
         t_sdpa = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
-        if routed:  # routing + planning + kernel: the whole per-call cost
+        if routed:  # routing (or level selection) + planning + kernel: the whole per-call cost
             fn = attnlang.compile(p, backend="triton")
             t_ours = bench(lambda: fn(q, k, v))
-            # The routing stage alone (its decisions come back to the host, so the timing syncs).
-            qd, kd, scale = q[0].detach(), k[0].detach(), D ** -0.5
-            t_kern = bench(lambda: pattern_content(p, qd, kd, scale, kernels=True), backward=False)
-            t_torch = bench(lambda: pattern_content(p, qd, kd, scale), backward=False)
-            notes.append(f"{name}: routing stage {_ms(t_kern)} ms with the Triton kernels, {_ms(t_torch)} ms "
-                         "with torch ops (one batch item; part of the attnlang ms column)")
+            if not isinstance(p.attend, Pyramid):
+                # The routing stage alone (its decisions come back to the host, so the timing syncs).
+                qd, kd, scale = q[0].detach(), k[0].detach(), D ** -0.5
+                t_kern = bench(lambda: pattern_content(p, qd, kd, scale, kernels=True), backward=False)
+                t_torch = bench(lambda: pattern_content(p, qd, kd, scale), backward=False)
+                notes.append(f"{name}: routing stage {_ms(t_kern)} ms with the Triton kernels, {_ms(t_torch)} ms "
+                             "with torch ops (one batch item; part of the attnlang ms column)")
         else:
             module = load_module(plan, target)
             t_ours = bench(lambda: module.attention(q, k, v))
@@ -144,12 +163,6 @@ def main() -> int:
         if not args.no_flex and not routed:
             block_mask = to_block_mask(p, H=H).to(dev)
             t_flex = bench(lambda: flex(q, k, v, block_mask=block_mask))
-        try:
-            from attnlang.simulate import simulate_plan
-
-            sim = simulate_plan(plan, target, head_dim=D, heads=H).forward.predicted
-        except Exception:
-            sim = None
         rows.append((fname, name, N, plan.block_m, plan.block_n, pairs / (H * N * N) if pairs else None,
                      t_ours, t_flex, t_sdpa, flops, dense_flops, sim))
 
