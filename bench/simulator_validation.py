@@ -21,6 +21,7 @@ Timings need a quiet machine: on a loaded one the table measures the load, not t
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
 import sys
@@ -59,6 +60,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one timed run per measurement")
     ap.add_argument("--only", action="append", metavar="NAME", help="a pattern or example file stem (repeatable)")
     ap.add_argument("--set", action="append", default=[], metavar="PATTERN:K=V", help="override a parameter")
+    ap.add_argument("--save-profile", metavar="FILE", help="also write the calibrated cpu profile there")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's). On a shared machine use 1: "
                     "with 2 threads every parallel region waits a scheduler slice (~8 ms measured) while "
                     "another process runs, which swamps the tile work")
@@ -74,6 +76,8 @@ def main() -> None:
     print("calibrating", file=sys.stderr)
     doc = calibrate_cpu(args.calib_n, args.heads, args.head_dim, max(repeat, 3), progress=say)
     target = target_from_dict(doc, "<calibrated>")
+    if args.save_profile:
+        pathlib.Path(args.save_profile).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     sets = parse_sets(args.set)
     pats, skipped = example_patterns(args.only, {k: {**v, **sets.get(k, {})} for k, v in SIZES.items()}
                                      | {k: v for k, v in sets.items() if k not in SIZES})
@@ -99,7 +103,8 @@ def main() -> None:
 
     print(f"\nMachine: {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads; load average before {before}, after {load()}. Calibrated at "
           f"N = {args.calib_n}: {doc['tflops']['fp32'] * 1e3:.1f} GFLOP/s per tile slot, forward mask cost "
-          f"{cal['mask_cost']:.2f}, per-query-tile {cal['cta_overhead_ns'] / 1e3:.0f} us, backward/forward "
+          f"{cal['mask_cost']:.2f}, gather cost {cal['gather_cost']:.2f}, per call {cal['chunk_overhead_ns'] / 1e3:.0f} us, "
+          f"per query tile {cal['cta_overhead_ns'] / 1e3:.0f} us, token moves {doc['bandwidth_gbs']:.0f} GB/s, backward/forward "
           f"{doc['backward']['flop_ratio']:.2f}x. D = {args.head_dim}, fp32, B = 1, median of {repeat}.\n")
     res = doc["calibration"]["residuals"]
     print("Calibration fit (fitted / measured - 1): " + "; ".join(

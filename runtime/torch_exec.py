@@ -86,8 +86,12 @@ def _to_kernel(x: torch.Tensor, index: torch.Tensor, identity: bool) -> torch.Te
     x = x.float()
     if identity:
         return x.contiguous()
-    x = torch.cat([x, x.new_zeros(x.shape[0], 1, x.shape[2])], dim=1)
-    return x.index_select(1, index)
+    # One gather (appending a zero row for padding to read would copy x once more), then the
+    # few padding positions zeroed in place.
+    n = x.shape[1]
+    y = x.index_select(1, index.clamp(max=n - 1))
+    pad = (index == n).nonzero().squeeze(1)
+    return y.index_fill_(1, pad, 0.0) if len(pad) else y
 
 
 def _from_kernel(x: torch.Tensor, inverse: torch.Tensor, identity: bool) -> torch.Tensor:

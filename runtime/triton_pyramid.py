@@ -130,23 +130,32 @@ def _group_rows(QPAD, QPOS, g, s0, GM, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _fwd(Q, PK, PV, O, LSE, VIDX, COUNT, QPAD, QPOS, KEYPOS, LOG2L, qk_scale,
-         H, GQA, N_TOKENS, M, NQ, GM, W, M_TILES,
-         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-         BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _query_rows(QPAD, QPOS, H, GQA, N_TOKENS, M, NQ, GM, M_TILES,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    # This program's query rows: slots s0.. of query group g of (batch, head) bh; tokens
+    # (-1 = padding), visibility positions, offsets into Q-shaped tensors and the K/V base.
     g = tl.program_id(0) // M_TILES
     s0 = (tl.program_id(0) % M_TILES) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    q_base = bh.to(tl.int64) * N_TOKENS * HEAD_DIM
     kv_base = (b.to(tl.int64) * (H // GQA) + h // GQA) * M * HEAD_DIM
-    row = (bh.to(tl.int64) * NQ + g)
+    row = bh.to(tl.int64) * NQ + g
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     tok, qpos = _group_rows(QPAD, QPOS, g, s0, GM, BLOCK_M)
     q_ok = tok >= 0
-    q_rows = q_base + tok[:, None] * HEAD_DIM + offs_d[None, :]
+    q_rows = bh.to(tl.int64) * N_TOKENS * HEAD_DIM + tok[:, None] * HEAD_DIM + offs_d[None, :]
+    return bh, kv_base, row, tok, qpos, q_ok, q_rows, offs_d, d_ok
+
+
+@triton.jit
+def _fwd(Q, PK, PV, O, LSE, VIDX, COUNT, QPAD, QPOS, KEYPOS, LOG2L, qk_scale,
+         H, GQA, N_TOKENS, M, NQ, GM, W, M_TILES,
+         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+         BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    bh, kv_base, row, tok, qpos, q_ok, q_rows, offs_d, d_ok = _query_rows(
+        QPAD, QPOS, H, GQA, N_TOKENS, M, NQ, GM, M_TILES, HEAD_DIM, BLOCK_D, BLOCK_M)
     q = tl.load(Q + q_rows, mask=q_ok[:, None] & d_ok[None, :], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -184,19 +193,8 @@ def _bwd_dq(Q, PK, PV, DO, DQ, LSE, DELTA, VIDX, COUNT, QPAD, QPOS, KEYPOS, LOG2
             H, GQA, N_TOKENS, M, NQ, GM, W, M_TILES,
             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
             BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    g = tl.program_id(0) // M_TILES
-    s0 = (tl.program_id(0) % M_TILES) * BLOCK_M
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    q_base = bh.to(tl.int64) * N_TOKENS * HEAD_DIM
-    kv_base = (b.to(tl.int64) * (H // GQA) + h // GQA) * M * HEAD_DIM
-    row = (bh.to(tl.int64) * NQ + g)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    tok, qpos = _group_rows(QPAD, QPOS, g, s0, GM, BLOCK_M)
-    q_ok = tok >= 0
-    q_rows = q_base + tok[:, None] * HEAD_DIM + offs_d[None, :]
+    bh, kv_base, row, tok, qpos, q_ok, q_rows, offs_d, d_ok = _query_rows(
+        QPAD, QPOS, H, GQA, N_TOKENS, M, NQ, GM, M_TILES, HEAD_DIM, BLOCK_D, BLOCK_M)
     q = tl.load(Q + q_rows, mask=q_ok[:, None] & d_ok[None, :], other=0.0)
     do = tl.load(DO + q_rows, mask=q_ok[:, None] & d_ok[None, :], other=0.0)
     lse = tl.load(LSE + bh.to(tl.int64) * N_TOKENS + tok, mask=q_ok, other=0.0)
