@@ -30,9 +30,9 @@ def main() -> None:
     plan = fn.plan()
     print(plan, "\n")
 
-    simulate = getattr(attnlang, "simulate", None)
-    if simulate is not None:
-        print(simulate(fn, target="h100", heads=HEADS), "\n")
+    # What sparsity can buy on an H100, and on this CPU's torch executor (packaged profile).
+    print(attnlang.simulate(fn, target="h100", heads=HEADS), "\n")
+    print(attnlang.simulate(fn, target="cpu", heads=HEADS, head_dim=DIM), "\n")
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, HEADS, N, DIM) for _ in range(3))
