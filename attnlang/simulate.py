@@ -253,6 +253,8 @@ def simulate_plan(plan: Plan, target: "str | Target" = "h100", *, dtype: str | N
     dense_tiles = -(-p.n // plan.block_m) * -(-p.n // plan.block_n) * heads
     full = sum(g.full.nnz for g in head_groups)
     partial = sum(g.partial.nnz for g in head_groups)
+    if plan.levels is not None:  # tiles of pooled keys, what the kernels visit (not token tiles)
+        full, partial = 0, int(_pyramid_work(plan, heads, 1).partial.sum())
     visited = full + partial
     flop_bound = _ratio(heads * p.n * p.n, pairs)
     tile_bound = _ratio(dense_tiles, visited)
@@ -316,6 +318,7 @@ def pass_work(plan: Plan, tgt: Target, direction: str, heads: int, batch: int = 
               dense: bool = False) -> list[PassWork]:
     """How the target's executor walks the plan: the passes of ``direction`` and their items.
 
+    A pyramid (PSA) is walked by its pooled keys instead (:func:`_pyramid_work`).
     GPUs: the forward is one CTA per query tile; the backward a dK/dV pass (CTA per key tile,
     transposed tables) and a dQ pass. An executor with ``chunk_bytes`` (the CPU torch backend)
     instead makes one item per fused call: a chunk of query tiles of a head group, laid out
@@ -326,6 +329,8 @@ def pass_work(plan: Plan, tgt: Target, direction: str, heads: int, batch: int = 
     """
     ex = tgt.executor
     nq, nk = -(-plan.n // plan.block_m), -(-plan.n // plan.block_n)
+    if plan.levels is not None and not dense:
+        return [_pyramid_work(plan, heads, batch, ex.chunk_bytes)]
     if ex.chunk_bytes:
         return [_chunk_work(plan, ex.chunk_bytes, heads, batch, dense)]
     if direction == "forward" or ex.backward == "query-major":
@@ -353,6 +358,33 @@ def pass_work(plan: Plan, tgt: Target, direction: str, heads: int, batch: int = 
                 for i in range(4)]
         out.append(PassWork(share, *cols, np.zeros_like(cols[0]), np.ones_like(cols[0])))
     return out
+
+
+def _pyramid_work(plan: Plan, heads: int, batch: int, chunk_bytes: int = 0) -> PassWork:
+    """A pyramid's work as its kernels do it: one item per (batch, head, query group, ``block_m``
+    rows of the group), visiting the group's *pooled* keys in tiles of ``block_n`` — a key block
+    at level ``l`` gives ``ceil(|block| / l)`` of them — every tile masked (visibility and the
+    ``ln(l)`` bonus are per element): the programs of ``runtime/triton_pyramid.py``. A chunk
+    executor (the CPU path, which buckets tiles of pooled keys into fused calls) gets items of
+    about ``chunk_bytes`` of scores instead. The backward walks the same items."""
+    from attnlang.pyramid import box_ids
+
+    pyr, layout = plan.pattern.attend, plan.pattern.layout
+    (qids, nq), (kids, nb) = box_ids(layout, pyr.query_block), box_ids(layout, pyr.block)
+    gsize, bsize = np.bincount(qids, minlength=nq), np.bincount(kids, minlength=nb)
+    table = np.asarray(plan.levels)
+    pooled = np.where(table > 0, -(-bsize // np.maximum(table, 1)), 0).sum(axis=-1)  # [H, groups]
+    slots = -(-pooled // plan.block_n)
+    ctas = -(-gsize // plan.block_m)
+    per_head = [np.repeat(slots[min(h, len(slots) - 1)], ctas) for h in range(heads)]
+    tiles = np.concatenate(per_head * batch).astype(np.int64)
+    qtiles = np.ones_like(tiles)
+    if chunk_bytes and len(tiles):  # consecutive items share a call up to chunk_bytes of scores
+        call = np.cumsum(tiles) * plan.block_m * plan.block_n * 4 // chunk_bytes
+        starts = np.flatnonzero(np.r_[True, call[1:] != call[:-1]])
+        tiles, qtiles = np.add.reduceat(tiles, starts), np.add.reduceat(qtiles, starts)
+    z = np.zeros_like(tiles)
+    return PassWork(1.0, z, tiles, z, tiles, z, qtiles)
 
 
 def _chunk_work(plan: Plan, chunk_bytes: int, heads: int, batch: int, dense: bool) -> PassWork:

@@ -335,3 +335,22 @@ def test_cpu_model_walks_the_executors_chunks(p, tile, heads, chunk_bytes):
                                           bid.size if s.layout.window_step(c0, c1) is None else 0, c1 - c0)])
     got = np.stack([w.full, w.partial, w.padding, w.masked, w.gathered, w.qtiles], axis=1)
     assert got.tolist() == want
+
+
+def test_pyramid_work_is_its_pooled_key_tiles():
+    """A pyramid's kernels visit pooled keys: a key block kept at level l costs 1/l of its tiles.
+    Blocks and query groups of one 64-token tile: every block at level 1 is every tile; at
+    level 2 (keep = [0, 1] with levels [1, 2]) half of them."""
+    from attnlang.pattern import pyramid
+
+    n = 512
+    whole = simulate(Pattern.create(pyramid(64, 64, levels=[1], keep=[1.0]), n, name="p"), "h100", heads=2)
+    assert whole.tiles["visited"] == whole.tiles["dense"] == 2 * (n // 64) ** 2
+    assert whole.forward.tile_bound == pytest.approx(1.0)
+    half = simulate(Pattern.create(pyramid(64, 64, levels=[1, 2], keep=[0.0, 1.0]), n, name="p"), "h100", heads=2)
+    assert half.tiles["visited"] == whole.tiles["visited"] // 2
+    assert half.forward.tile_bound == pytest.approx(2.0) == half.forward.flop_bound
+    assert half.forward.schedule_bound <= half.forward.tile_bound
+    for target in ("h100", "cpu"):  # the same items on every target, forward and backward
+        r = simulate(Pattern.create(pyramid(64, 64, levels=[1, 2], keep=[0.0, 1.0]), n, name="p"), target, heads=2)
+        assert r.forward.kernel_s < r.forward.dense_s and r.backward.kernel_s < r.backward.dense_s
