@@ -417,6 +417,7 @@ def _direction(plan, tgt, costs, tile_s, direction, heads, batch, dtype, head_di
                flop_bound, tile_bound, analytic) -> tuple[Direction, bool]:
     t_full, fixed = tile_s
     cta, call = costs.cta_overhead_ns * 1e-9, costs.chunk_overhead_ns * 1e-9
+    gather = costs.gather_cost * _gather_scale(plan, tgt, heads, head_dim)
     idx = 0.0 if analytic else tgt.index_read_ns * 1e-9
     comp = dict.fromkeys(COMPONENTS, 0.0)
     dense_s = kernel_s = with_idx_s = 0.0
@@ -424,7 +425,7 @@ def _direction(plan, tgt, costs, tile_s, direction, heads, batch, dtype, head_di
     def item_seconds(w: PassWork) -> np.ndarray:
         tf = t_full * w.share
         return (call + w.qtiles * cta + (w.full + w.partial + w.padding) * tf
-                + w.masked * tf * costs.mask_cost + w.gathered * tf * costs.gather_cost)
+                + w.masked * tf * costs.mask_cost + w.gathered * tf * gather)
 
     for dw in pass_work(plan, tgt, direction, heads, batch, dense=True):
         dense_s += _makespan(item_seconds(dw), tgt.units)
@@ -436,7 +437,7 @@ def _direction(plan, tgt, costs, tile_s, direction, heads, batch, dtype, head_di
         comp["partial tiles"] += float(w.partial.sum()) * (tf - fx)
         comp["row padding"] += float(w.padding.sum()) * (tf - fx)
         comp["mask"] += float(w.masked.sum()) * tf * costs.mask_cost
-        comp["gather"] += float(w.gathered.sum()) * tf * costs.gather_cost
+        comp["gather"] += float(w.gathered.sum()) * tf * gather
         comp["tile fixed"] += float(slots.sum()) * fx
         comp["CTA overhead"] += float(w.qtiles.sum()) * cta + len(works) * call
         span = _makespan(works, tgt.units)
@@ -457,6 +458,19 @@ def _direction(plan, tgt, costs, tile_s, direction, heads, batch, dtype, head_di
     predicted = min(_ratio(dense_s, time_s), schedule)
     return Direction(flop_bound, tile_bound, schedule, predicted, dense_s, kernel_s, time_s, overheads,
                      comp, clamped), clamped
+
+
+def _gather_scale(plan: Plan, tgt: Target, heads: int, head_dim: int) -> float:
+    """How much of the calibrated gather cost a plan pays: gathering key tiles copies K and V,
+    which is cheaper while they sit in the cache, so the cost scales with the K/V working set
+    (``N x heads x head_dim``) relative to the one it was calibrated at, up to 1. Profiles
+    without a calibration record (GPU ones, whose gather cost is 0) pay it whole."""
+    cal = tgt.calibration
+    try:
+        ref = int(cal["n"]) * int(cal["heads"]) * int(cal["head_dim"])
+    except (TypeError, KeyError, ValueError):
+        return 1.0
+    return min(1.0, plan.n * heads * head_dim / max(ref, 1))
 
 
 def _makespan(works: np.ndarray, units: int) -> float:

@@ -354,3 +354,21 @@ def test_pyramid_work_is_its_pooled_key_tiles():
     for target in ("h100", "cpu"):  # the same items on every target, forward and backward
         r = simulate(Pattern.create(pyramid(64, 64, levels=[1, 2], keep=[0.0, 1.0]), n, name="p"), target, heads=2)
         assert r.forward.kernel_s < r.forward.dense_s and r.backward.kernel_s < r.backward.dense_s
+
+
+def test_cpu_gather_cost_scales_with_the_kv_working_set():
+    """Gathered key tiles pay the calibrated gather cost in proportion to the K/V working set
+    against the calibration's (cheaper while K and V sit in the cache), never more than whole."""
+    from attnlang.pattern import sink
+    from attnlang.simulate import _tile_seconds, pass_work
+
+    base = load_target("cpu")
+    tgt = dataclasses.replace(base, forward=dataclasses.replace(base.forward, gather_cost=1.0),
+                              calibration={"n": 4096, "heads": 8, "head_dim": 64})
+    for n, scale in ((1024, 0.25), (4096, 1.0), (8192, 1.0)):
+        plan = attnlang.make_plan(Pattern.create(causal & (sliding(n // 8) | sink(64)), n))
+        (w,) = pass_work(plan, tgt, "forward", 8)
+        assert w.gathered.sum() > 0  # the sink tile makes rows that are not windows
+        t, _ = _tile_seconds(tgt, tgt.forward, "fp32", 64, plan.block_m, plan.block_n)
+        r = simulate_plan(plan, tgt, dtype="fp32", head_dim=64, heads=8)
+        assert r.forward.breakdown_s["gather"] == pytest.approx(float(w.gathered.sum()) * t * scale)
