@@ -219,6 +219,14 @@ def select(route: Route, scores: np.ndarray, eligible: np.ndarray) -> np.ndarray
     return _select_rows(scores, eligible, route.top, route.threshold)
 
 
+def threshold_cut(tau: float) -> float:
+    """The cumulative softmax mass at which ``threshold = tau`` stops taking blocks: ``tau``,
+    except that ``threshold = 1`` keeps every eligible block. Each eligible block has a positive
+    softmax, so no proper prefix sums to 1 — but in floats a long tail of tiny probabilities can
+    round the running sum to 1 early, and where that happens would depend on summation order."""
+    return math.inf if tau >= 1 else float(tau)
+
+
 def _select_rows(s: np.ndarray, e: np.ndarray, top: int | None, tau: float | None) -> np.ndarray:
     """Per row of ``s [..., M]``: the ``top`` best eligible entries, or the fewest best ones whose
     softmax over the eligible entries reaches ``tau``; ties towards the lower index.
@@ -237,7 +245,7 @@ def _select_rows(s: np.ndarray, e: np.ndarray, top: int | None, tau: float | Non
         m = np.where(np.isfinite(m), m, 0.0)
         den = np.maximum(np.exp(z - m).sum(-1, keepdims=True), np.finfo(np.float64).tiny)
         c = np.cumsum(np.exp(srt - m) / den, -1)
-        count = np.minimum((c < tau).sum(-1) + 1, n_el)
+        count = np.minimum((c < threshold_cut(tau)).sum(-1) + 1, n_el)
     cut = np.take_along_axis(srt, np.maximum(count - 1, 0)[..., None], -1)
     above = e & (z > cut)
     tied = e & (z == cut)

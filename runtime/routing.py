@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from attnlang.pattern import Layout, Pattern, Route
-from attnlang.routing import block_ids, eligibility, eligibility_permuted, group_ids, routes
+from attnlang.routing import block_ids, eligibility, eligibility_permuted, group_ids, routes, threshold_cut
 
 
 def _segment_mean(x: torch.Tensor, ids: torch.Tensor, count: int) -> torch.Tensor:
@@ -60,7 +60,7 @@ def _select_rows(s: torch.Tensor, e: torch.Tensor, top: int | None, tau: float |
         p = torch.exp(z - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
         p = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
         c = torch.cumsum(torch.gather(p, -1, order), -1)
-        count = torch.minimum((c < tau).sum(-1) + 1, n_el)
+        count = torch.minimum((c < threshold_cut(tau)).sum(-1) + 1, n_el)
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(s.shape[-1], device=s.device).expand_as(order))
     return (rank < count[..., None]) & e
 
@@ -104,8 +104,8 @@ def _threshold_row(z: np.ndarray, tau: float) -> np.ndarray:
     """
     M = len(z)
     n_el = int(np.isfinite(z).sum())
-    if n_el == 0:
-        return np.zeros(M, dtype=bool)
+    if n_el == 0 or threshold_cut(tau) == math.inf:  # nothing eligible, or all of it
+        return np.isfinite(z)
     m = np.float64(z.max())
     den = max(_pairwise_exp_sum(z, m, 0, M), np.finfo(np.float64).tiny)
     k = min(M, math.ceil(tau * M) + 8)

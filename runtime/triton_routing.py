@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from attnlang.pattern import Layout, Route, box_ids
-from attnlang.routing import eligibility, eligibility_permuted
+from attnlang.routing import eligibility, eligibility_permuted, threshold_cut
 from attnlang.runtime.routing import importance_perm, select
 
 SELECT_BLOCKS = 4096  # widest selection row (blocks per group) one program holds in registers
@@ -202,7 +202,7 @@ def route_content(route: Route, layout: Layout, q: torch.Tensor, k: torch.Tensor
         block_g = max(2, min(triton.next_power_of_2(G), TILE // block_b))
         res = torch.empty((Hq, G, nb), dtype=torch.int8 if in_kernel else torch.float32, device=dev)
         threshold = route.threshold is not None
-        tau = torch.tensor([route.threshold if threshold else 1.0], dtype=torch.float64, device=dev)
+        tau = torch.tensor([threshold_cut(route.threshold) if threshold else 1.0], dtype=torch.float64, device=dev)
         grid = (triton.cdiv(G, block_g), Hq, triton.cdiv(nb, block_b))
         _route_kernel[grid](qm, km, elig, tau, res, sq[0], sq[1], sq[2],
                             km.stride(0), km.stride(1), km.stride(2),

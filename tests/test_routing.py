@@ -72,3 +72,23 @@ def test_select_rows_equals_stable_argsort(seed, rows, m, top, tau, ties):
     assert np.array_equal(_select_rows(s, e, top, None if top else tau), want)
     got = torch_select_rows(torch.from_numpy(s), torch.from_numpy(e), top, None if top else tau).numpy()
     assert np.array_equal(got, want)
+
+
+def test_threshold_one_keeps_every_eligible_block_despite_a_long_tail():
+    """threshold = 1: every eligible block has a positive softmax, so all are kept — even where
+    the running float sum of a long tail of tiny probabilities rounds to 1 before the end."""
+    n, blk = 256, 4
+    q = torch.zeros(2, n, 8)
+    k = torch.zeros(1, n, 8)
+    q[..., 0] = 1.0
+    k[0, :, 0] = -torch.arange(n, dtype=torch.float32) * 0.6  # scores fall by 2.4 per block
+    for scope in ("query", "head"):
+        p = Pattern.create(route(blk, threshold=1.0, among=causal, scope=scope), n)
+        want = eligibility(p.attend, p.layout)
+        ours = pattern_content(p, q.numpy(), k.numpy(), 1.0)[p.attend]
+        theirs = torch_content(p, q, k, 1.0)[p.attend]
+        assert np.array_equal(ours, np.broadcast_to(want, ours.shape)), scope
+        assert np.array_equal(theirs, ours), scope
+    # Just below 1 the tail is cut: the softmax mass of the first few blocks already rounds there.
+    p = Pattern.create(route(blk, threshold=0.999999, among=causal), n)
+    assert pattern_content(p, q.numpy(), k.numpy(), 1.0)[p.attend].sum() < want.sum() * 2

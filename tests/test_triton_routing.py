@@ -51,9 +51,8 @@ def clear_margins(p, q, k, scale=SCALE, eps=1e-6) -> bool:
     """No decision of the oracle for one batch item (``q [Hq, N, D]``) sits within rounding of
     its cut: at the ``top``/threshold cut the two neighbouring scores differ by more than
     ``eps`` (relative), and no cumulative softmax mass short of the whole row is within ``eps``
-    of tau. The kernels sum in another order than numpy, so such near-ties may go either way:
-    e.g. ``threshold = 1.0`` with widely spread scores, where the mass rounds to 1 before the
-    last eligible block or not depending on the last bits."""
+    of tau. The kernels sum in another order than numpy, so such near-ties may go either way.
+    ``threshold = 1`` has no cut: it keeps every eligible block (``attnlang.routing.threshold_cut``)."""
     q, k = q.detach().float(), k.detach().float()
     content = oracle.pattern_content(p, q.numpy(), k.numpy(), scale)
     for r in oracle.routes(p):
@@ -79,7 +78,7 @@ def clear_margins(p, q, k, scale=SCALE, eps=1e-6) -> bool:
             c = int(row_sel.sum())
             if 0 < c < len(v) and v[c - 1] - v[c] <= eps * (1 + abs(v[c])):
                 return False
-            if r.threshold is not None and len(v):
+            if r.threshold is not None and r.threshold < 1 and len(v):
                 mass = np.cumsum(np.exp(v - v[0]) / np.exp(v - v[0]).sum())
                 if np.any(np.abs(mass[:-1] - r.threshold) <= eps):  # the whole row is taken anyway
                     return False
@@ -132,6 +131,18 @@ def test_threshold_extremes():
         sel = assert_same(p, q[0], k[0])
         count = np.minimum(np.arange(40) // 8 + 1, 5)
         assert np.array_equal(sel.sum(-1), np.broadcast_to(count if want == "all" else 1, (2, 40)))
+
+
+def test_threshold_one_keeps_a_long_tail():
+    """threshold = 1 keeps every eligible block even where the float running sum of a long tail
+    of tiny probabilities reaches 1 early (the oracle agrees: attnlang.routing.threshold_cut)."""
+    n = 128
+    q, k = torch.zeros(2, n, 8), torch.zeros(1, n, 8)
+    q[..., 0] = 1.0
+    k[0, :, 0] = -torch.arange(n, dtype=torch.float32) * 0.6
+    p = Pattern.create(route(4, threshold=1.0, among=causal), tokens=n)
+    sel = assert_same(p, q, k)
+    assert np.array_equal(sel, np.broadcast_to(oracle.eligibility(p.attend, p.layout), sel.shape))
 
 
 def test_wide_rows_take_the_scores_path(monkeypatch):
