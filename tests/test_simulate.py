@@ -372,3 +372,18 @@ def test_cpu_gather_cost_scales_with_the_kv_working_set():
         t, _ = _tile_seconds(tgt, tgt.forward, "fp32", 64, plan.block_m, plan.block_n)
         r = simulate_plan(plan, tgt, dtype="fp32", head_dim=64, heads=8)
         assert r.forward.breakdown_s["gather"] == pytest.approx(float(w.gathered.sum()) * t * scale)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--target", "h100"], ["cannot calibrate target 'h100'", "only 'cpu'"]),
+    (["--n", "1000"], ["--n 1000 is too small", "2048 or more"]),
+    (["--repeat", "0"], ["--repeat 0 must be a positive integer"]),
+    (["--threads", "0"], ["--threads 0 must be a positive integer"]),
+])
+def test_calibrate_refuses_bad_arguments_before_measuring(capsys, args, words):
+    from attnlang.cli import main
+
+    rc = main(["calibrate", "-o", os.devnull, *args])
+    err = capsys.readouterr().err
+    assert rc != 0 and all(w in err for w in words), err
+    assert "Traceback" not in err

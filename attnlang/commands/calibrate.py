@@ -40,7 +40,7 @@ HELP = "measure this machine with the CPU backend and write a simulator target p
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="cpu", metavar="T", help="which profile to calibrate (only cpu)")
     p.add_argument("-o", "--output", metavar="FILE", help="where to write the profile (default: the user profile dir)")
-    p.add_argument("--n", type=int, default=2048, metavar="N", help="sequence length measured (default 2048)")
+    p.add_argument("--n", type=int, default=4096, metavar="N", help="sequence length measured (default 4096)")
     p.add_argument("--heads", type=int, default=8, metavar="H", help="heads (default 8)")
     p.add_argument("--head-dim", type=int, default=64, metavar="D", help="head dimension (default 64)")
     p.add_argument("--repeat", type=int, default=3, metavar="R", help="timed runs per pattern (median; default 3)")
@@ -65,8 +65,9 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    if args.n < 256:
-        raise AttnError(f"--n {args.n} is too small to time reliably", hint="use --n 1024 or more")
+    if args.n < 2048:
+        raise AttnError(f"--n {args.n} is too small to calibrate: below 2048 tokens the per-call costs swamp "
+                        "the per-tile ones and the fit cannot tell them apart", hint="use --n 2048 or more (default 4096)")
     doc = calibrate_cpu(args.n, args.heads, args.head_dim, args.repeat,
                         progress=lambda name: print(f"measuring {name} ...", file=sys.stderr))
     out = pathlib.Path(args.output) if args.output else user_dir() / "cpu.json"
@@ -84,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 # The measured patterns, each exercising a different term of the model: dense (many full slots
-# per query tile, one query tile per fused call), blocks of three sizes (full tiles only, fewer
+# per query tile, one query tile per fused call), blocks of three sizes (N/4, N/16 and one tile:
+# full tiles only, fewer
 # per query tile, up to 32 query tiles per call: separates per-slot, per-query-tile and per-call
 # costs), causal (ragged rows: padding and masks on every call), a causal window (partial tiles
 # on every row: the mask cost) and two patterns whose rows are not windows of consecutive key
@@ -93,11 +95,11 @@ def run(args: argparse.Namespace) -> int:
 def calibration_patterns(n: int) -> dict[str, Any]:
     from attnlang.pattern import Pattern, block, causal, full, sink, sliding
 
-    tile = 64  # the sink: one key tile at the CPU planner's 64-token tiles
+    tile = 64  # the CPU planner's tile: block(tile) is one key tile per query tile, sink(tile) one tile
     return {"full": Pattern.create(full, n, name="full"),
             "block(N/4)": Pattern.create(block(max(n // 4, 1)), n, name="block4"),
             "block(N/16)": Pattern.create(block(max(n // 16, 1)), n, name="block16"),
-            "block(N/64)": Pattern.create(block(max(n // 64, 1)), n, name="block64"),
+            "block(64)": Pattern.create(block(tile), n, name="block64"),
             "causal": Pattern.create(causal, n, name="causal"),
             "causal & sliding(N/8)": Pattern.create(causal & sliding(max(n // 8, 1)), n, name="causal_window"),
             "causal & (sliding(N/8) | sink)": Pattern.create(causal & (sliding(max(n // 8, 1)) | sink(tile)), n,
@@ -215,7 +217,7 @@ def features(plan, target, direction: str, heads: int) -> list[float]:
             sum(float(w.gathered.sum()) * w.share for w in ws)]
 
 
-def calibrate_cpu(n: int = 2048, heads: int = 8, head_dim: int = 64, repeat: int = 3,
+def calibrate_cpu(n: int = 4096, heads: int = 8, head_dim: int = 64, repeat: int = 3,
                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure the torch backend here and return a ``cpu`` profile document.
 
