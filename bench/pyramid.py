@@ -20,7 +20,7 @@ import torch
 import attnlang
 from attnlang.pattern import Pattern, causal, full, pyramid
 from attnlang.runtime.call import check_call
-from attnlang.runtime.pyramid import _static, levels as level_of
+from attnlang.runtime.pyramid import levels as level_of, static_of
 
 CASES = [  # (label, tokens, block, query block, levels, keep, among)
     ("1-D causal, N=4096", 4096, 64, 64, [1, 2, 4, 8], [0.15, 0.15, 0.2, 0.2], causal),
@@ -75,7 +75,7 @@ def main() -> None:
                    args.reps)
         call = check_call(p, q, k, v, None, {}, planner=None)
         t = level_of(call, 0)
-        st = _static(p, "cpu")
+        st = static_of(p, "cpu")
         lv = t.clamp(min=1).float()
         keys = ((t > 0).float() * st.ksize_t[None, None, :] / lv).sum(-1)  # virtual keys per group
         work = float((keys * st.qsize[None, :]).sum() / (8 * n * n * (0.5 if is_causal else 1.0)))

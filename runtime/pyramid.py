@@ -34,7 +34,7 @@ from attnlang.plan import PARTIAL
 from attnlang.pyramid import box_ids, box_order, eligible, level_bounds
 from attnlang.routing import group_block_classes
 from attnlang.runtime.call import Call
-from attnlang.runtime.routed import GroupTiles, _Routed
+from attnlang.runtime.routed import GroupTiles, RoutedAttention
 
 MASK_PAIRS = 1 << 24  # (query, key) pairs of `among` evaluated at once for visibility
 
@@ -65,7 +65,9 @@ class Static:
 
 
 @functools.lru_cache(maxsize=16)
-def _static(pattern: Pattern, device: str) -> Static:
+def static_of(pattern: Pattern, device: str) -> Static:
+    """What a pyramid pattern fixes for every call on ``device`` (cached): groups, blocks, orders,
+    eligibility, virtual keys. Shared with the Triton pyramid path."""
     p: Pyramid = pattern.attend
     layout = pattern.layout
     n = layout.n
@@ -104,7 +106,7 @@ def levels(call: Call, b: int) -> torch.Tensor:
     """int32 ``[Hq, query groups, key blocks]``: the level each head's group sees each block at
     (0 = skipped) for batch item ``b``; the torch twin of :func:`attnlang.pyramid.level_table`."""
     p: Pyramid = call.pattern.attend
-    st = _static(call.pattern, str(call.q.device))
+    st = static_of(call.pattern, str(call.q.device))
     with torch.no_grad():
         q, k = call.q[b].float(), call.k[b].float()
         mq = q.new_zeros(q.shape[0], st.nq, q.shape[2]).index_add_(1, st.qids, q) / st.qsize[:, None]
@@ -124,27 +126,6 @@ def levels(call: Call, b: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # 2.-3. virtual keys and attention
 # --------------------------------------------------------------------------------------------
-
-def _gather_index(st: Static, table: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """``(vidx [Hq, nq, W], valid [Hq, nq, W], W)``: the virtual keys of every head's group."""
-    H, nq, _ = table.shape
-    h, g, j = np.nonzero(table)  # lexicographic: each (h, g) row's pairs are contiguous
-    lv = table[h, g, j].astype(np.int64)
-    count = np.diff(st.kstart)[j] // lv
-    first = np.array([st.offset[int(x)] for x in st.levels])[np.searchsorted(st.levels, lv)] + st.kstart[j] // lv
-    row = h * nq + g
-    total = np.bincount(row, weights=count, minlength=H * nq).astype(np.int64)
-    width = max(int(total.max(initial=0)), 1)
-    before = np.cumsum(count) - count  # virtual keys of earlier pairs, globally
-    pos = before - (np.cumsum(total) - total)[row]  # ... within the pair's row
-    rep = np.repeat(np.arange(len(count)), count)
-    within = np.arange(int(count.sum())) - np.repeat(before, count)
-    vidx = np.zeros((H * nq, width), dtype=np.int64)
-    valid = np.zeros((H * nq, width), dtype=bool)
-    vidx[row[rep], pos[rep] + within] = first[rep] + within
-    valid[row[rep], pos[rep] + within] = True
-    return vidx.reshape(H, nq, width), valid.reshape(H, nq, width), width
-
 
 def _pooled(x: torch.Tensor, st: Static) -> torch.Tensor:
     """``x [H, N, D]`` -> virtual keys ``[H, M, D]``: means of runs of ``l`` keys in block order."""
@@ -171,7 +152,7 @@ def _levels_static(pattern: Pattern, device: str) -> dict[int, Level]:
     planner's exact class; every eligible pair when the boxes are not tiles) or its block is
     ragged (padding slots)."""
     p: Pyramid = pattern.attend
-    st = _static(pattern, device)
+    st = static_of(pattern, device)
     layout, n = pattern.layout, pattern.n
     elig = st.elig.cpu().numpy()
     cls = group_block_classes(p.among, Route(p.block, top=1, among=p.among, query_block=p.query_block), layout)
@@ -245,10 +226,10 @@ def _tiles(call: Call, st: Static, tables: list[np.ndarray]) -> list[GroupTiles]
 
 def run(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(out [B, Hq, N, D] in q's dtype, lse [B, Hq, N] fp32)``, differentiable in q, k, v."""
-    st = _static(call.pattern, str(call.q.device))
+    st = static_of(call.pattern, str(call.q.device))
     B, Hq, N, D = call.q.shape
     tables = [levels(call, b).cpu().numpy() for b in range(B)]
     pk = torch.stack([_pooled(call.k[b].float(), st) for b in range(B)])  # [B, Hkv, M, D]
     pv = torch.stack([_pooled(call.v[b].float(), st) for b in range(B)])
-    out, lse = _Routed.apply(call.q, pk, pv, _tiles(call, st, tables), call.scale)
+    out, lse = RoutedAttention.apply(call.q, pk, pv, _tiles(call, st, tables), call.scale)
     return out.view(B, Hq, N, D).to(call.q.dtype), lse.view(B, Hq, N)

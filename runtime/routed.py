@@ -547,7 +547,7 @@ def _merge(m: torch.Tensor, den: torch.Tensor, num: torch.Tensor, dest: torch.Te
     num.index_add_(0, dest, o * w[:, None])
 
 
-class _Routed(torch.autograd.Function):
+class RoutedAttention(torch.autograd.Function):
     """Attention of every query row over the union of several tile sets' key sets:
     ``(out [B*Hq*N, D], lse [B*Hq*N])`` fp32, merged on the fly.
 
@@ -627,5 +627,5 @@ class _Routed(torch.autograd.Function):
 def run(call: Call, sp: Split) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, Hq, N, D] in q's dtype, lse [B, Hq, N] fp32)`` of a split routed pattern."""
     B, Hq, N, D = call.q.shape
-    out, lse = _Routed.apply(call.q, call.k, call.v, tiles(call, sp), call.scale)
+    out, lse = RoutedAttention.apply(call.q, call.k, call.v, tiles(call, sp), call.scale)
     return out.view(B, Hq, N, D).to(call.q.dtype), lse.view(B, Hq, N)

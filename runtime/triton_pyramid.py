@@ -74,9 +74,30 @@ class KernelStatic:
     m: int  # virtual keys (all levels)
 
 
+def _gather_index(st: torch_pyramid.Static, table: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(vidx [Hq, nq, W], valid [Hq, nq, W], W)``: the virtual keys of every head's group."""
+    H, nq, _ = table.shape
+    h, g, j = np.nonzero(table)  # lexicographic: each (h, g) row's pairs are contiguous
+    lv = table[h, g, j].astype(np.int64)
+    count = np.diff(st.kstart)[j] // lv
+    first = np.array([st.offset[int(x)] for x in st.levels])[np.searchsorted(st.levels, lv)] + st.kstart[j] // lv
+    row = h * nq + g
+    total = np.bincount(row, weights=count, minlength=H * nq).astype(np.int64)
+    width = max(int(total.max(initial=0)), 1)
+    before = np.cumsum(count) - count  # virtual keys of earlier pairs, globally
+    pos = before - (np.cumsum(total) - total)[row]  # ... within the pair's row
+    rep = np.repeat(np.arange(len(count)), count)
+    within = np.arange(int(count.sum())) - np.repeat(before, count)
+    vidx = np.zeros((H * nq, width), dtype=np.int64)
+    valid = np.zeros((H * nq, width), dtype=bool)
+    vidx[row[rep], pos[rep] + within] = first[rep] + within
+    valid[row[rep], pos[rep] + within] = True
+    return vidx.reshape(H, nq, width), valid.reshape(H, nq, width), width
+
+
 @functools.lru_cache(maxsize=16)
 def _static(pattern: Pattern, device: str) -> tuple[torch_pyramid.Static, KernelStatic]:
-    st = torch_pyramid._static(pattern, device)
+    st = torch_pyramid.static_of(pattern, device)
     layout, among = pattern.layout, pattern.attend.among
     n = layout.n
     kids = st.kids.cpu().numpy()
@@ -299,7 +320,7 @@ def _tables(call: Call, st: torch_pyramid.Static, m: int) -> Tables:
     sels, vidxs, counts, marks = [], [], [], []
     for b in range(B):
         table = torch_pyramid.levels(call, b).cpu().numpy()
-        vidx, valid, _ = torch_pyramid._gather_index(st, table)
+        vidx, valid, _ = _gather_index(st, table)
         hh, gg, ww = np.nonzero(valid)
         mark = np.zeros((H, tiles, st.nq), dtype=bool)  # (head, tile, group): any key selected
         mark[hh, vidx[hh, gg, ww] // block_n, gg] = True

@@ -275,12 +275,12 @@ def test_torch_tiles_hold_exactly_the_pooled_keys(among, tokens):
     `among` cuts the pair (the diagonal causally; the ragged tail group, whose class the planner
     leaves partial) or the block is ragged (the tail of 100); none with full among on whole boxes."""
     from attnlang.runtime.call import check_call
-    from attnlang.runtime.pyramid import _static, _tiles, levels
+    from attnlang.runtime.pyramid import _tiles, levels, static_of
 
     p = Pattern.create(pyramid(8, 8, [1, 2, 4], [0.25, 0.25, 0.25], among), tokens)
     q, k, v = _planted(p.layout, p.attend, Hq=4, Hkv=2)
     call = check_call(p, q, k, v, None, {}, planner=None)
-    st, table = _static(p, "cpu"), levels(call, 0).numpy()
+    st, table = static_of(p, "cpu"), levels(call, 0).numpy()
     h, g, j = np.nonzero(table)
     size = np.diff(st.kstart)
     want = int((st.qsize.numpy()[g] * size[j] // table[h, g, j]).sum())
