@@ -7,8 +7,10 @@ taken as source text.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
@@ -181,13 +183,35 @@ class Compiled:
         return (out, lse) if return_lse else out
 
     def _cached_plan(self, pattern: Pattern, inputs):
-        """Plan once per bound pattern; patterns reading runtime inputs plan per call (O(N + tiles))."""
+        """Plan once per bound pattern. Patterns reading runtime inputs plan per distinct input
+        values (O(N + tiles) each), and keep the last ``INPUT_PLANS`` of them: the layers of a
+        model call with the same document ids or lengths, and plan (and build schedules) once."""
         if inputs:
-            return _planner(pattern, inputs)
+            return self._input_plan(pattern, inputs)
         cache = self.__dict__.setdefault("_plan_cache", {})
         if id(pattern) not in cache:  # bound patterns live in self._static / self._patterns
             cache[id(pattern)] = _planner(pattern, None)
         return cache[id(pattern)]
+
+    def _input_plan(self, pattern: Pattern, inputs: Mapping[str, np.ndarray]):
+        arrays = {k: np.ascontiguousarray(v) for k, v in sorted(inputs.items())}
+        digest = hashlib.blake2b(digest_size=16)
+        for k, v in arrays.items():
+            digest.update(f"{k}:{v.dtype.str}:{v.shape};".encode())
+            digest.update(v.tobytes())
+        key = (id(pattern), digest.digest())
+        lru: OrderedDict = self.__dict__.setdefault("_input_plans", OrderedDict())
+        hit = lru.get(key)
+        # Compare the values themselves: a hash match alone must never pick another plan.
+        if hit is not None and hit[0].keys() == arrays.keys() and all(
+                np.array_equal(hit[0][k], v) and hit[0][k].dtype == v.dtype for k, v in arrays.items()):
+            lru.move_to_end(key)
+            return hit[1]
+        plan = _planner(pattern, arrays)
+        lru[key] = ({k: v.copy() for k, v in arrays.items()}, plan)
+        while len(lru) > INPUT_PLANS:
+            lru.popitem(last=False)
+        return plan
 
     def __repr__(self) -> str:
         p = self._static
@@ -208,6 +232,9 @@ def to_block_mask(spec: Any, pattern: str | None = None, *, B: int | None = None
     from attnlang.runtime.flex import to_block_mask as _to_block_mask
 
     return _to_block_mask(spec, pattern, B=B, H=H, inputs=inputs, tokens=tokens, **params)
+
+
+INPUT_PLANS = 16  # plans kept per compiled pattern for distinct runtime-input values
 
 
 def _planner(pattern: Pattern, inputs):

@@ -148,3 +148,39 @@ def test_compile_errors():
         fn(np.zeros((1, 1, 8, 4)), *_qkv(8)[1:])
     with pytest.raises(AttnError, match="multiple"):
         fn(*_qkv(8, h=3, hkv=2))
+
+
+def test_runtime_input_plans_are_kept_per_distinct_value(monkeypatch):
+    """Layers calling with the same document ids plan once; other ids (or a collision of the
+    hash, simulated here) plan anew, and every call still equals the reference."""
+    import torch
+
+    from attnlang import api
+    from attnlang.pattern import Pattern, causal, same
+
+    p = Pattern.create(causal & same("doc"), 32, inputs={"doc": "ids"})
+    fn, ref = attnlang.compile(p, backend="torch"), attnlang.compile(p, backend="reference")
+    planned = []
+    real = api._planner
+    monkeypatch.setattr(api, "_planner", lambda pat, inputs: planned.append(1) or real(pat, inputs))
+    q = k = v = torch.randn(1, 2, 32, 8)
+    a, b = torch.tensor([[0] * 12 + [1] * 20]), torch.tensor([[0] * 20 + [1] * 12])
+    for doc in (a, a, b, a):
+        torch.testing.assert_close(fn(q, k, v, doc=doc), ref(q, k, v, doc=doc))
+    assert len(planned) == 2  # a once, b once
+    monkeypatch.setattr(api.hashlib, "blake2b", lambda **kw: _Constant())
+    planned.clear()
+    fn2 = attnlang.compile(p, backend="torch")
+    for doc in (a, b):  # same digest, different values: never the other's plan
+        torch.testing.assert_close(fn2(q, k, v, doc=doc), ref(q, k, v, doc=doc))
+    assert len(planned) == 2
+
+
+class _Constant:
+    """A hash whose digest never changes: every key collides."""
+
+    def update(self, _):
+        pass
+
+    def digest(self):
+        return b"same"
