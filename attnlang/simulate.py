@@ -389,17 +389,10 @@ def _pyramid_work(plan: Plan, heads: int, batch: int, chunk_bytes: int = 0) -> P
 
 def _chunk_work(plan: Plan, chunk_bytes: int, heads: int, batch: int, dense: bool) -> PassWork:
     """One item per fused call of the CPU torch executor (see :func:`pass_work`)."""
-    from attnlang.rows import chunks, dense_layout, row_layout
+    from attnlang.rows import chunks, dense_layout
 
     nq, nk = -(-plan.n // plan.block_m), -(-plan.n // plan.block_n)
-    if dense:
-        groups = [(dense_layout(nq, nk), heads)]
-    else:
-        count: dict[int, list] = {}
-        for h in range(heads):  # the executor runs every head of a group in one call
-            g = plan.group_for_head(h)
-            count.setdefault(id(g), [g, 0])[1] += 1
-        groups = [(row_layout(g.full, g.partial), hc) for g, hc in count.values()]
+    groups = [(dense_layout(nq, nk), heads)] if dense else _group_layouts(plan, heads)
     items = []
     for lay, hc in groups:
         for c0, c1 in chunks(lay, hc, plan.block_m, plan.block_n, chunk_bytes):
@@ -503,14 +496,19 @@ def _permute_seconds(plan: Plan, tgt: Target, dtype: str, head_dim: int, batch: 
         return tensors * heads * per_head
     if not tgt.executor.chunk_bytes:
         return 0.0
+    return query_side * per_head * sum(hc for lay, hc in _group_layouts(plan, heads) if lay.q_perm is not None)
+
+
+def _group_layouts(plan: Plan, heads: int) -> list:
+    """``[(RowLayout, heads in the group)]``: each head group of the first ``heads`` heads as the
+    CPU executor lays it out (:mod:`attnlang.rows`); it runs a group's heads in one call."""
     from attnlang.rows import row_layout
 
-    sorted_ = {}
+    count: dict[int, list] = {}
     for h in range(heads):
         g = plan.group_for_head(h)
-        if id(g) not in sorted_:
-            sorted_[id(g)] = row_layout(g.full, g.partial).q_perm is not None
-    return query_side * per_head * sum(sorted_[id(plan.group_for_head(h))] for h in range(heads))
+        count.setdefault(id(g), [g, 0])[1] += 1
+    return [(row_layout(g.full, g.partial), hc) for g, hc in count.values()]
 
 
 def _routing_seconds(p, tgt: Target, dtype: str, head_dim: int, batch: int, heads: int) -> float:

@@ -22,6 +22,7 @@ from attnlang.runtime import reference  # noqa: E402
 from attnlang.runtime import triton as triton_backend  # noqa: E402
 from attnlang.runtime.call import check_call  # noqa: E402
 from test_pyramid import _planted, pyramids  # noqa: E402
+from test_triton_interp import assert_results_close  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -41,14 +42,7 @@ def check(p, B=1, H=2, Hkv=1, D=16, dtype=torch.float32, oracle=None, seed=0):
         out, lse = backend.run(call)
         loss = (out.float() * do.float()).sum() + torch.where(torch.isinf(lse), 0.0, lse * dlse).sum()
         results.append([out.detach(), lse.detach(), *torch.autograd.grad(loss, (qq, kk, vv))])
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
-    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), *results):
-        assert a.dtype == b.dtype, name
-        if name == "lse":
-            assert torch.equal(torch.isinf(a), torch.isinf(b)), "lse -inf rows differ"
-            a, b = a.nan_to_num(neginf=0.0), b.nan_to_num(neginf=0.0)
-        torch.testing.assert_close(a.float(), b.float(), **tol, msg=lambda m: f"{name}: {m}")
-    return results
+    return assert_results_close(results, dtype)
 
 
 CASES = {
