@@ -446,7 +446,10 @@ def _check(q, k, v, runtime_inputs):
         t = t.expand(want) if t.dim() < len(want) else t
         if tuple(t.shape) != want:
             raise ValueError(f"runtime input {name} ({kind}) must have shape {list(want)}, got {list(t.shape)}")
-        inputs["IN_" + name] = t.to(torch.int32).contiguous()
+        if kind == "ids":  # compared for equality at full width: ids 0 and 2**32 are two documents
+            inputs["IN_" + name] = t.to(torch.int64).contiguous()
+        else:  # q < len for q in 0..N: any length outside 0..N means the same as its nearest end
+            inputs["IN_" + name] = t.to(torch.int64).clamp(0, N).to(torch.int32).contiguous()
     return inputs
 
 
