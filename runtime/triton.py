@@ -55,6 +55,7 @@ _BY_PLAN: dict[int, tuple[object, str, ModuleType]] = {}
 _TEXT: dict[int, tuple[object, str]] = {}  # id(pattern) -> (pattern, its text and parameters)
 _PER_CALL: dict[tuple, tuple[ModuleType, object]] = {}  # skeleton key -> (module, Kernels)
 _MAX_CACHED = 256
+INT32_OFFSETS = 2**31  # the kernels index rows of q/k/v with int32 token x head-dim offsets
 
 
 def cache_dir() -> pathlib.Path:
@@ -81,6 +82,10 @@ def supports(call: Call) -> str | None:
     d = call.q.shape[-1]
     if d > 256:
         return f"head dim {d} is over the kernels' limit of 256: use backend='torch'"
+    n, width = call.q.shape[2], max(d, call.v.shape[-1], 2)
+    if (n + 256) * width >= INT32_OFFSETS:  # padded positions x head dim, and q + window < 2N
+        return (f"N = {n} tokens x head dim {width} reaches the kernels' int32 element offsets "
+                f"(2**31): use backend='torch'")
     if isinstance(call.pattern.attend, Pyramid):
         # Imported only once the device is known to run kernels: its @triton.jit functions
         # choose compiled or interpreted (TRITON_INTERPRET) when the module is imported.

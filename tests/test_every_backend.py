@@ -209,3 +209,18 @@ def test_extreme_integer_parameters_equal_reference_or_located_error(n_prim, ctx
     else:
         e = {"{}": expr, "causal & {}": causal & expr, "~{}": ~expr}[ctx]
         _run_or_located(e, n, False, tokens=n)
+
+
+def test_triton_refuses_sizes_past_its_int32_offsets():
+    """Token x head-dim offsets are int32 in the kernels: a call that would wrap them is refused
+    (expanded tensors: no memory is allocated)."""
+    from attnlang.runtime import triton as tb
+    from attnlang.runtime.call import Call
+
+    for n, d in ((2**24, 128), (2**30, 2)):
+        p = Pattern.create(causal, n)
+        q = torch.empty(1, 1, 1, d).expand(1, 1, n, d)
+        why = tb.supports(Call(p, q, q, q, 1.0, {}, None))
+        assert why is not None and "int32" in why and "backend='torch'" in why
+    q = torch.empty(1, 1, 1, 128).expand(1, 1, 2**24 - 512, 128)
+    assert tb.supports(Call(Pattern.create(causal, 2**24 - 512), q, q, q, 1.0, {}, None)) is None
