@@ -35,7 +35,7 @@ def _tensors(B, H, N, D=16, seed=0):
     return [torch.randn(B, H, N, D, generator=g) for _ in range(4)]
 
 
-def assert_every_backend_matches(spec, N, B=1, H=2, inputs=None, grads=False, seed=0, **kw):
+def assert_every_backend_matches(spec, N, B=1, H=2, inputs=None, grads=False, seed=0, backends=BACKENDS, **kw):
     """Run ``spec`` (``N`` tokens) on every backend; each must equal the reference (out, lse;
     grads on the backends that have a CPU backward)."""
     q, k, v, do = _tensors(B, H, N, seed=seed)
@@ -50,7 +50,7 @@ def assert_every_backend_matches(spec, N, B=1, H=2, inputs=None, grads=False, se
         return res
 
     ref = run("reference", grads)
-    for backend in BACKENDS:
+    for backend in backends:
         with_grads = grads and backend != "flex"  # flex has no CPU backward
         got = run(backend, with_grads)
         for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, ref):
@@ -224,3 +224,29 @@ def test_triton_refuses_sizes_past_its_int32_offsets():
         assert why is not None and "int32" in why and "backend='torch'" in why
     q = torch.empty(1, 1, 1, 128).expand(1, 1, 2**24 - 512, 128)
     assert tb.supports(Call(Pattern.create(causal, 2**24 - 512), q, q, q, 1.0, {}, None)) is None
+
+
+@pytest.mark.parametrize("expr", [f"route(block = 4, top = {2**63})",
+                                  f"causal & route(block = 4, top = {2**63}, scope = head)",
+                                  f"route(block = 4, top = {10**30}, permute_keys = importance(segment = {2**63}))"])
+def test_routed_counts_past_the_layout(expr):
+    """`top` and the PBS segment used to overflow in the routing stage (even the reference)."""
+    assert_every_backend_matches(f"pattern p {{ tokens n[32]\n attend {expr} }}", 32,
+                                 backends=("torch", "triton"))
+
+
+def test_cli_plans_huge_parameters_and_compiles_by_head_in_head_order(tmp_path, capsys):
+    """`window(before = 10**30)` once made the CLI print "internal error"; `attnlang compile`
+    wrote the out-of-order head switch of item 1."""
+    from attnlang.cli import main
+
+    f = tmp_path / "p.attn"
+    f.write_text(f"pattern w {{\n    tokens n[64]\n    attend causal & window(before = {10**30}) "
+                 f"| block(size = 8, shift = {-(2**63)})\n}}\n"
+                 "pattern h {\n    tokens n[8]\n    heads 4\n    attend by head {\n"
+                 "        2..4: full\n        0..2: causal\n    }\n}\n")
+    for cmd in (["check"], ["plan", "-p", "w"], ["simulate", "-p", "w"]):
+        assert main([*cmd, str(f)]) == 0, capsys.readouterr()
+    assert main(["compile", str(f), "-p", "h", "-o", str(tmp_path / "out")]) == 0
+    src = (tmp_path / "out" / "h.py").read_text()
+    assert src.index("if h < 2:  # heads 0..2") < src.index("else:  # heads 2..4")
