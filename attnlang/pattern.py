@@ -252,6 +252,13 @@ def _check(cond: bool, out: list[Diagnostic], node: Expr, message: str, hint: st
         out.append(Diagnostic(message, node.span, hint))
 
 
+def clamp_extent(v: int | float, n: int) -> int | float:
+    """A distance of ``n`` or more on an axis of ``n`` tokens reaches every token: it means
+    ``inf``, and binding stores it as ``inf`` so no backend ever sees an integer wider than the
+    axis (``sliding(2**63)`` on 16 tokens is ``sliding(inf)``, never a wrapped int64)."""
+    return INF if v == INF or v >= n else int(v)
+
+
 # --- constants ----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -322,10 +329,12 @@ class Window(Expr):
         return (d >= -self.before) & (d <= self.after)
 
     def bind(self, layout, out):
+        vals = []
         for name, v in (("before", self.before), ("after", self.after)):
             ok = v == INF or (isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0)
             _check(ok, out, self, f"window {name} = {_fmt_scalar(v)} must be a non-negative integer or inf")
-        return self
+            vals.append(clamp_extent(v, layout.n) if ok else v)
+        return replace(self, before=vals[0], after=vals[1])
 
     def to_attn(self):
         if self.before == self.after and self.before != INF:
@@ -465,8 +474,9 @@ class Random(Expr):
             nb = self.n_blocks(layout)
             _check(isinstance(self.count, int) and 0 <= self.count <= nb, out, self,
                    f"random count = {self.count} must be between 0 and the {nb} key blocks")
-        _check(isinstance(self.seed, int) and self.seed >= 0, out, self,
-               f"random seed = {self.seed} must be a non-negative integer")
+        _check(isinstance(self.seed, int) and 0 <= self.seed < 2**32, out, self,
+               f"random seed = {self.seed} must be an integer in 0..{2**32 - 1}",
+               "the generator reads 32 bits of the seed: a larger one would draw the blocks of another seed")
         return self
 
     def to_attn(self):
@@ -582,6 +592,10 @@ class Block(Expr):
                 _check(1 <= S[a] <= L, out, self,
                        f"block size {S[a]} on axis {layout.names[a]} is outside 1..{L} (the axis size)",
                        f"valid: 1 <= size <= {L}")
+            # Only the shift modulo the size matters (both floors move by the same integer):
+            # stored as 0..size-1 so a huge or negative shift never reaches int64/int32 code.
+            if len(out) == n0:
+                o = tuple(x % sz for x, sz in zip(o, S))
         return replace(self, size=S, shift=o)
 
     def to_attn(self):
@@ -706,6 +720,8 @@ class Halo(Expr):
                 _check(1 <= B[a] <= L, out, self,
                        f"halo block {B[a]} on axis {layout.names[a]} is outside 1..{L} (the axis size)")
                 _check(h[a] >= 0, out, self, f"halo {h[a]} on axis {layout.names[a]} must be >= 0")
+            # A halo of L or more reaches both ends of the axis from any block: store it as L.
+            h = tuple(min(x, L) for x, L in zip(h, layout.sizes))
         return replace(self, block=B, halo=h)
 
     def to_attn(self):
@@ -780,7 +796,11 @@ class Route(Expr):
         return math.prod(-(-L // b) for L, b in zip(layout.sizes, self.query_block))
 
     def blocks(self, layout: Layout) -> int:
-        return math.prod(-(-L // b) for L, b in zip(layout.sizes, self.block))
+        return self.blocks_of(self.block, layout)
+
+    @staticmethod
+    def blocks_of(block: tuple[int, ...], layout: Layout) -> int:
+        return math.prod(-(-L // b) for L, b in zip(layout.sizes, block))
 
     def group_of(self, p: Points, layout: Layout) -> np.ndarray:
         return box_ids(p.coord, self.query_block, layout.sizes)
@@ -831,7 +851,14 @@ class Route(Expr):
                f"{', '.join(sorted({_prim_name(n) for n in dynamic}))}",
                "among takes primitives of token coordinates (causal, window, block, ...); combine "
                "runtime inputs outside: same(doc) & route(...)")
-        return replace(self, block=B, query_block=Bq, among=among,
+        top, permute = self.top, self.permute
+        if not out:
+            # `top` past the block count selects every eligible block (and `top * groups` past
+            # all pairs with scope = head); a segment past N permutes nothing: store the
+            # smallest value with that meaning, so no count wider than the layout is multiplied.
+            top = None if top is None else min(int(top), self.blocks_of(B, layout))
+            permute = None if permute is None else min(int(permute), layout.n + 1)
+        return replace(self, block=B, query_block=Bq, among=among, top=top, permute=permute,
                        threshold=None if self.threshold is None else float(self.threshold))
 
     def children(self):
@@ -1287,7 +1314,9 @@ def _bind_by_head(attend: ByHead, heads: int | None, layout: Layout, out: list[D
         out.append(Diagnostic(
             f"head ranges cover 0..{covered} but the pattern has heads {heads}", attend.span,
             f"ranges must cover 0..{heads} exactly once"))
-    bound = tuple(replace(b, expr=b.expr.bind(layout, out)) for b in attend.branches)
+    # Canonical head order: every consumer may rely on branches sorted by their first head (the
+    # Triton head switch tests `h < hi` in turn; a file may list the ranges in any order).
+    bound = tuple(replace(b, expr=b.expr.bind(layout, out)) for b in branches)
     return ByHead(bound, attend.span), heads
 
 

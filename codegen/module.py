@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import itertools
 import textwrap
 import zlib
@@ -296,7 +297,8 @@ def _sidecar(k: Kernels) -> tuple[str, bytes]:
     blob = zlib.compress(b"".join(chunks), 6)
     src = ("# The index tables are large: they live in the sidecar file NAME.tables.bin next to this\n"
            "# module (zlib-compressed little-endian arrays); name -> (dtype, byte offset, byte length).\n"
-           "_SIDECAR = True\n_TABLES = {\n" + "".join(index) + "}\n")
+           "# _SIDECAR is the SHA-256 of that file: a stale or damaged sidecar is refused, never used.\n"
+           f"_SIDECAR = {hashlib.sha256(blob).hexdigest()!r}\n_TABLES = {{\n" + "".join(index) + "}\n")
     return src, blob
 
 
@@ -309,6 +311,7 @@ fp32, natural log, -inf for rows with no allowed key, when return_lse=True). Dif
 '''
 
 _IMPORTS = '''import base64
+import hashlib
 import math
 import os
 import zlib
@@ -341,7 +344,11 @@ def _host_tables():
     if globals().get("_SIDECAR"):
         path = os.path.splitext(os.path.abspath(__file__))[0] + ".tables.bin"
         with open(path, "rb") as f:
-            blob = zlib.decompress(f.read())
+            data = f.read()
+        if hashlib.sha256(data).hexdigest() != _SIDECAR:  # not the tables this module was made with
+            raise RuntimeError(f"{path} does not match {os.path.basename(__file__)} (SHA-256 differs): "
+                               "regenerate the module and its tables together with `attnlang compile`")
+        blob = zlib.decompress(data)
         for name, (dtype, off, size) in _TABLES.items():
             out[name] = torch.frombuffer(bytearray(blob[off:off + size]), dtype=getattr(torch, dtype))
         return out
@@ -458,7 +465,10 @@ def _check(q, k, v, runtime_inputs):
         t = t.expand(want) if t.dim() < len(want) else t
         if tuple(t.shape) != want:
             raise ValueError(f"runtime input {name} ({kind}) must have shape {list(want)}, got {list(t.shape)}")
-        inputs["IN_" + name] = t.to(torch.int32).contiguous()
+        if kind == "ids":  # compared for equality at full width: ids 0 and 2**32 are two documents
+            inputs["IN_" + name] = t.to(torch.int64).contiguous()
+        else:  # q < len for q in 0..N: any length outside 0..N means the same as its nearest end
+            inputs["IN_" + name] = t.to(torch.int64).clamp(0, N).to(torch.int32).contiguous()
     return inputs
 
 

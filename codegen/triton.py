@@ -349,8 +349,11 @@ class _Gen:
         if len(groups) == 1:
             return body_of_group(0)
         out = []
-        for g, (lo, hi, _) in enumerate(groups):
-            kw = "if" if g == 0 else "elif" if g < len(groups) - 1 else "else"
+        # `h < hi` tests are only right in ascending head order, whatever order the groups have.
+        ordered = sorted(range(len(groups)), key=lambda g: groups[g][0])
+        for i, g in enumerate(ordered):
+            lo, hi, _ = groups[g]
+            kw = "if" if i == 0 else "elif" if i < len(groups) - 1 else "else"
             cond = f" {head} < {hi}" if kw != "else" else ""
             out.append(f"{kw}{cond}:  # heads {lo}..{hi}\n" + textwrap.indent(body_of_group(g), "    "))
         return "".join(out)

@@ -145,7 +145,12 @@ def _check_inputs(pattern: Pattern, inputs: Mapping[str, Any], B: int, device) -
             continue
         t = inputs[name]
         if not isinstance(t, torch.Tensor):
-            t = torch.as_tensor(np.asarray(t))
+            try:
+                t = torch.as_tensor(np.asarray(t))
+            except (TypeError, ValueError, OverflowError, RuntimeError):
+                problems.append(f"runtime input '{name}' must hold integers that fit in int64 "
+                                f"(-2**63 .. 2**63 - 1)")
+                continue
         if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
             problems.append(f"runtime input '{name}' must be an integer tensor, got {t.dtype}")
             continue

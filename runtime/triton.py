@@ -20,7 +20,12 @@ Selection is not differentiated. ``pyramid(...)`` patterns run on handwritten ke
 
 Triton itself specialises and caches the compiled binaries per dtype and head dim.
 
-Cache directory: ``$XDG_CACHE_HOME/attnlang/kernels``, else ``~/.cache/attnlang/kernels``.
+Cache directory: ``$XDG_CACHE_HOME/attnlang/kernels``, else ``~/.cache/attnlang/kernels``. An
+entry is ``NAME_DIGEST.py`` (and ``NAME_DIGEST.tables.bin`` for large tables), ``DIGEST`` being
+the SHA-256 of its content; the module holds its tables' SHA-256. Nothing found there is trusted:
+a file whose bytes differ from what its name stands for is rewritten (temp file + rename, tables
+before module), the verified text is what gets executed and what Triton reads back, and an entry
+that is still damaged after one rebuild is an AttnError naming the path.
 
 >>> import attnlang, torch                                                 # doctest: +SKIP
 >>> fn = attnlang.compile(attnlang.causal, tokens=4096, backend="triton")  # doctest: +SKIP
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import linecache
 import os
 import pathlib
 import sys
@@ -49,6 +55,7 @@ _BY_PLAN: dict[int, tuple[object, str, ModuleType]] = {}
 _TEXT: dict[int, tuple[object, str]] = {}  # id(pattern) -> (pattern, its text and parameters)
 _PER_CALL: dict[tuple, tuple[ModuleType, object]] = {}  # skeleton key -> (module, Kernels)
 _MAX_CACHED = 256
+INT32_OFFSETS = 2**31  # the kernels index rows of q/k/v with int32 token x head-dim offsets
 
 
 def cache_dir() -> pathlib.Path:
@@ -75,6 +82,10 @@ def supports(call: Call) -> str | None:
     d = call.q.shape[-1]
     if d > 256:
         return f"head dim {d} is over the kernels' limit of 256: use backend='torch'"
+    n, width = call.q.shape[2], max(d, call.v.shape[-1], 2)
+    if (n + 256) * width >= INT32_OFFSETS:  # padded positions x head dim, and q + window < 2N
+        return (f"N = {n} tokens x head dim {width} reaches the kernels' int32 element offsets "
+                f"(2**31): use backend='torch'")
     if isinstance(call.pattern.attend, Pyramid):
         # Imported only once the device is known to run kernels: its @triton.jit functions
         # choose compiled or interpreted (TRITON_INTERPRET) when the module is imported.
@@ -153,25 +164,78 @@ def _import(plan, target: str, per_call: bool):
     from attnlang.codegen.module import generate_module, module_name as _safe
 
     m = generate_module(plan, name=_safe(plan.pattern.name), target=target, per_call=per_call)
-    digest = hashlib.sha256(m.source.encode() + (m.sidecar or b"")).hexdigest()[:20]
+    source = m.source.encode()
+    digest = hashlib.sha256(source + (m.sidecar or b"")).hexdigest()[:20]
     stem = f"{_safe(plan.pattern.name)}_{digest}"
     d = cache_dir()
     path = d / f"{stem}.py"
+    # The tables first, the module last: the module is the entry's commit point, and it holds
+    # the tables' SHA-256, so a module never runs with tables of another entry.
+    files = {d / f"{stem}.tables.bin": m.sidecar} if m.sidecar is not None else {}
+    files[path] = source
+    problem = ""
+    for attempt in range(2):  # a damaged entry is rebuilt once; then the error names the path
+        try:
+            _store(files, rebuild=attempt > 0)
+        except OSError as e:
+            raise AttnError(f"cannot write the kernel cache {d}: {e}",
+                            hint="set XDG_CACHE_HOME to a writable directory") from None
+        try:
+            return _exec(f"attnlang_kernels.{stem}", path, files), m.kernels
+        except _Damaged as e:
+            problem = str(e)
+    raise AttnError(f"kernel cache entry {path} is damaged and rebuilding it did not help: {problem}",
+                    hint=f"delete {d} (or set XDG_CACHE_HOME to another directory) and run again")
+
+
+class _Damaged(Exception):
+    """A cache file whose bytes are not the ones the entry's name stands for."""
+
+
+def _store(files: dict[pathlib.Path, bytes], rebuild: bool) -> None:
+    """Write each file that is missing or differs from ``files`` (atomically: temp + rename)."""
+    next(iter(files)).parent.mkdir(parents=True, exist_ok=True)
+    for p, data in files.items():
+        if rebuild or not _same_bytes(p, data):
+            _atomic_write(p, data)
+
+
+def _same_bytes(path: pathlib.Path, data: bytes) -> bool:
     try:
-        d.mkdir(parents=True, exist_ok=True)
-        if m.sidecar is not None and not (d / f"{stem}.tables.bin").exists():
-            _atomic_write(d / f"{stem}.tables.bin", m.sidecar)
-        if not path.exists():
-            _atomic_write(path, m.source.encode())
-    except OSError as e:
-        raise AttnError(f"cannot write the kernel cache {d}: {e}",
-                        hint="set XDG_CACHE_HOME to a writable directory") from None
-    name = f"attnlang_kernels.{stem}"
-    spec = importlib.util.spec_from_file_location(name, path)
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()
+    except FileNotFoundError:
+        return False
+
+
+def _exec(name: str, path: pathlib.Path, files: dict[pathlib.Path, bytes]) -> ModuleType:
+    """Import the entry from the bytes on disk, once they are verified to be the expected ones.
+
+    The verified text is what runs and what Triton reads back (``inspect.getsource`` goes
+    through ``linecache``, which is seeded with it), so an edit made after the check is never
+    compiled either.
+    """
+    for p, data in files.items():
+        try:
+            with open(p, "rb") as f:
+                on_disk = f.read()
+        except OSError as e:
+            raise _Damaged(f"{p}: {e}") from None
+        if hashlib.sha256(on_disk).digest() != hashlib.sha256(data).digest():
+            raise _Damaged(f"{p} does not hold the content its name stands for (SHA-256 differs)")
+    text = files[path].decode()
+    spec = importlib.util.spec_from_loader(name, loader=None, origin=str(path))
     mod = importlib.util.module_from_spec(spec)
+    mod.__file__ = str(path)
+    linecache.cache[str(path)] = (len(text), None, text.splitlines(True), str(path))
     sys.modules[name] = mod  # triton's JIT looks functions up through their module
-    spec.loader.exec_module(mod)
-    return mod, m.kernels
+    try:
+        exec(compile(text, str(path), "exec"), mod.__dict__)
+    except Exception as e:  # the generated text itself fails: not a cache problem, say so
+        sys.modules.pop(name, None)
+        raise AttnError(f"the generated module {path} fails to import: {type(e).__name__}: {e}",
+                        hint="this is a bug in attnlang's code generator; please report it") from e
+    return mod
 
 
 def _atomic_write(path: pathlib.Path, data: bytes) -> None:

@@ -105,3 +105,61 @@ def patterns(draw, max_rank: int = 3, max_n: int = 512, max_leaves: int = 5) -> 
 def pattern_and_masks(draw, **kw):
     p = draw(patterns(**kw))
     return p, p.mask()
+
+
+@st.composite
+def by_head_patterns(draw, max_n: int = 32, max_heads: int = 6, max_leaves: int = 3):
+    """``(Pattern, .attn text)`` of a 1-D ``by head`` pattern whose ranges partition
+    ``0..heads`` at random and are listed in a random order (not necessarily ascending)."""
+    heads = draw(st.integers(2, max_heads))
+    layout = draw(layouts(1, max_n))
+    cuts = sorted(draw(st.sets(st.integers(1, heads - 1), max_size=heads - 1)))
+    bounds = [0, *cuts, heads]
+    ranges = list(zip(bounds, bounds[1:]))
+    ranges = draw(st.permutations(ranges))
+    branches = {r: draw(exprs(layout, max_leaves)) for r in ranges}
+    p = Pattern.create(branches, layout, heads=heads)
+    body = "\n".join(f"        {lo}..{hi}: {e.to_attn()}" for (lo, hi), e in branches.items())
+    text = (f"pattern p {{\n    tokens {layout.to_attn()}\n    heads {heads}\n"
+            f"    attend by head {{\n{body}\n    }}\n}}\n")
+    return p, text
+
+
+def extreme_ints(L: int):
+    """Integers at the edges of what a parameter on an axis of ``L`` tokens can mean, and of the
+    machine widths a backend might squeeze them into (int32, int64), with negatives."""
+    edges = [0, 1, 2, L - 1, L, L + 1, 2**31 - 1, 2**31, 2**32, 2**62, 2**63 - 1, 2**63, 10**30,
+             -1, -(2**31), -(2**63), -(10**30)]
+    return st.one_of(st.sampled_from(edges), st.integers(0, 2 * L))
+
+
+@st.composite
+def extreme_primitives(draw, L: int):
+    """``(python builder call, .attn text)`` of one 1-D primitive on ``n[L]`` whose integer
+    arguments are drawn from :func:`extreme_ints`."""
+    from attnlang import pattern as P
+
+    x = extreme_ints(L)
+    kind = draw(st.sampled_from(["sliding", "window"] * 3 + [  # the ones that take any size
+        "block", "strided", "grid", "halo", "neighborhood", "keys", "queries", "sink", "random"]))
+    if kind == "window":
+        b, a = (draw(st.one_of(x, st.just(P.INF))) for _ in range(2))
+        fmt = lambda v: "inf" if v == P.INF else str(v)  # noqa: E731
+        return P.window(b, a), f"window(before = {fmt(b)}, after = {fmt(a)})"
+    if kind in ("keys", "queries"):
+        lo, hi = draw(x), draw(x)
+        return getattr(P, kind)(lo, hi), f"{kind}({lo}..{hi})"
+    if kind == "block":
+        s, o = draw(x), draw(x)
+        return P.block(s, o), f"block(size = {s}, shift = {o})"
+    if kind == "halo":
+        b, h = draw(x), draw(x)
+        return P.halo(b, h), f"halo(block = {b}, halo = {h})"
+    if kind == "neighborhood":
+        K, d, s = draw(x), draw(x), draw(x)
+        return P.neighborhood(K, d, s), f"neighborhood(window = {K}, dilation = {d}, stride = {s})"
+    if kind == "random":
+        b, c, z = draw(x), draw(x), draw(x)
+        return P.random(b, c, z), f"random(block = {b}, count = {c}, seed = {z})"
+    v = draw(x)
+    return getattr(P, kind)(v), f"{kind}({v})"

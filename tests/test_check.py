@@ -89,7 +89,8 @@ pattern p(T = 2, H = 4) {
 
 def test_prelude_names_visible_and_bare_zero_arg_macro():
     p = load("pattern p {\n tokens n[32]\n attend swa\n}\n").instantiate()
-    assert p.attend == causal & sliding(4096)
+    # binding stores a window wider than the 32 tokens as inf (docs/language.md, integer limits)
+    assert p.attend == Pattern.create(causal & sliding(4096), 32).attend == causal & sliding(INF)
 
 
 def test_params_defaults_overrides_and_resolved_values():

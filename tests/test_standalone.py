@@ -76,7 +76,7 @@ def test_compiled_module_runs_without_attnlang(tmp_path, capsys, example, params
     assert files == [f"{name}.plan.txt", f"{name}.py"]
     source = (tmp_path / "out" / f"{name}.py").read_text()
     imports = [ln for ln in source.splitlines() if ln.startswith(("import ", "from "))]
-    assert {ln.split()[1].split(".")[0] for ln in imports} <= {"base64", "math", "os", "zlib", "torch", "triton"}
+    assert {ln.split()[1].split(".")[0] for ln in imports} <= {"base64", "hashlib", "math", "os", "zlib", "torch", "triton"}
     assert pattern.to_attn().splitlines()[1].strip() in source  # header names the pattern
     data = _reference(pattern, inputs)
     torch.save(data, tmp_path / "ref.pt")
