@@ -556,6 +556,9 @@ def _elementwise(e: Expr, ctx: Ctx, qt: np.ndarray, kt: np.ndarray) -> np.ndarra
 def plan_group(e: Expr, ctx: Ctx) -> tuple[BlockTable, BlockTable, int]:
     """Partial and full tables of one head group; also how many pairs needed element checks."""
     t = lower(e, ctx.layout)
+    tables = _interval_tables(t, ctx)
+    if tables is not None:
+        return tables[0], tables[1], 0
     # Sorted by (qt, kt) for the CSR tables; sort-and-drop-repeats beats np.unique's hashing here.
     keys = np.sort(region(t, ctx).expand(ctx))
     keys = keys[np.concatenate(([True], keys[1:] != keys[:-1]))] if len(keys) else keys
@@ -975,28 +978,29 @@ def _tilerange_matches(funcs, part: BlockTable, full: BlockTable) -> bool:
         return False
     if not np.array_equal(fhi - flo, full.counts()):
         return False
-    # Rows are contiguous ranges: check the first and last entries of each row.
-    both = BlockTable.from_pairs(
-        np.concatenate([np.repeat(x, part.counts()), np.repeat(x, full.counts())]),
-        np.concatenate([part.indices, full.indices]), rows, part.cols)
+    # Rows are contiguous ranges: check where each row starts (O(rows) on range tables).
+    pf, ff = part.first(), full.first()
+    start = np.where(pf < 0, ff, np.where(ff < 0, pf, np.minimum(pf, ff)))
     has = visited > 0
-    ok = np.array_equal(both.indices[both.indptr[:-1][has]], lo[has])
+    ok = np.array_equal(start[has], lo[has])
     hasf = full.counts() > 0
-    return ok and np.array_equal(full.indices[full.indptr[:-1][hasf]], flo[hasf])
+    return ok and np.array_equal(ff[hasf], flo[hasf])
 
 
-def _row_intervals(term: Term, layout: Layout, inputs) -> tuple[np.ndarray, np.ndarray] | None:
-    """Per query (1-D), the allowed keys as one interval ``[lo, hi]``, when they are one."""
+def _row_intervals(term: Term, layout: Layout, inputs, q: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per query (flat index ``q``, default all), the allowed keys as one interval ``[lo, hi]``
+    (empty where ``lo > hi``), when they are one; else None. O(len(q))."""
     n = layout.n
-    q = np.arange(n, dtype=np.int64)
-    lo, hi = np.zeros(n, dtype=np.int64), np.full(n, n - 1)
+    q = np.arange(n, dtype=np.int64) if q is None else q
+    lo, hi = np.zeros(len(q), dtype=np.int64), np.full(len(q), n - 1, dtype=np.int64)
     for t in (term.items if term.op == "and" else (term,)):
         if t.op == "band":
             if t.arg.lo != -INF:
-                lo = np.maximum(lo, q + int(t.arg.lo))
+                lo = np.maximum(lo, q + int(max(t.arg.lo, -n)))
             if t.arg.hi != INF:
-                hi = np.minimum(hi, q + int(t.arg.hi))
-        elif t.op == "axes":
+                hi = np.minimum(hi, q + int(min(t.arg.hi, n)))
+        elif t.op == "axes" and layout.rank == 1:
             for p in t.arg.preds[0]:
                 if p.kind == "strided" or (p.kind == "nbhd" and p.args[1] > 1):
                     return None
@@ -1005,9 +1009,72 @@ def _row_intervals(term: Term, layout: Layout, inputs) -> tuple[np.ndarray, np.n
         elif t.op == "valid":
             m = _length(inputs, t.arg.input, n)
             hi = np.where(q < m, np.minimum(hi, m - 1), -1)
+        elif t.op in ("keys", "queries") and isinstance(t.arg.sel, Range):
+            r = t.arg.sel
+            if t.op == "keys":
+                lo, hi = np.maximum(lo, r.lo), np.minimum(hi, r.hi - 1)
+            else:
+                hi = np.where((q >= r.lo) & (q < r.hi), hi, -1)
+        elif t.op == "none":
+            hi = np.full(len(q), -1, dtype=np.int64)
         elif t.op != "full":
             return None
     return lo, hi
+
+
+# Queries whose key intervals are computed at once by the interval planner (bounds its memory).
+INTERVAL_CHUNK = 1 << 18
+
+
+def _interval_tables(term: Term, ctx: Ctx) -> tuple[BlockTable, BlockTable] | None:
+    """Range tables of a natural-order plan whose query rows are key intervals (bands, blocks,
+    windows, ``valid``, key/query ranges and their conjunctions); None when they are not.
+
+    Every row is then one range of visited key tiles with one range of full ones inside it,
+    exact: a key tile is FULL iff every query of the (complete) query tile allows all of its
+    (complete) keys, i.e. it lies in ``[max lo, min hi]``; it is visited iff some query's
+    interval meets it, which is the range ``[min lo, max hi]`` when the queries' tile intervals
+    chain without gaps (checked; otherwise None and the general path decides). O(N) time,
+    O(query tiles) memory: a causal plan at N = 2^20 stores 16k rows, not 134M tiles.
+    """
+    if not ctx.ordering.is_natural or term.op in ("or", "not"):
+        return None
+    layout, n, bm, bn = ctx.layout, ctx.layout.n, ctx.Q.block, ctx.K.block
+    if _row_intervals(term, layout, ctx.inputs, np.zeros(1, dtype=np.int64)) is None:
+        return None
+    nq, nk = ctx.nq, ctx.nk
+    vlo, vhi = np.zeros(nq, dtype=np.int64), np.zeros(nq, dtype=np.int64)
+    flo, fhi = np.zeros(nq, dtype=np.int64), np.zeros(nq, dtype=np.int64)
+    step = max(1, INTERVAL_CHUNK // bm)
+    for t0 in range(0, nq, step):
+        t1 = min(nq, t0 + step)
+        q = np.arange(t0 * bm, t1 * bm, dtype=np.int64)
+        a, b = _row_intervals(term, layout, ctx.inputs, np.minimum(q, n - 1))
+        ok = (a <= b) & (q < n)
+        a, b, ok = a.reshape(-1, bm), b.reshape(-1, bm), ok.reshape(-1, bm)
+        big = np.iinfo(np.int64).max
+        # Tile intervals of the queries, in query order, must chain: each starts no later than
+        # one past the furthest tile reached so far, and starts never move back.
+        ta, tb = np.where(ok, a // bn, big), np.where(ok, b // bn, -1)
+        reach = np.maximum.accumulate(tb, axis=1)
+        prev = np.concatenate([np.full((len(tb), 1), -1), reach[:, :-1]], axis=1)
+        start_max = np.maximum.accumulate(np.where(ok, ta, -1), axis=1)
+        first = np.concatenate([np.ones((len(tb), 1), bool), ~np.maximum.accumulate(ok, axis=1)[:, :-1]], axis=1)
+        if not np.all(~ok | first | ((ta <= prev + 1) & (ta >= start_max))):
+            return None
+        any_ = ok.any(1)
+        lo_t = np.where(ok, a, big).min(1) // bn
+        hi_t = tb.max(1) + 1
+        vlo[t0:t1], vhi[t0:t1] = np.where(any_, lo_t, 0), np.where(any_, hi_t, 0)
+        # Full key tiles: inside every query's interval, complete, and the query tile complete.
+        whole = ok.all(1)
+        f0 = -(-np.where(whole, a.max(1), 0) // bn)
+        f1 = np.minimum((np.where(whole, b.min(1), -1) + 1) // bn, n // bn)
+        has = whole & (f1 > f0)
+        flo[t0:t1], fhi[t0:t1] = np.where(has, f0, vhi[t0:t1]), np.where(has, f1, vhi[t0:t1])
+    # Partial = visited minus full: below the full range, and above it.
+    part = BlockTable.from_ranges(np.stack([vlo, fhi], 1), np.stack([flo, vhi], 1), nk)
+    return part, BlockTable.from_ranges(flo, fhi, nk)
 
 
 def _allowed_pairs(term: Term, layout: Layout, inputs) -> int | None:
@@ -1017,10 +1084,13 @@ def _allowed_pairs(term: Term, layout: Layout, inputs) -> int | None:
         return n * n
     if term.op == "none":
         return 0
-    if layout.rank == 1:
-        iv = _row_intervals(term, layout, inputs)
-        if iv is not None:
-            return int(np.maximum(iv[1] - iv[0] + 1, 0).sum())
+    # Flat bands on any rank, per-axis primitives on 1-D layouts: one key interval per query.
+    if _row_intervals(term, layout, inputs, np.zeros(1, dtype=np.int64)) is not None:
+        total = 0
+        for q0 in range(0, n, INTERVAL_CHUNK):
+            iv = _row_intervals(term, layout, inputs, np.arange(q0, min(n, q0 + INTERVAL_CHUNK), dtype=np.int64))
+            total += int(np.maximum(iv[1] - iv[0] + 1, 0).sum())
+        return total
     if term.op != "axes":
         return None
     total = 1
