@@ -104,6 +104,17 @@ class BlockTable:
             return np.where(ok.any(1), v, -1).astype(np.int64)
         return _row_reduce(self, np.maximum, -1)
 
+    def to_dense(self) -> np.ndarray:
+        """bool ``[rows, cols]``: which tiles each row lists (O(rows x cols) by construction)."""
+        out = np.zeros((self.rows, self.cols), dtype=bool)
+        if self.stored is None and self.ranges is not None:
+            cols = np.arange(self.cols, dtype=np.int64)
+            for lo, hi in zip(self.ranges[0].T, self.ranges[1].T):
+                out |= (cols >= lo[:, None]) & (cols < hi[:, None])
+        else:
+            out[np.repeat(np.arange(self.rows), self.counts()), self.indices] = True
+        return out
+
     def transpose(self) -> "BlockTable":
         if self.ranges is not None:
             return _transpose_ranges(self)
@@ -278,8 +289,7 @@ class Plan:
         g = self.group_for_head(head)
         m = np.zeros((self.q_tiles, self.kv_tiles), dtype=np.int8)
         for table, val in ((g.partial, PARTIAL), (g.full, FULL)):
-            rows = np.repeat(np.arange(table.rows), table.counts())
-            m[rows, table.indices] = val
+            m[table.to_dense()] = val
         return m
 
     def tile_cells(self, head: int, rows: int, cols: int) -> np.ndarray:

@@ -44,6 +44,12 @@ DEFAULT_BLOCK = 64
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 CHUNK = 1 << 20  # candidate pairs classified at once
 ELEMENTS = 1 << 22  # token pairs evaluated at once by the per-element check
+# Planning memory budget. A plan that would need more is refused with an AttnError before any
+# big allocation (never a raw MemoryError): tile pairs listed one by one cost about
+# BYTES_PER_PAIR at peak (keys, sort, classes), interval rows about BYTES_PER_ROW per query tile.
+PLAN_BYTES = 4 << 30
+BYTES_PER_PAIR = 64
+BYTES_PER_ROW = 256
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,10 +350,12 @@ def region(t: Term, ctx: Ctx) -> Region:
     if t.op == "or":
         if all(r.kind == "boxes" for r in regs) and len({r.boxes[0][0].shape[1] for r in regs if r.boxes}) <= 1:
             return Region("boxes", tuple(b for r in regs for b in r.boxes))
+        _check_pairs(sum(r.count() for r in regs), ctx)
         return Region("pairs", pairs=np.unique(np.concatenate([r.expand(ctx) for r in regs])))
     # and: generate from the most selective child, keep what every other child may allow
     counts = [r.count() for r in regs]
     best = int(np.argmin(counts))
+    _check_pairs(counts[best], ctx)
     keys = regs[best].expand(ctx)
     for i, r in enumerate(regs):
         if i != best and len(keys):
@@ -560,7 +568,9 @@ def plan_group(e: Expr, ctx: Ctx) -> tuple[BlockTable, BlockTable, int]:
     if tables is not None:
         return tables[0], tables[1], 0
     # Sorted by (qt, kt) for the CSR tables; sort-and-drop-repeats beats np.unique's hashing here.
-    keys = np.sort(region(t, ctx).expand(ctx))
+    reg = region(t, ctx)
+    _check_pairs(reg.count(), ctx)
+    keys = np.sort(reg.expand(ctx))
     keys = keys[np.concatenate(([True], keys[1:] != keys[:-1]))] if len(keys) else keys
     qt, kt = np.divmod(keys, ctx.nk)
     keep = (ctx.Q.nvalid[qt] > 0) & (ctx.K.nvalid[kt] > 0)
@@ -575,6 +585,28 @@ def plan_group(e: Expr, ctx: Ctx) -> tuple[BlockTable, BlockTable, int]:
     cls[(cls == FULL) & ~(ctx.Q.complete[qt] & ctx.K.complete[kt])] = PARTIAL
     part, full = cls == PARTIAL, cls == FULL
     return (_csr(qt[part], kt[part], ctx.nq, ctx.nk), _csr(qt[full], kt[full], ctx.nq, ctx.nk), len(todo))
+
+
+def _check_pairs(count: int, ctx: Ctx) -> None:
+    """Refuse, before allocating them, more candidate tile pairs than PLAN_BYTES allows."""
+    if count * BYTES_PER_PAIR > PLAN_BYTES:
+        raise AttnError(
+            f"planning this pattern lists {count:,} tile pairs of {ctx.Q.block} x {ctx.K.block} tokens "
+            f"(about {count * BYTES_PER_PAIR / 2**30:.0f} GiB; the planning budget is "
+            f"{PLAN_BYTES / 2**30:.0f} GiB): too large at N = {ctx.layout.n}",
+            hint="use larger tiles (schedule tile(q = 128, kv = 128) or block_m/block_n up to 256) "
+                 "or a smaller N; bands, windows and blocks in natural order plan in O(query tiles) "
+                 "(see docs/simulator.md, planning memory)")
+
+
+def _check_rows(n_kernel: int, bm: int, bn: int) -> None:
+    """Refuse sizes whose per-tile arrays alone exceed PLAN_BYTES (or int32 tile indices)."""
+    tiles = -(-n_kernel // min(bm, bn))
+    if tiles * BYTES_PER_ROW > PLAN_BYTES or n_kernel >= 2 ** 31:
+        raise AttnError(
+            f"N = {n_kernel} tokens in tiles of {min(bm, bn)} is {tiles:,} tiles per side: too large to plan "
+            f"(at most {min(PLAN_BYTES // BYTES_PER_ROW, (2 ** 31 - 1) // min(bm, bn)):,} tiles and 2^31 - 1 "
+            "tokens)", hint="use larger tiles (up to 256 tokens) or a smaller N")
 
 
 def _csr(qt: np.ndarray, kt: np.ndarray, rows: int, cols: int) -> BlockTable:
@@ -820,6 +852,7 @@ SEARCH_BUDGET_TILES = 2_000_000
 def _box_cost(pattern: Pattern, ordering: Ordering, bm: int, bn: int, inputs) -> tuple[int, int, int]:
     """(visited token pairs, partial token pairs, kernel length) of a candidate tiling: the
     classification alone, without the tables, transposes and counts a finished plan builds."""
+    _check_rows(ordering.n_kernel, bm, bn)
     ctx = Ctx(pattern.layout, ordering, ordering.tiles("q", bm), ordering.tiles("kv", bn), inputs)
     visited = partial = 0
     for _, _, e in pattern.exprs():
@@ -848,6 +881,7 @@ def _plan_routed(pattern: Pattern, inputs, content, block_m: int | None, block_n
         notes.append("routed plans run in natural order with flat tiles; the schedule's boxes/order are "
                      "not applied to them yet")
     ordering = Ordering.natural(layout)
+    _check_rows(layout.n, bm, bn)
     Q, K = ordering.tiles("q", bm), ordering.tiles("kv", bn)
     heads = next(np.asarray(v).shape[0] for key, v in content.items() if isinstance(key, Route))
     groups, checked = [], 0
@@ -876,6 +910,7 @@ def _rcm_sequence(base: Ordering, plan: Plan) -> np.ndarray:
 
 def _finish(pattern: Pattern, ordering: Ordering, bm: int, bn: int, inputs, notes: list[str]) -> Plan:
     layout = pattern.layout
+    _check_rows(ordering.n_kernel, bm, bn)
     ctx = Ctx(layout, ordering, ordering.tiles("q", bm), ordering.tiles("kv", bn), inputs)
     groups, pairs = [], []
     checked = 0
@@ -994,7 +1029,10 @@ def _row_intervals(term: Term, layout: Layout, inputs, q: np.ndarray | None = No
     n = layout.n
     q = np.arange(n, dtype=np.int64) if q is None else q
     lo, hi = np.zeros(len(q), dtype=np.int64), np.full(len(q), n - 1, dtype=np.int64)
-    for t in (term.items if term.op == "and" else (term,)):
+    items = term.items if term.op == "and" else (term,)
+    for t in items:
+        if t.op == "not":
+            continue  # subtracted below, once the positive terms bound the interval
         if t.op == "band":
             if t.arg.lo != -INF:
                 lo = np.maximum(lo, q + int(max(t.arg.lo, -n)))
@@ -1019,6 +1057,22 @@ def _row_intervals(term: Term, layout: Layout, inputs, q: np.ndarray | None = No
             hi = np.full(len(q), -1, dtype=np.int64)
         elif t.op != "full":
             return None
+    for t in items:
+        if t.op != "not":
+            continue
+        # lo..hi minus an interval x..y is an interval when at most one side remains (e.g.
+        # causal - block(512): the keys before the query's block).
+        inner = _row_intervals(t.items[0], layout, inputs, q)
+        if inner is None:
+            return None
+        x, y = inner
+        cut = x <= y
+        below_hi, above_lo = np.minimum(hi, x - 1), np.maximum(lo, y + 1)
+        below, above = cut & (lo <= below_hi), cut & (above_lo <= hi)
+        if np.any(below & above):
+            return None
+        lo = np.where(above, above_lo, lo)
+        hi = np.where(below, below_hi, np.where(cut & ~above, -1, hi))
     return lo, hi
 
 
@@ -1037,7 +1091,7 @@ def _interval_tables(term: Term, ctx: Ctx) -> tuple[BlockTable, BlockTable] | No
     chain without gaps (checked; otherwise None and the general path decides). O(N) time,
     O(query tiles) memory: a causal plan at N = 2^20 stores 16k rows, not 134M tiles.
     """
-    if not ctx.ordering.is_natural or term.op in ("or", "not"):
+    if not ctx.ordering.is_natural or term.op == "or":
         return None
     layout, n, bm, bn = ctx.layout, ctx.layout.n, ctx.Q.block, ctx.K.block
     if _row_intervals(term, layout, ctx.inputs, np.zeros(1, dtype=np.int64)) is None:
@@ -1049,7 +1103,10 @@ def _interval_tables(term: Term, ctx: Ctx) -> tuple[BlockTable, BlockTable] | No
     for t0 in range(0, nq, step):
         t1 = min(nq, t0 + step)
         q = np.arange(t0 * bm, t1 * bm, dtype=np.int64)
-        a, b = _row_intervals(term, layout, ctx.inputs, np.minimum(q, n - 1))
+        iv = _row_intervals(term, layout, ctx.inputs, np.minimum(q, n - 1))
+        if iv is None:  # some query's keys are two intervals (a difference of bands)
+            return None
+        a, b = iv
         ok = (a <= b) & (q < n)
         a, b, ok = a.reshape(-1, bm), b.reshape(-1, bm), ok.reshape(-1, bm)
         big = np.iinfo(np.int64).max
@@ -1089,8 +1146,11 @@ def _allowed_pairs(term: Term, layout: Layout, inputs) -> int | None:
         total = 0
         for q0 in range(0, n, INTERVAL_CHUNK):
             iv = _row_intervals(term, layout, inputs, np.arange(q0, min(n, q0 + INTERVAL_CHUNK), dtype=np.int64))
+            if iv is None:
+                break
             total += int(np.maximum(iv[1] - iv[0] + 1, 0).sum())
-        return total
+        else:
+            return total
     if term.op != "axes":
         return None
     total = 1
