@@ -175,6 +175,10 @@ def _transpose_ranges(t: BlockTable) -> BlockTable:
     (bands: a column's rows are then one range per column), else exact counts with the indices
     built on first use. Both O(rows + cols)."""
     lo, hi = t.ranges
+    # An empty range may sit anywhere: park it where the previous ranges of its column end.
+    full = hi > lo
+    park = np.maximum.accumulate(np.where(full, hi, 0), axis=0)
+    lo, hi = np.where(full, lo, park), np.where(full, hi, park)
     c = np.arange(t.cols, dtype=np.int64)
     if len(lo) and np.all(np.diff(lo, axis=0) >= 0) and np.all(np.diff(hi, axis=0) >= 0):
         # Rows containing column c in range j: those with lo <= c < hi, contiguous by monotony.
