@@ -303,12 +303,16 @@ class Plan:
         Built from the tables without the dense map: O(query tiles + cells) for range rows,
         O(visited tiles) otherwise, never O(q_tiles x kv_tiles).
         """
+        visited, full = self.tile_counts(head, *cell_factors(self.q_tiles, self.kv_tiles, rows, cols))
+        return np.where(full > 0, FULL, np.where(visited > 0, PARTIAL, EMPTY)).astype(np.int8)
+
+    def tile_counts(self, head: int, fr: int, fc: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(visited, full)`` tiles in each cell of ``fr x fc`` tiles (int64 ``[cells, cells]``):
+        a downsampled tile map that still tells "all full" and "all empty" cells apart."""
         g = self.group_for_head(head)
-        fr, fc = cell_factors(self.q_tiles, self.kv_tiles, rows, cols)
-        out = np.zeros((-(-self.q_tiles // fr), -(-self.kv_tiles // fc)), dtype=np.int8)
-        for table, val in ((g.partial, PARTIAL), (g.full, FULL)):
-            _mark_cells(out, table, fr, fc, val)
-        return out
+        shape = (-(-self.q_tiles // fr), -(-self.kv_tiles // fc))
+        part, full = _count_cells(g.partial, fr, fc, shape), _count_cells(g.full, fr, fc, shape)
+        return part + full, full
 
     def stats(self, head: int = 0) -> dict[str, Any]:
         """Visited/partial/full tile counts, density and the tile bound for one head."""
@@ -431,23 +435,24 @@ def _csr_json(t: BlockTable) -> dict[str, Any]:
     return {"indptr": t.indptr.tolist(), "indices": t.indices.tolist()}
 
 
-def _mark_cells(out: np.ndarray, t: BlockTable, fr: int, fc: int, val: int) -> None:
-    """Raise every cell of ``out`` that a tile of ``t`` falls in (tile ``(r, c)`` -> cell
-    ``(r // fr, c // fc)``) to at least ``val``."""
+def _count_cells(t: BlockTable, fr: int, fc: int, shape: tuple[int, int]) -> np.ndarray:
+    """Tiles of ``t`` per cell (tile ``(r, c)`` -> cell ``(r // fr, c // fc)``)."""
     if t.stored is None and t.ranges is not None:
         lo, hi = t.ranges
         r, j = np.nonzero(hi > lo)
-        cr, c0, c1 = r // fr, lo[r, j] // fc, (hi[r, j] - 1) // fc
-        # Each range covers the cells c0..c1 of its cell row: a difference array per cell row.
-        d = np.zeros((out.shape[0], out.shape[1] + 1), dtype=np.int64)
-        np.add.at(d, (cr, c0), 1)
-        np.add.at(d, (cr, c1 + 1), -1)
-        hit = np.cumsum(d, axis=1)[:, :-1] > 0
-    else:
-        rows = np.repeat(np.arange(t.rows, dtype=np.int64), t.counts())
-        hit = np.zeros(out.shape, dtype=bool)
-        hit[rows // fr, t.indices.astype(np.int64) // fc] = True
-    out[hit] = np.maximum(out[hit], val)
+        # A difference array over tile columns per cell row, then summed per cell column:
+        # O(ranges + cell rows x tile columns), whatever the ranges' lengths.
+        d = np.zeros((shape[0], t.cols + 1), dtype=np.int64)
+        np.add.at(d, (r // fr, lo[r, j]), 1)
+        np.add.at(d, (r // fr, hi[r, j]), -1)
+        per_col = np.cumsum(d, axis=1)[:, :t.cols]
+        if t.cols == 0:
+            return np.zeros(shape, dtype=np.int64)
+        return np.add.reduceat(per_col, np.arange(0, t.cols, fc), axis=1)
+    out = np.zeros(shape, dtype=np.int64)
+    rows = np.repeat(np.arange(t.rows, dtype=np.int64), t.counts())
+    np.add.at(out, (rows // fr, t.indices.astype(np.int64) // fc), 1)
+    return out
 
 
 def cell_factors(q_tiles: int, kv_tiles: int, rows: int, cols: int) -> tuple[int, int]:
