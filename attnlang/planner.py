@@ -510,17 +510,97 @@ def classify(t: Term, ctx: Ctx, qt: np.ndarray, kt: np.ndarray) -> np.ndarray:
         return union_class(c, valid, (1, 2))
     per_axis = []
     Q, K = ctx.Q, ctx.K
+    qg, qlo, qhi, kg, klo, khi = Q.g[qt], Q.lo[qt], Q.hi[qt], K.g[kt], K.lo[kt], K.hi[kt]  # gathered once
     for a, preds in enumerate(t.arg.preds):
         if preds:
             per_axis.append(axis_class(
-                preds, Q.g[qt][:, :, None, a], Q.lo[qt][:, :, None, a], Q.hi[qt][:, :, None, a],
-                K.g[kt][:, None, :, a], K.lo[kt][:, None, :, a], K.hi[kt][:, None, :, a],
-                ctx.ordering.dil[a]))
+                preds, qg[:, :, None, a], qlo[:, :, None, a], qhi[:, :, None, a],
+                kg[:, None, :, a], klo[:, None, :, a], khi[:, None, :, a], ctx.ordering.dil[a]))
     if not per_axis:
         return np.full(n, FULL, dtype=np.int8)
     c = np.stack(per_axis)
     prod = np.where((c == EMPTY).any(0), EMPTY, np.where((c == FULL).all(0), FULL, PARTIAL))
     return union_class(prod, valid, (1, 2))
+
+
+MAX_PRODUCT_LEAVES = 4  # per-axis signatures take 2^leaves values
+
+
+def _product_leaves(t: Term) -> list[Term] | None:
+    """The per-axis (``axes``) leaves of a boolean combination of per-axis primitives, or None
+    when the term has other leaves (bands, token sets, joins) or too many of them."""
+    leaves: list[Term] = []
+
+    def walk(u: Term) -> bool:
+        if u.op == "axes":
+            if not any(u is x for x in leaves):
+                leaves.append(u)
+            return True
+        if u.op in ("full", "none"):
+            return True
+        return u.op in ("and", "or", "not") and all(walk(i) for i in u.items)
+    return leaves if walk(t) and 0 < len(leaves) <= MAX_PRODUCT_LEAVES else None
+
+
+def _truth(t: Term, leaves: list[Term], m: np.ndarray) -> np.ndarray:
+    """The term's value for each leaf assignment ``m`` (bit i = leaf i holds)."""
+    if t.op == "axes":
+        return (m >> next(i for i, x in enumerate(leaves) if x is t)) & 1 == 1
+    if t.op in ("full", "none"):
+        return np.full(m.shape, t.op == "full")
+    vals = [_truth(i, leaves, m) for i in t.items]
+    if t.op == "not":
+        return ~vals[0]
+    return np.logical_and.reduce(vals) if t.op == "and" else np.logical_or.reduce(vals)
+
+
+def _product_classes(t: Term, ctx: Ctx, qt: np.ndarray, kt: np.ndarray) -> np.ndarray:
+    """Exact classes of tile pairs under a boolean combination of per-axis primitives (unions
+    and differences of neighborhoods, blocks, ...), decided per axis instead of per token pair.
+
+    Every leaf is a product over axes, so a (query, key) pair's leaf values are the bitwise AND
+    over axes of per-axis *signatures* (bit i: leaf i's 1-D predicates hold on that axis). Per
+    tile pair and axis, the set of signatures present costs ``extent_q x extent_k`` coordinate
+    checks; the set of leaf assignments present is then built axis by axis (AND of signatures),
+    and the tile is FULL iff the term holds on every present assignment, EMPTY iff on none:
+    ``sum over axes of extent_q x extent_k`` work per pair instead of ``block_m x block_n``.
+    Tiles are one box each (box orders); the caller checks that.
+    """
+    leaves = _product_leaves(t)
+    V = 1 << len(leaves)
+    truth = _truth(t, leaves, np.arange(V))
+    Q, K, dil = ctx.Q, ctx.K, ctx.ordering.dil
+    out = np.empty(len(qt), dtype=np.int8)
+    eq = (Q.hi[:, 0] - Q.lo[:, 0]).max(0) + 1  # per-axis widest extents
+    ek = (K.hi[:, 0] - K.lo[:, 0]).max(0) + 1
+    per_pair = int(max(eq[a] * ek[a] for a in range(ctx.layout.rank)))
+    step = max(1, ELEMENTS // (per_pair * len(leaves)))
+    for s in range(0, len(qt), step):
+        q_, k_ = qt[s:s + step], kt[s:s + step]
+        n = len(q_)
+        reach = None  # bool [n, V]: leaf assignments met so far (AND over the axes seen)
+        for a in range(ctx.layout.rank):
+            qc = Q.g[q_, 0, a, None] + dil[a] * np.minimum(Q.lo[q_, 0, a, None] + np.arange(eq[a]), Q.hi[q_, 0, a, None])
+            kc = K.g[k_, 0, a, None] + dil[a] * np.minimum(K.lo[k_, 0, a, None] + np.arange(ek[a]), K.hi[k_, 0, a, None])
+            sig = np.zeros((n, eq[a], ek[a]), dtype=np.int64)
+            for i, leaf in enumerate(leaves):
+                ok = np.ones((n, eq[a], ek[a]), dtype=bool)
+                for p in leaf.arg.preds[a]:
+                    ok &= p.allowed(qc[:, :, None], kc[:, None, :])
+                sig |= ok.astype(np.int64) << i
+            pres = np.zeros((n, V), dtype=bool)  # clamped duplicates repeat real coordinates
+            pres[np.repeat(np.arange(n), eq[a] * ek[a]), sig.reshape(-1)] = True
+            if reach is None:
+                reach = pres
+                continue
+            nxt = np.zeros_like(reach)
+            for m in range(V):
+                for v in range(V):
+                    nxt[:, m & v] |= reach[:, m] & pres[:, v]
+            reach = nxt
+        holds, fails = (reach & truth).any(1), (reach & ~truth).any(1)
+        out[s:s + step] = np.where(~holds, EMPTY, np.where(~fails, FULL, PARTIAL))
+    return out
 
 
 def _allowed(e: Expr, q: Points, k: Points, env: Env, tables: dict) -> np.ndarray:
@@ -579,6 +659,9 @@ def plan_group(e: Expr, ctx: Ctx) -> tuple[BlockTable, BlockTable, int]:
     for s in range(0, len(qt), CHUNK):
         cls[s:s + CHUNK] = classify(t, ctx, qt[s:s + CHUNK], kt[s:s + CHUNK])
     todo = np.nonzero(cls == UNKNOWN)[0]
+    if len(todo) and _product_leaves(t) is not None and ctx.Q.g.shape[1] == 1 and ctx.K.g.shape[1] == 1:
+        cls[todo] = _product_classes(t, ctx, qt[todo], kt[todo])
+        todo = todo[:0]
     if len(todo):
         cls[todo] = _elementwise(e, ctx, qt[todo], kt[todo])
     # Padding or a ragged tail makes a tile partial: the kernel must mask those positions.
@@ -705,15 +788,32 @@ def _balanced(layout: Layout, volume: int) -> tuple[int, ...]:
 
 
 def _block_sparse_box(pattern: Pattern) -> tuple[int, ...] | None:
-    """A neighborhood with stride == window dividing every axis is blocked attention: tiles
-    equal to the window are exactly its blocks (when the window is a valid box)."""
+    """A box whose tiles are never partial for the pattern's neighborhood, if there is one.
+
+    A neighborhood with stride == window dividing every axis is blocked attention: tiles equal
+    to the window are exactly its blocks (when the window is a valid box). More generally
+    (STA, sliding tile attention: window a multiple of the stride), the queries of a stride
+    group share one window, which starts on a multiple of the stride or at ``L - window``; a
+    box whose extents divide the stride, the window, ``L - window`` and ``L`` on every axis keeps
+    every query tile inside one group and every window edge on a tile edge.
+    """
     for _, _, e in pattern.exprs():
         for node in e.walk():
-            if isinstance(node, Neighborhood) and not any(node.causal) and \
-                    node.stride == node.window and math.prod(node.window) in BLOCK_SIZES and \
-                    all((L // d) % K == 0 and L % d == 0 for L, K, d in
-                        zip(pattern.layout.sizes, node.window, node.dilation)):
+            if not isinstance(node, Neighborhood) or any(node.causal):
+                continue
+            sizes = pattern.layout.sizes
+            if node.stride == node.window and math.prod(node.window) in BLOCK_SIZES and \
+                    all((L // d) % K == 0 and L % d == 0 for L, K, d in zip(sizes, node.window, node.dilation)):
                 return node.window
+            if any(d != 1 for d in node.dilation) or all(s == 1 for s in node.stride):
+                continue
+            most = [math.gcd(s, K, L - K, L) if K <= L else math.gcd(s, L) for s, K, L in zip(node.stride, node.window, sizes)]
+            box = [m & -m for m in most]  # the largest power of two dividing each
+            while math.prod(box) > DEFAULT_BLOCK:
+                a = max(range(len(box)), key=lambda i: (box[i], i))
+                box[a] //= 2
+            if math.prod(box) in BLOCK_SIZES:
+                return tuple(box)
     return None
 
 
@@ -798,6 +898,7 @@ def make_plan(pattern: Pattern, *, inputs: Mapping[str, np.ndarray] | None = Non
         box_kv = box_q if bn == bm else None
     if box_kv is not None and box_q is None:
         box_q = box_kv if bn == bm else None
+    searched = None  # the box search's tables of the box it picks
     if box_q is None or box_kv is None:
         fixed = box_q or box_kv
         cands = []
@@ -818,10 +919,10 @@ def make_plan(pattern: Pattern, *, inputs: Mapping[str, np.ndarray] | None = Non
                 cands.append((b if vol_q <= vol_k else g, b if vol_k <= vol_q else g))
         best, tried, spent = None, 0, 0
         for bq, bk in cands:
-            score = _box_cost(pattern, Ordering.boxed(layout, bq, bk, dil), math.prod(bq), math.prod(bk), got)
+            score, tables = _box_cost(pattern, Ordering.boxed(layout, bq, bk, dil), math.prod(bq), math.prod(bk), got)
             tried, spent = tried + 1, spent + score[0] // (math.prod(bq) * math.prod(bk))
             if best is None or score < best[0]:
-                best = (score, bq, bk)
+                best, searched = (score, bq, bk), tables
             if spent > SEARCH_BUDGET_TILES:  # dense-ish patterns: every box costs about the same
                 break
         _, box_q, box_kv = best
@@ -834,6 +935,8 @@ def make_plan(pattern: Pattern, *, inputs: Mapping[str, np.ndarray] | None = Non
                         hint="one box must divide the other on every axis, e.g. q = kv")
     bm, bn = math.prod(box_q), math.prod(box_kv)
     seq = None
+    if order != "tiled":
+        searched = None  # the search classified the tiled order; other orders are other tiles
     if order == "rcm":
         base = Ordering.boxed(layout, box_q, box_kv, dil)
         p = _finish(pattern, base, bm, bn, got, [])
@@ -842,24 +945,25 @@ def make_plan(pattern: Pattern, *, inputs: Mapping[str, np.ndarray] | None = Non
     ordering = Ordering.boxed(layout, box_q, box_kv, dil, order, seq)
     notes.append(f"{order} order of boxes; each axis padded to whole boxes "
                  f"({ordering.n_kernel - layout.n} padding positions)")
-    return _finish(pattern, ordering, bm, bn, got, notes)
+    return _finish(pattern, ordering, bm, bn, got, notes, searched)
 
 
 # Visited tiles the box search may classify in total before it settles for the best so far.
 SEARCH_BUDGET_TILES = 2_000_000
 
 
-def _box_cost(pattern: Pattern, ordering: Ordering, bm: int, bn: int, inputs) -> tuple[int, int, int]:
-    """(visited token pairs, partial token pairs, kernel length) of a candidate tiling: the
-    classification alone, without the tables, transposes and counts a finished plan builds."""
+def _box_cost(pattern: Pattern, ordering: Ordering, bm: int, bn: int, inputs) -> tuple[tuple[int, int, int], list]:
+    """(visited token pairs, partial token pairs, kernel length) of a candidate tiling, and its
+    tables per head group (the finished plan reuses the winner's instead of planning again)."""
     _check_rows(ordering.n_kernel, bm, bn)
     ctx = Ctx(pattern.layout, ordering, ordering.tiles("q", bm), ordering.tiles("kv", bn), inputs)
     visited = partial = 0
+    tables = []
     for _, _, e in pattern.exprs():
-        part, full, _ = plan_group(e, ctx)
-        visited += part.nnz + full.nnz
-        partial += part.nnz
-    return visited * bm * bn, partial * bm * bn, ordering.n_kernel
+        tables.append(plan_group(e, ctx))
+        visited += tables[-1][0].nnz + tables[-1][1].nnz
+        partial += tables[-1][0].nnz
+    return (visited * bm * bn, partial * bm * bn, ordering.n_kernel), tables
 
 
 def _plan_routed(pattern: Pattern, inputs, content, block_m: int | None, block_n: int | None,
@@ -908,14 +1012,16 @@ def _rcm_sequence(base: Ordering, plan: Plan) -> np.ndarray:
     return base.seq[perm]
 
 
-def _finish(pattern: Pattern, ordering: Ordering, bm: int, bn: int, inputs, notes: list[str]) -> Plan:
+def _finish(pattern: Pattern, ordering: Ordering, bm: int, bn: int, inputs, notes: list[str],
+            searched: list | None = None) -> Plan:
+    """The plan on ``ordering``; ``searched`` are its tables when the box search made them."""
     layout = pattern.layout
     _check_rows(ordering.n_kernel, bm, bn)
     ctx = Ctx(layout, ordering, ordering.tiles("q", bm), ordering.tiles("kv", bn), inputs)
     groups, pairs = [], []
     checked = 0
-    for lo, hi, e in pattern.exprs():
-        part, full, n_el = plan_group(e, ctx)
+    for i, (lo, hi, e) in enumerate(pattern.exprs()):
+        part, full, n_el = searched[i] if searched is not None else plan_group(e, ctx)
         checked += n_el
         term = lower(e, layout)
         analytic = (functools.partial(_analytic, term, layout, ordering, bm, bn, part, full)

@@ -123,3 +123,31 @@ def test_valid_rows_are_ranges():
     p = Pattern.create(causal & valid("len"), tokens=1000, inputs={"len": "length"})
     plan = make_plan(p, inputs={"len": np.int64(700)})
     assert _range_backed(plan)
+
+
+# --- unions of neighborhoods and STA (issue 11, item 9) ---------------------------------------
+
+def test_union_of_neighborhoods_is_decided_by_rules():
+    """A radial-style union of neighborhoods of different sizes and dilations: no tile pair is
+    left to the per-element check, and the tables equal the oracle's."""
+    from attnlang import neighborhood
+
+    p = Pattern.create(neighborhood(window=(3, 9, 9)) | neighborhood(window=(5, 5, 5), dilation=(1, 2, 2))
+                       | (neighborhood(window=(7, 3, 3), dilation=(1, 3, 3)) - neighborhood(window=(3, 3, 3))),
+                       tokens=(8, 24, 24))
+    plan = make_plan(p)
+    assert not any("per element" in note for note in plan.notes), plan.notes
+    ref = Plan.from_mask(p, p.mask(), plan.block_m, plan.block_n, plan.order)
+    for mine, theirs in ((plan.groups[0].partial, ref.groups[0].partial), (plan.groups[0].full, ref.groups[0].full)):
+        assert np.array_equal(mine.indptr, theirs.indptr) and np.array_equal(mine.indices, theirs.indices)
+
+
+@pytest.mark.parametrize("tokens,window,stride", [((16, 32, 32), (6, 12, 12), (2, 4, 4)),
+                                                  ((14, 32, 32), (6, 24, 24), (2, 8, 8))])
+def test_sta_reaches_its_flop_bound(tokens, window, stride):
+    """Sliding tile attention (window a multiple of the stride): tile bound == FLOP bound."""
+    from attnlang import neighborhood
+
+    plan = make_plan(Pattern.create(neighborhood(window=window, stride=stride), tokens=tokens))
+    s = plan.stats()
+    assert s["partial"] == 0 and s["tile_bound"] == s["flop_bound"], (plan.notes, s)
