@@ -28,9 +28,9 @@ def sta():
 def radial():
     """A radial-style union of three neighborhoods (Radial Attention: the spatial reach shrinks
     as the temporal distance grows) at 64x128x128."""
-    return Pattern.create(neighborhood(window=(5, 33, 33))
-                          | neighborhood(window=(17, 17, 17), dilation=(1, 2, 2))
-                          | neighborhood(window=(63, 9, 9), dilation=(1, 4, 4)), tokens=(64, 128, 128))
+    return Pattern.create(neighborhood(window=(3, 33, 33))
+                          | neighborhood(window=(9, 17, 17), dilation=(1, 2, 2))
+                          | neighborhood(window=(27, 9, 9), dilation=(1, 4, 4)), tokens=(64, 128, 128))
 
 
 def _measure(fn):
