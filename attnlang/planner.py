@@ -179,6 +179,17 @@ class Ctx:
             self._cache[key] = (pos[ok] // T.block, tok[ok])
         return self._cache[key]
 
+    def axis_ids(self, s: str, a: int) -> tuple[np.ndarray, np.ndarray]:
+        """The distinct ``(g, lo, hi)`` intervals of one side's pieces on axis ``a``, and the
+        index of each piece's interval ``[T, P]``: per-axis classes are tabled on these."""
+        key = ("axis_ids", s, a)
+        if key not in self._cache:
+            T = self.side(s)
+            trip = np.stack([T.g[..., a], T.lo[..., a], T.hi[..., a]], -1).reshape(-1, 3)
+            u, inv = np.unique(trip, axis=0, return_inverse=True)
+            self._cache[key] = (u, inv.reshape(T.g.shape[:2]))
+        return self._cache[key]
+
     def count_tokens(self, s: str, pred) -> np.ndarray:
         tile, tok = self.tokens(s)
         return np.bincount(tile[pred(tok)], minlength=self.side(s).count)
@@ -515,7 +526,15 @@ def classify(t: Term, ctx: Ctx, qt: np.ndarray, kt: np.ndarray) -> np.ndarray:
     Q, K = ctx.Q, ctx.K
     qg, qlo, qhi, kg, klo, khi = Q.g[qt], Q.lo[qt], Q.hi[qt], K.g[kt], K.lo[kt], K.hi[kt]  # gathered once
     for a, preds in enumerate(t.arg.preds):
-        if preds:
+        (uq, iq), (uk, ik) = ctx.axis_ids("q", a), ctx.axis_ids("kv", a)
+        if preds and len(uq) * len(uk) <= AXIS_TABLE:
+            # A 1-D class depends only on the two intervals on this axis: table it once.
+            key = ("axis_class", preds, a)
+            if key not in ctx._cache:
+                ctx._cache[key] = axis_class(preds, uq[:, None, 0], uq[:, None, 1], uq[:, None, 2],
+                                             uk[None, :, 0], uk[None, :, 1], uk[None, :, 2], ctx.ordering.dil[a])
+            per_axis.append(ctx._cache[key][iq[qt][:, :, None], ik[kt][:, None, :]])
+        elif preds:
             per_axis.append(axis_class(
                 preds, qg[:, :, None, a], qlo[:, :, None, a], qhi[:, :, None, a],
                 kg[:, None, :, a], klo[:, None, :, a], khi[:, None, :, a], ctx.ordering.dil[a]))
@@ -527,6 +546,7 @@ def classify(t: Term, ctx: Ctx, qt: np.ndarray, kt: np.ndarray) -> np.ndarray:
 
 
 MAX_PRODUCT_LEAVES = 4  # per-axis signatures take 2^leaves values
+AXIS_TABLE = 1 << 22  # largest per-axis table (distinct query x key intervals) worth building
 
 
 def _product_leaves(t: Term) -> list[Term] | None:
@@ -563,46 +583,79 @@ def _product_classes(t: Term, ctx: Ctx, qt: np.ndarray, kt: np.ndarray) -> np.nd
 
     Every leaf is a product over axes, so a (query, key) pair's leaf values are the bitwise AND
     over axes of per-axis *signatures* (bit i: leaf i's 1-D predicates hold on that axis). Per
-    tile pair and axis, the set of signatures present costs ``extent_q x extent_k`` coordinate
-    checks; the set of leaf assignments present is then built axis by axis (AND of signatures),
-    and the tile is FULL iff the term holds on every present assignment, EMPTY iff on none:
-    ``sum over axes of extent_q x extent_k`` work per pair instead of ``block_m x block_n``.
-    Tiles are one box each (box orders); the caller checks that.
+    axis, the set of signatures a tile pair shows depends only on the two tiles' intervals on
+    that axis: one small table per axis (distinct query intervals x distinct key intervals,
+    ``extent_q x extent_k`` coordinate checks each). Per pair, the sets of leaf assignments are
+    then combined axis by axis (AND of signatures), and the tile is FULL iff the term holds on
+    every present assignment, EMPTY iff on none. Tiles are one box each (the caller checks).
     """
     leaves = _product_leaves(t)
     V = 1 << len(leaves)
     truth = _truth(t, leaves, np.arange(V))
-    Q, K, dil = ctx.Q, ctx.K, ctx.ordering.dil
-    out = np.empty(len(qt), dtype=np.int8)
-    eq = (Q.hi[:, 0] - Q.lo[:, 0]).max(0) + 1  # per-axis widest extents
-    ek = (K.hi[:, 0] - K.lo[:, 0]).max(0) + 1
-    per_pair = int(max(eq[a] * ek[a] for a in range(ctx.layout.rank)))
-    step = max(1, ELEMENTS // (per_pair * len(leaves)))
-    for s in range(0, len(qt), step):
-        q_, k_ = qt[s:s + step], kt[s:s + step]
+    masks = None
+    for a in range(ctx.layout.rank):
+        (uq, iq), (uk, ik) = ctx.axis_ids("q", a), ctx.axis_ids("kv", a)
+        key = ("signatures", tuple(leaf.arg.preds[a] for leaf in leaves), a)
+        if key not in ctx._cache:
+            qi, ki = np.divmod(np.arange(len(uq) * len(uk), dtype=np.int64), len(uk))
+            ctx._cache[key] = _signature_masks(leaves, a, uq[qi], uk[ki], ctx.ordering.dil[a], V).reshape(len(uq), len(uk))
+        m = ctx._cache[key][iq[qt, 0], ik[kt, 0]]
+        masks = m if masks is None else _and_masks(masks, m, V)
+    holds = np.zeros(len(qt), dtype=bool)
+    fails = np.zeros(len(qt), dtype=bool)
+    for v in range(V):  # assignment v is present in the pair when bit v of the mask is set
+        present = (masks >> v) & 1 == 1
+        if truth[v]:
+            holds |= present
+        else:
+            fails |= present
+    return np.where(~holds, EMPTY, np.where(~fails, FULL, PARTIAL)).astype(np.int8)
+
+
+def _signature_masks(leaves: list[Term], a: int, q: np.ndarray, k: np.ndarray, dil: int, V: int) -> np.ndarray:
+    """Per (query interval, key interval) pair on axis ``a`` (rows ``(g, lo, hi)``), the set of
+    leaf signatures its coordinate pairs show, as a ``V``-bit mask."""
+    eq, ek = int((q[:, 2] - q[:, 1]).max(initial=0)) + 1, int((k[:, 2] - k[:, 1]).max(initial=0)) + 1
+    out = np.zeros(len(q), dtype=np.int64)
+    step = max(1, ELEMENTS // (eq * ek * len(leaves)))
+    for s in range(0, len(q), step):
+        q_, k_ = q[s:s + step], k[s:s + step]
         n = len(q_)
-        reach = None  # bool [n, V]: leaf assignments met so far (AND over the axes seen)
-        for a in range(ctx.layout.rank):
-            qc = Q.g[q_, 0, a, None] + dil[a] * np.minimum(Q.lo[q_, 0, a, None] + np.arange(eq[a]), Q.hi[q_, 0, a, None])
-            kc = K.g[k_, 0, a, None] + dil[a] * np.minimum(K.lo[k_, 0, a, None] + np.arange(ek[a]), K.hi[k_, 0, a, None])
-            sig = np.zeros((n, eq[a], ek[a]), dtype=np.int64)
-            for i, leaf in enumerate(leaves):
-                ok = np.ones((n, eq[a], ek[a]), dtype=bool)
-                for p in leaf.arg.preds[a]:
-                    ok &= p.allowed(qc[:, :, None], kc[:, None, :])
-                sig |= ok.astype(np.int64) << i
-            pres = np.zeros((n, V), dtype=bool)  # clamped duplicates repeat real coordinates
-            pres[np.repeat(np.arange(n), eq[a] * ek[a]), sig.reshape(-1)] = True
-            if reach is None:
-                reach = pres
-                continue
-            nxt = np.zeros_like(reach)
-            for m in range(V):
-                for v in range(V):
-                    nxt[:, m & v] |= reach[:, m] & pres[:, v]
-            reach = nxt
-        holds, fails = (reach & truth).any(1), (reach & ~truth).any(1)
-        out[s:s + step] = np.where(~holds, EMPTY, np.where(~fails, FULL, PARTIAL))
+        # Clamped duplicates repeat real coordinates, so the sets stay exact.
+        qc = q_[:, 0, None] + dil * np.minimum(q_[:, 1, None] + np.arange(eq), q_[:, 2, None])
+        kc = k_[:, 0, None] + dil * np.minimum(k_[:, 1, None] + np.arange(ek), k_[:, 2, None])
+        sig = np.zeros((n, eq, ek), dtype=np.int64)
+        for i, leaf in enumerate(leaves):
+            ok = np.ones((n, eq, ek), dtype=bool)
+            for p in leaf.arg.preds[a]:
+                ok &= p.allowed(qc[:, :, None], kc[:, None, :])
+            sig |= ok.astype(np.int64) << i
+        pres = np.zeros((n, V), dtype=bool)
+        pres[np.repeat(np.arange(n), eq * ek), sig.reshape(-1)] = True
+        out[s:s + step] = (pres.astype(np.int64) << np.arange(V)).sum(1)
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _and_table(V: int) -> np.ndarray:
+    """``T[m1, m2]``: the assignments ``i & j`` over ``i`` in ``m1`` and ``j`` in ``m2`` (masks)."""
+    m = np.arange(1 << V, dtype=np.int64)
+    out = np.zeros((1 << V, 1 << V), dtype=np.int64)
+    for i in range(V):
+        for j in range(V):
+            out |= ((((m[:, None] >> i) & 1) & ((m[None, :] >> j) & 1)) << (i & j))
+    return out
+
+
+def _and_masks(m1: np.ndarray, m2: np.ndarray, V: int) -> np.ndarray:
+    """Pairwise AND of two sets of leaf assignments (``V``-bit masks), per tile pair."""
+    if V <= 8:
+        return _and_table(V)[m1, m2]
+    out = np.zeros_like(m1)
+    for i in range(V):
+        hi = (m1 >> i) & 1
+        for j in range(V):
+            out |= (hi & ((m2 >> j) & 1)) << (i & j)
     return out
 
 
@@ -662,7 +715,8 @@ def plan_group(e: Expr, ctx: Ctx) -> tuple[BlockTable, BlockTable, int]:
     for s in range(0, len(qt), CHUNK):
         cls[s:s + CHUNK] = classify(t, ctx, qt[s:s + CHUNK], kt[s:s + CHUNK])
     todo = np.nonzero(cls == UNKNOWN)[0]
-    if len(todo) and _product_leaves(t) is not None and ctx.Q.g.shape[1] == 1 and ctx.K.g.shape[1] == 1:
+    if len(todo) and _product_leaves(t) is not None and ctx.Q.g.shape[1] == 1 and ctx.K.g.shape[1] == 1 and \
+            all(len(ctx.axis_ids("q", a)[0]) * len(ctx.axis_ids("kv", a)[0]) <= AXIS_TABLE for a in range(ctx.layout.rank)):
         cls[todo] = _product_classes(t, ctx, qt[todo], kt[todo])
         todo = todo[:0]
     if len(todo):
