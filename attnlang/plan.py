@@ -116,9 +116,14 @@ class BlockTable:
         return out
 
     def transpose(self) -> "BlockTable":
+        """The transposed table: ranges again where possible, else exact counts now and the
+        indices on first use (only the backward pass's consumers read them)."""
         if self.ranges is not None:
             return _transpose_ranges(self)
-        return self._explicit_transpose()
+        counts = np.bincount(self.indices, minlength=self.cols)
+        indptr = np.zeros(self.cols + 1, dtype=np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        return BlockTable(indptr, None, self.rows, None, self)
 
     def _explicit_transpose(self) -> "BlockTable":
         rows = np.repeat(np.arange(self.rows, dtype=np.int64), self.counts())

@@ -254,7 +254,29 @@ def _kv_grid(ctx: Ctx) -> np.ndarray:
 
 
 def _expand_box(ctx: Ctx, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """``qt * nk + kt`` for every key tile in each query tile's box ``lo <= c < hi`` (any order)."""
     ext = np.maximum(hi - lo, 0)
+    shapes, inv = np.unique(ext, axis=0, return_inverse=True)
+    if len(shapes) <= 64:
+        # Few box shapes (interior tiles share one): each shape's key tiles are fixed offsets
+        # from the box corner in the ravelled tile grid, so the expansion is one broadcast add.
+        if ctx.ordering.is_natural:
+            grid, lookup = (ctx.nk,), None
+        else:
+            grid = tuple(U // b for U, b in zip(ctx.ordering.axis_len, ctx.ordering.box_kv))
+            lookup = ctx._cache.setdefault("lookup", ctx.ordering.grid_lookup("kv"))
+        strides = np.array([math.prod(grid[a + 1:]) for a in range(len(grid))], dtype=np.int64)
+        base = lo @ strides
+        out = []
+        for u, shape in enumerate(shapes):
+            if not shape.all():
+                continue
+            rows = np.nonzero(inv.reshape(-1) == u)[0]
+            offs = np.indices(tuple(shape)).reshape(len(shape), -1).T @ strides
+            flat = (base[rows, None] + offs[None, :]).reshape(-1)
+            kt = flat if lookup is None else lookup[flat]
+            out.append(np.repeat(rows, len(offs)) * ctx.nk + kt)
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
     n = np.prod(ext, axis=1)
     total = int(n.sum())
     qt = np.repeat(np.arange(len(n), dtype=np.int64), n)
