@@ -546,7 +546,7 @@ def classify(t: Term, ctx: Ctx, qt: np.ndarray, kt: np.ndarray) -> np.ndarray:
         return union_class(c, valid, (1, 2))
     per_axis = []
     Q, K = ctx.Q, ctx.K
-    qg, qlo, qhi, kg, klo, khi = Q.g[qt], Q.lo[qt], Q.hi[qt], K.g[kt], K.lo[kt], K.hi[kt]  # gathered once
+    qg = qlo = qhi = kg = klo = khi = None
     for a, preds in enumerate(t.arg.preds):
         (uq, iq), (uk, ik) = ctx.axis_ids("q", a), ctx.axis_ids("kv", a)
         if preds and len(uq) * len(uk) <= AXIS_TABLE:
@@ -557,14 +557,15 @@ def classify(t: Term, ctx: Ctx, qt: np.ndarray, kt: np.ndarray) -> np.ndarray:
                                              uk[None, :, 0], uk[None, :, 1], uk[None, :, 2], ctx.ordering.dil[a])
             per_axis.append(ctx._cache[key][iq[qt][:, :, None], ik[kt][:, None, :]])
         elif preds:
+            if qg is None:  # gathered once, for the axes without a table
+                qg, qlo, qhi, kg, klo, khi = Q.g[qt], Q.lo[qt], Q.hi[qt], K.g[kt], K.lo[kt], K.hi[kt]
             per_axis.append(axis_class(
                 preds, qg[:, :, None, a], qlo[:, :, None, a], qhi[:, :, None, a],
                 kg[:, None, :, a], klo[:, None, :, a], khi[:, None, :, a], ctx.ordering.dil[a]))
     if not per_axis:
         return np.full(n, FULL, dtype=np.int8)
-    c = np.stack(per_axis)
-    prod = np.where((c == EMPTY).any(0), EMPTY, np.where((c == FULL).all(0), FULL, PARTIAL))
-    return union_class(prod, valid, (1, 2))
+    # EMPTY < PARTIAL < FULL and axis classes are decided: a product is the smallest of them.
+    return union_class(np.minimum.reduce(per_axis), valid, (1, 2))
 
 
 MAX_PRODUCT_LEAVES = 4  # per-axis signatures take 2^leaves values
@@ -734,13 +735,13 @@ def plan_group(e: Expr, ctx: Ctx) -> tuple[BlockTable, BlockTable, int]:
     keep = (ctx.Q.nvalid[qt] > 0) & (ctx.K.nvalid[kt] > 0)
     qt, kt = qt[keep], kt[keep]
     cls = np.empty(len(qt), dtype=np.int8)
+    product = _product_leaves(t) is not None and ctx.Q.g.shape[1] == 1 and ctx.K.g.shape[1] == 1 and \
+        all(len(ctx.axis_ids("q", a)[0]) * len(ctx.axis_ids("kv", a)[0]) <= AXIS_TABLE for a in range(ctx.layout.rank))
     for s in range(0, len(qt), CHUNK):
-        cls[s:s + CHUNK] = classify(t, ctx, qt[s:s + CHUNK], kt[s:s + CHUNK])
+        # Boolean combinations of per-axis primitives on box tiles: exact per-axis tables decide
+        # every class at once; otherwise three-valued rules, then the rare undecided per element.
+        cls[s:s + CHUNK] = (_product_classes if product else classify)(t, ctx, qt[s:s + CHUNK], kt[s:s + CHUNK])
     todo = np.nonzero(cls == UNKNOWN)[0]
-    if len(todo) and _product_leaves(t) is not None and ctx.Q.g.shape[1] == 1 and ctx.K.g.shape[1] == 1 and \
-            all(len(ctx.axis_ids("q", a)[0]) * len(ctx.axis_ids("kv", a)[0]) <= AXIS_TABLE for a in range(ctx.layout.rank)):
-        cls[todo] = _product_classes(t, ctx, qt[todo], kt[todo])
-        todo = todo[:0]
     if len(todo):
         cls[todo] = _elementwise(e, ctx, qt[todo], kt[todo])
     # Padding or a ragged tail makes a tile partial: the kernel must mask those positions.
