@@ -60,8 +60,9 @@ def scale() -> None:
         s = plan.stats()
         g = plan.groups[0]
         stored = "ranges" if g.full.ranges is not None and not g.full.materialised else "tile lists"
+        flop = f"{s['flop_bound']:.1f}x" if "flop_bound" in s else "—"
         print(f"| {name} | {s['visited']:,} | {stored} | {s['tile_bound']:.1f}x | "
-              f"{s.get('flop_bound', float('nan')):.1f}x | {dt:.2f} s | {peak / 2**20:.0f} MiB |")
+              f"{flop} | {dt:.2f} s | {peak / 2**20:.0f} MiB |")
     rng = np.random.default_rng(0)
     for n in (32768, 65536, 131072):
         p = resolve("examples/moba.attn", N=n)
