@@ -549,7 +549,7 @@ def classify(t: Term, ctx: Ctx, qt: np.ndarray, kt: np.ndarray) -> np.ndarray:
     qg = qlo = qhi = kg = klo = khi = None
     for a, preds in enumerate(t.arg.preds):
         (uq, iq), (uk, ik) = ctx.axis_ids("q", a), ctx.axis_ids("kv", a)
-        if preds and len(uq) * len(uk) <= AXIS_TABLE:
+        if preds and len(uq) * len(uk) <= min(AXIS_TABLE, 4 * n + 4096):  # pays off
             # A 1-D class depends only on the two intervals on this axis: table it once.
             key = ("axis_class", preds, a)
             if key not in ctx._cache:
@@ -736,7 +736,8 @@ def plan_group(e: Expr, ctx: Ctx) -> tuple[BlockTable, BlockTable, int]:
     qt, kt = qt[keep], kt[keep]
     cls = np.empty(len(qt), dtype=np.int8)
     product = _product_leaves(t) is not None and ctx.Q.g.shape[1] == 1 and ctx.K.g.shape[1] == 1 and \
-        all(len(ctx.axis_ids("q", a)[0]) * len(ctx.axis_ids("kv", a)[0]) <= AXIS_TABLE for a in range(ctx.layout.rank))
+        all(len(ctx.axis_ids("q", a)[0]) * len(ctx.axis_ids("kv", a)[0]) <= min(AXIS_TABLE, 4 * len(qt) + 4096)
+            for a in range(ctx.layout.rank))
     for s in range(0, len(qt), CHUNK):
         # Boolean combinations of per-axis primitives on box tiles: exact per-axis tables decide
         # every class at once; otherwise three-valued rules, then the rare undecided per element.
