@@ -68,7 +68,8 @@ def resolve(spec: Any, pattern: str | None = None, *, n: int | None = None, toke
         if tokens is None and n is None:
             raise AttnError("a pattern expression needs a token layout: pass tokens=N, "
                             "tokens=(T, H, W) or tokens={'t': T, 'h': H, 'w': W}")
-        return Pattern.create(spec, tokens if tokens is not None else n, heads=heads)
+        return Pattern.create(spec, tokens if tokens is not None else n, heads=heads,
+                              inputs=_python_inputs(spec))
     if isinstance(spec, (str, os.PathLike)):
         if tokens is not None or heads is not None:
             raise AttnError("tokens= and heads= apply to Python-built patterns; in .attn files "
@@ -241,6 +242,25 @@ def _planner(pattern: Pattern, inputs):
     from attnlang.planner import make_plan as _plan
 
     return _plan(pattern, inputs=inputs)
+
+
+def _python_inputs(spec: Any) -> dict[str, str]:
+    """The runtime inputs a Python-built expression reads, declared with the kind its primitive
+    needs (``same("doc")``: ids, ``valid("len")``: length): Python has no ``input`` lines."""
+    from attnlang.pattern import Same, Valid
+
+    if isinstance(spec, Mapping):
+        exprs = list(spec.values())
+    elif isinstance(spec, ByHead):
+        exprs = [b.expr for b in spec.branches]
+    else:
+        exprs = [spec]
+    out: dict[str, str] = {}
+    for e in exprs:
+        for node in (e.walk() if isinstance(e, Expr) else ()):
+            if isinstance(node, (Same, Valid)):
+                out.setdefault(node.input, "ids" if isinstance(node, Same) else "length")
+    return out
 
 
 def compile(spec: Any, pattern: str | None = None, backend: str | None = None, *, tokens: Any = None,

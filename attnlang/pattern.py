@@ -1187,7 +1187,9 @@ class Pattern:
                         out.append(Diagnostic(
                             f"{fn}({node.input}): no input named '{node.input}' is declared"
                             f"{did_you_mean(node.input, declared)}", node.span,
-                            f"declare it: input {node.input}: " + ("ids[N]" if want == "ids" else "length")))
+                            f"declare it: input {node.input}: " + ("ids[N]" if want == "ids" else "length")
+                            if node.span is not None else  # built in Python: no `input` lines there
+                            f"pass inputs={{'{node.input}': '{want}'}} to Pattern.create"))
                     elif inp.kind != want:
                         out.append(Diagnostic(
                             f"{fn}({node.input}) needs an input of kind {want}, but '{node.input}' "

@@ -28,13 +28,28 @@ from attnlang.pattern import Pattern
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class BlockTable:
-    """CSR table: row ``i`` (a query tile, or a key tile when transposed) lists tile indices."""
+    """CSR table: row ``i`` (a query tile, or a key tile when transposed) lists tile indices.
+
+    Three representations behind one interface, so memory follows the structure of the rows:
+
+    * explicit: ``stored`` holds the indices (O(entries));
+    * ranges: ``ranges = (lo, hi)``, each ``int64 [rows, R]``, row ``i`` is the union of the
+      sorted disjoint half-open ranges ``lo[i, j] <= t < hi[i, j]`` (O(rows): band-shaped rows
+      such as a causal plan's ``0..qt``);
+    * transposed: ``source`` is a table whose transpose this is; the counts are exact and cheap,
+      the indices are built on first use.
+
+    ``indices`` materialises the explicit form on demand (O(entries)) and caches it; ``counts``,
+    ``nnz``, ``row``, ``first``/``last``, ``transpose`` of a range table never do.
+    """
 
     indptr: np.ndarray  # int64 [rows + 1]
-    indices: np.ndarray  # int32 [nnz], sorted within each row
+    stored: np.ndarray | None  # int32 [nnz] sorted within each row, or None until materialised
     cols: int  # number of possible column tiles
+    ranges: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    source: "BlockTable | None" = field(default=None, repr=False)
 
     @property
     def rows(self) -> int:
@@ -44,13 +59,73 @@ class BlockTable:
     def nnz(self) -> int:
         return int(self.indptr[-1])
 
+    @property
+    def materialised(self) -> bool:
+        """Whether the explicit index array exists (O(entries) memory)."""
+        return self.stored is not None
+
+    @property
+    def indices(self) -> np.ndarray:
+        """int32 ``[nnz]``, sorted within each row (built on first use from ranges/transposes)."""
+        if self.stored is None:
+            if self.ranges is not None:
+                idx = _expand_ranges(*self.ranges)
+            else:
+                idx = self.source._explicit_transpose().stored
+            object.__setattr__(self, "stored", idx)
+        return self.stored
+
     def row(self, i: int) -> np.ndarray:
+        if self.stored is None and self.ranges is not None:
+            lo, hi = self.ranges
+            return np.concatenate([np.arange(a, b, dtype=np.int32) for a, b in zip(lo[i], hi[i])])
         return self.indices[self.indptr[i]:self.indptr[i + 1]]
 
     def counts(self) -> np.ndarray:
         return np.diff(self.indptr)
 
+    def first(self) -> np.ndarray:
+        """Smallest tile index of each row; -1 for an empty row."""
+        if self.stored is None and self.ranges is not None:
+            lo, hi = self.ranges
+            ok = hi > lo
+            j = np.argmax(ok, axis=1)
+            v = lo[np.arange(len(lo)), j]
+            return np.where(ok.any(1), v, -1).astype(np.int64)
+        return _row_reduce(self, np.minimum, -1)
+
+    def last(self) -> np.ndarray:
+        """Largest tile index of each row; -1 for an empty row."""
+        if self.stored is None and self.ranges is not None:
+            lo, hi = self.ranges
+            ok = hi > lo
+            j = lo.shape[1] - 1 - np.argmax(ok[:, ::-1], axis=1)
+            v = hi[np.arange(len(hi)), j] - 1
+            return np.where(ok.any(1), v, -1).astype(np.int64)
+        return _row_reduce(self, np.maximum, -1)
+
+    def to_dense(self) -> np.ndarray:
+        """bool ``[rows, cols]``: which tiles each row lists (O(rows x cols) by construction)."""
+        out = np.zeros((self.rows, self.cols), dtype=bool)
+        if self.stored is None and self.ranges is not None:
+            cols = np.arange(self.cols, dtype=np.int64)
+            for lo, hi in zip(self.ranges[0].T, self.ranges[1].T):
+                out |= (cols >= lo[:, None]) & (cols < hi[:, None])
+        else:
+            out[np.repeat(np.arange(self.rows), self.counts()), self.indices] = True
+        return out
+
     def transpose(self) -> "BlockTable":
+        """The transposed table: ranges again where possible, else exact counts now and the
+        indices on first use (only the backward pass's consumers read them)."""
+        if self.ranges is not None:
+            return _transpose_ranges(self)
+        counts = np.bincount(self.indices, minlength=self.cols)
+        indptr = np.zeros(self.cols + 1, dtype=np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        return BlockTable(indptr, None, self.rows, None, self)
+
+    def _explicit_transpose(self) -> "BlockTable":
         rows = np.repeat(np.arange(self.rows, dtype=np.int64), self.counts())
         return BlockTable.from_pairs(self.indices.astype(np.int64), rows, self.cols, self.rows)
 
@@ -78,6 +153,61 @@ class BlockTable:
     def from_dense(m: np.ndarray) -> "BlockTable":
         r, c = np.nonzero(m)
         return BlockTable.from_pairs(r, c, m.shape[0], m.shape[1])
+
+    @staticmethod
+    def from_ranges(lo: np.ndarray, hi: np.ndarray, cols: int) -> "BlockTable":
+        """Rows as unions of ``R`` sorted, disjoint half-open ranges (``lo, hi``: ``[rows, R]``;
+        a range with ``hi <= lo`` is empty). O(rows) memory whatever the ranges' lengths."""
+        lo = np.asarray(lo, dtype=np.int64)
+        lo = lo[:, None] if lo.ndim == 1 else lo
+        hi = np.asarray(hi, dtype=np.int64).reshape(lo.shape)
+        hi = np.maximum(hi, lo)
+        indptr = np.zeros(len(lo) + 1, dtype=np.int64)
+        np.cumsum((hi - lo).sum(1), out=indptr[1:])
+        return BlockTable(indptr, None, cols, (lo, hi))
+
+
+def _expand_ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """The explicit indices of a range table (rows in order, ranges in order)."""
+    starts, lens = lo.reshape(-1), (hi - lo).reshape(-1)
+    total = int(lens.sum())
+    offs = np.cumsum(lens) - lens
+    return (np.arange(total, dtype=np.int64) - np.repeat(offs - starts, lens)).astype(np.int32)
+
+
+def _transpose_ranges(t: BlockTable) -> BlockTable:
+    """Transpose of a range table: ranges again when every range column is monotone in the row
+    (bands: a column's rows are then one range per column), else exact counts with the indices
+    built on first use. Both O(rows + cols)."""
+    lo, hi = t.ranges
+    # An empty range may sit anywhere: park it where the previous ranges of its column end.
+    full = hi > lo
+    park = np.maximum.accumulate(np.where(full, hi, 0), axis=0)
+    lo, hi = np.where(full, lo, park), np.where(full, hi, park)
+    c = np.arange(t.cols, dtype=np.int64)
+    if len(lo) and np.all(np.diff(lo, axis=0) >= 0) and np.all(np.diff(hi, axis=0) >= 0):
+        # Rows containing column c in range j: those with lo <= c < hi, contiguous by monotony.
+        tlo = np.stack([np.searchsorted(hi[:, j], c, side="right") for j in range(lo.shape[1])], 1)
+        thi = np.stack([np.searchsorted(lo[:, j], c, side="right") for j in range(lo.shape[1])], 1)
+        thi = np.maximum(thi, tlo)
+        order = np.argsort(np.where(thi > tlo, tlo, np.iinfo(np.int64).max), axis=1, kind="stable")
+        return BlockTable.from_ranges(np.take_along_axis(tlo, order, 1), np.take_along_axis(thi, order, 1), t.rows)
+    counts = np.zeros(t.cols, dtype=np.int64)
+    for j in range(lo.shape[1]):  # rows with lo <= c minus rows with hi <= c
+        counts += np.searchsorted(np.sort(lo[:, j]), c, side="right")
+        counts -= np.searchsorted(np.sort(hi[:, j]), c, side="right")
+    indptr = np.zeros(t.cols + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    return BlockTable(indptr, None, t.rows, None, t)
+
+
+def _row_reduce(t: BlockTable, op, empty: int) -> np.ndarray:
+    """``op`` (np.minimum / np.maximum) over each row's tile indices; ``empty`` for empty rows."""
+    out = np.full(t.rows, empty, dtype=np.int64)
+    has = t.counts() > 0
+    if has.any():
+        out[has] = op.reduceat(t.indices.astype(np.int64), t.indptr[:-1][has])
+    return out
 
 
 @dataclass(frozen=True)
@@ -168,9 +298,26 @@ class Plan:
         g = self.group_for_head(head)
         m = np.zeros((self.q_tiles, self.kv_tiles), dtype=np.int8)
         for table, val in ((g.partial, PARTIAL), (g.full, FULL)):
-            rows = np.repeat(np.arange(table.rows), table.counts())
-            m[rows, table.indices] = val
+            m[table.to_dense()] = val
         return m
+
+    def tile_cells(self, head: int, rows: int, cols: int) -> np.ndarray:
+        """int8 ``[rows, cols]``: the tile map downsampled to at most ``rows x cols`` cells,
+        each the strongest class among the tiles it covers (``tile_map`` when it is that small).
+
+        Built from the tables without the dense map: O(query tiles + cells) for range rows,
+        O(visited tiles) otherwise, never O(q_tiles x kv_tiles).
+        """
+        visited, full = self.tile_counts(head, *cell_factors(self.q_tiles, self.kv_tiles, rows, cols))
+        return np.where(full > 0, FULL, np.where(visited > 0, PARTIAL, EMPTY)).astype(np.int8)
+
+    def tile_counts(self, head: int, fr: int, fc: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(visited, full)`` tiles in each cell of ``fr x fc`` tiles (int64 ``[cells, cells]``):
+        a downsampled tile map that still tells "all full" and "all empty" cells apart."""
+        g = self.group_for_head(head)
+        shape = (-(-self.q_tiles // fr), -(-self.kv_tiles // fc))
+        part, full = _count_cells(g.partial, fr, fc, shape), _count_cells(g.full, fr, fc, shape)
+        return part + full, full
 
     def stats(self, head: int = 0) -> dict[str, Any]:
         """Visited/partial/full tile counts, density and the tile bound for one head."""
@@ -221,7 +368,7 @@ class Plan:
             if "flop_bound" in s:
                 line += f", density {s['density']:.4f}, FLOP bound {s['flop_bound']:.2f}x"
             out.append(line)
-            out.append(render_tile_map(self.tile_map(head)))
+            out.append(render_cells(self.tile_cells(head, 64, 64), *cell_factors(self.q_tiles, self.kv_tiles, 64, 64)))
         out.append("loop nest:")
         out.append(self.loop_nest())
         return "\n".join(out)
@@ -291,6 +438,39 @@ def _box(t: tuple[int, ...]) -> str:
 
 def _csr_json(t: BlockTable) -> dict[str, Any]:
     return {"indptr": t.indptr.tolist(), "indices": t.indices.tolist()}
+
+
+def _count_cells(t: BlockTable, fr: int, fc: int, shape: tuple[int, int]) -> np.ndarray:
+    """Tiles of ``t`` per cell (tile ``(r, c)`` -> cell ``(r // fr, c // fc)``)."""
+    if t.stored is None and t.ranges is not None:
+        lo, hi = t.ranges
+        r, j = np.nonzero(hi > lo)
+        # A difference array over tile columns per cell row, then summed per cell column:
+        # O(ranges + cell rows x tile columns), whatever the ranges' lengths.
+        d = np.zeros((shape[0], t.cols + 1), dtype=np.int64)
+        np.add.at(d, (r // fr, lo[r, j]), 1)
+        np.add.at(d, (r // fr, hi[r, j]), -1)
+        per_col = np.cumsum(d, axis=1)[:, :t.cols]
+        if t.cols == 0:
+            return np.zeros(shape, dtype=np.int64)
+        return np.add.reduceat(per_col, np.arange(0, t.cols, fc), axis=1)
+    out = np.zeros(shape, dtype=np.int64)
+    rows = np.repeat(np.arange(t.rows, dtype=np.int64), t.counts())
+    np.add.at(out, (rows // fr, t.indices.astype(np.int64) // fc), 1)
+    return out
+
+
+def cell_factors(q_tiles: int, kv_tiles: int, rows: int, cols: int) -> tuple[int, int]:
+    """Tiles per cell (rows, columns) when ``q_tiles x kv_tiles`` is drawn in ``rows x cols``."""
+    return max(1, -(-q_tiles // rows)), max(1, -(-kv_tiles // cols))
+
+
+def render_cells(cells: np.ndarray, fr: int, fc: int) -> str:
+    """ASCII of a tile map downsampled by :meth:`Plan.tile_cells` (``fr x fc`` tiles a cell)."""
+    chars = np.array([".", "+", "#"])
+    body = "\n".join("  " + "".join(chars[r]) for r in cells)
+    scale = "" if fr == fc == 1 else f"  (each cell = {fr} x {fc} tiles)\n"
+    return scale + body
 
 
 def render_tile_map(m: np.ndarray, width: int = 64) -> str:

@@ -44,6 +44,12 @@ DEFAULT_BLOCK = 64
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 CHUNK = 1 << 20  # candidate pairs classified at once
 ELEMENTS = 1 << 22  # token pairs evaluated at once by the per-element check
+# Planning memory budget. A plan that would need more is refused with an AttnError before any
+# big allocation (never a raw MemoryError): tile pairs listed one by one cost about
+# BYTES_PER_PAIR at peak (keys, sort, classes), interval rows about BYTES_PER_ROW per query tile.
+PLAN_BYTES = 4 << 30
+BYTES_PER_PAIR = 64
+BYTES_PER_ROW = 256
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,6 +179,17 @@ class Ctx:
             self._cache[key] = (pos[ok] // T.block, tok[ok])
         return self._cache[key]
 
+    def axis_ids(self, s: str, a: int) -> tuple[np.ndarray, np.ndarray]:
+        """The distinct ``(g, lo, hi)`` intervals of one side's pieces on axis ``a``, and the
+        index of each piece's interval ``[T, P]``: per-axis classes are tabled on these."""
+        key = ("axis_ids", s, a)
+        if key not in self._cache:
+            T = self.side(s)
+            trip = np.stack([T.g[..., a], T.lo[..., a], T.hi[..., a]], -1).reshape(-1, 3)
+            u, inv = np.unique(trip, axis=0, return_inverse=True)
+            self._cache[key] = (u, inv.reshape(T.g.shape[:2]))
+        return self._cache[key]
+
     def count_tokens(self, s: str, pred) -> np.ndarray:
         tile, tok = self.tokens(s)
         return np.bincount(tile[pred(tok)], minlength=self.side(s).count)
@@ -210,7 +227,10 @@ class Region:
         parts = [_expand_box(ctx, lo, hi) for lo, hi in self.boxes]
         if not parts:
             return np.zeros(0, dtype=np.int64)
-        return parts[0] if len(parts) == 1 else np.unique(np.concatenate(parts))
+        if len(parts) == 1:
+            return parts[0]
+        keys = np.sort(np.concatenate(parts))  # sort and drop repeats: np.unique hashes slower here
+        return keys[np.concatenate(([True], keys[1:] != keys[:-1]))] if len(keys) else keys
 
     def contains(self, ctx: Ctx, keys: np.ndarray) -> np.ndarray:
         qt, kt = np.divmod(keys, ctx.nk)
@@ -234,7 +254,29 @@ def _kv_grid(ctx: Ctx) -> np.ndarray:
 
 
 def _expand_box(ctx: Ctx, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """``qt * nk + kt`` for every key tile in each query tile's box ``lo <= c < hi`` (any order)."""
     ext = np.maximum(hi - lo, 0)
+    shapes, inv = np.unique(ext, axis=0, return_inverse=True)
+    if len(shapes) <= 64:
+        # Few box shapes (interior tiles share one): each shape's key tiles are fixed offsets
+        # from the box corner in the ravelled tile grid, so the expansion is one broadcast add.
+        if ctx.ordering.is_natural:
+            grid, lookup = (ctx.nk,), None
+        else:
+            grid = tuple(U // b for U, b in zip(ctx.ordering.axis_len, ctx.ordering.box_kv))
+            lookup = ctx._cache.setdefault("lookup", ctx.ordering.grid_lookup("kv"))
+        strides = np.array([math.prod(grid[a + 1:]) for a in range(len(grid))], dtype=np.int64)
+        base = lo @ strides
+        out = []
+        for u, shape in enumerate(shapes):
+            if not shape.all():
+                continue
+            rows = np.nonzero(inv.reshape(-1) == u)[0]
+            offs = np.indices(tuple(shape)).reshape(len(shape), -1).T @ strides
+            flat = (base[rows, None] + offs[None, :]).reshape(-1)
+            kt = flat if lookup is None else lookup[flat]
+            out.append(np.repeat(rows, len(offs)) * ctx.nk + kt)
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
     n = np.prod(ext, axis=1)
     total = int(n.sum())
     qt = np.repeat(np.arange(len(n), dtype=np.int64), n)
@@ -344,10 +386,12 @@ def region(t: Term, ctx: Ctx) -> Region:
     if t.op == "or":
         if all(r.kind == "boxes" for r in regs) and len({r.boxes[0][0].shape[1] for r in regs if r.boxes}) <= 1:
             return Region("boxes", tuple(b for r in regs for b in r.boxes))
+        _check_pairs(sum(r.count() for r in regs), ctx)
         return Region("pairs", pairs=np.unique(np.concatenate([r.expand(ctx) for r in regs])))
     # and: generate from the most selective child, keep what every other child may allow
     counts = [r.count() for r in regs]
     best = int(np.argmin(counts))
+    _check_pairs(counts[best], ctx)
     keys = regs[best].expand(ctx)
     for i, r in enumerate(regs):
         if i != best and len(keys):
@@ -502,17 +546,140 @@ def classify(t: Term, ctx: Ctx, qt: np.ndarray, kt: np.ndarray) -> np.ndarray:
         return union_class(c, valid, (1, 2))
     per_axis = []
     Q, K = ctx.Q, ctx.K
+    qg = qlo = qhi = kg = klo = khi = None
     for a, preds in enumerate(t.arg.preds):
-        if preds:
+        (uq, iq), (uk, ik) = ctx.axis_ids("q", a), ctx.axis_ids("kv", a)
+        if preds and len(uq) * len(uk) <= min(AXIS_TABLE, 4 * n + 4096):  # pays off
+            # A 1-D class depends only on the two intervals on this axis: table it once.
+            key = ("axis_class", preds, a)
+            if key not in ctx._cache:
+                ctx._cache[key] = axis_class(preds, uq[:, None, 0], uq[:, None, 1], uq[:, None, 2],
+                                             uk[None, :, 0], uk[None, :, 1], uk[None, :, 2], ctx.ordering.dil[a])
+            per_axis.append(ctx._cache[key][iq[qt][:, :, None], ik[kt][:, None, :]])
+        elif preds:
+            if qg is None:  # gathered once, for the axes without a table
+                qg, qlo, qhi, kg, klo, khi = Q.g[qt], Q.lo[qt], Q.hi[qt], K.g[kt], K.lo[kt], K.hi[kt]
             per_axis.append(axis_class(
-                preds, Q.g[qt][:, :, None, a], Q.lo[qt][:, :, None, a], Q.hi[qt][:, :, None, a],
-                K.g[kt][:, None, :, a], K.lo[kt][:, None, :, a], K.hi[kt][:, None, :, a],
-                ctx.ordering.dil[a]))
+                preds, qg[:, :, None, a], qlo[:, :, None, a], qhi[:, :, None, a],
+                kg[:, None, :, a], klo[:, None, :, a], khi[:, None, :, a], ctx.ordering.dil[a]))
     if not per_axis:
         return np.full(n, FULL, dtype=np.int8)
-    c = np.stack(per_axis)
-    prod = np.where((c == EMPTY).any(0), EMPTY, np.where((c == FULL).all(0), FULL, PARTIAL))
-    return union_class(prod, valid, (1, 2))
+    # EMPTY < PARTIAL < FULL and axis classes are decided: a product is the smallest of them.
+    return union_class(np.minimum.reduce(per_axis), valid, (1, 2))
+
+
+MAX_PRODUCT_LEAVES = 4  # per-axis signatures take 2^leaves values
+AXIS_TABLE = 1 << 22  # largest per-axis table (distinct query x key intervals) worth building
+
+
+def _product_leaves(t: Term) -> list[Term] | None:
+    """The per-axis (``axes``) leaves of a boolean combination of per-axis primitives, or None
+    when the term has other leaves (bands, token sets, joins) or too many of them."""
+    leaves: list[Term] = []
+
+    def walk(u: Term) -> bool:
+        if u.op == "axes":
+            if not any(u is x for x in leaves):
+                leaves.append(u)
+            return True
+        if u.op in ("full", "none"):
+            return True
+        return u.op in ("and", "or", "not") and all(walk(i) for i in u.items)
+    return leaves if walk(t) and 0 < len(leaves) <= MAX_PRODUCT_LEAVES else None
+
+
+def _truth(t: Term, leaves: list[Term], m: np.ndarray) -> np.ndarray:
+    """The term's value for each leaf assignment ``m`` (bit i = leaf i holds)."""
+    if t.op == "axes":
+        return (m >> next(i for i, x in enumerate(leaves) if x is t)) & 1 == 1
+    if t.op in ("full", "none"):
+        return np.full(m.shape, t.op == "full")
+    vals = [_truth(i, leaves, m) for i in t.items]
+    if t.op == "not":
+        return ~vals[0]
+    return np.logical_and.reduce(vals) if t.op == "and" else np.logical_or.reduce(vals)
+
+
+def _product_classes(t: Term, ctx: Ctx, qt: np.ndarray, kt: np.ndarray) -> np.ndarray:
+    """Exact classes of tile pairs under a boolean combination of per-axis primitives (unions
+    and differences of neighborhoods, blocks, ...), decided per axis instead of per token pair.
+
+    Every leaf is a product over axes, so a (query, key) pair's leaf values are the bitwise AND
+    over axes of per-axis *signatures* (bit i: leaf i's 1-D predicates hold on that axis). Per
+    axis, the set of signatures a tile pair shows depends only on the two tiles' intervals on
+    that axis: one small table per axis (distinct query intervals x distinct key intervals,
+    ``extent_q x extent_k`` coordinate checks each). Per pair, the sets of leaf assignments are
+    then combined axis by axis (AND of signatures), and the tile is FULL iff the term holds on
+    every present assignment, EMPTY iff on none. Tiles are one box each (the caller checks).
+    """
+    leaves = _product_leaves(t)
+    V = 1 << len(leaves)
+    truth = _truth(t, leaves, np.arange(V))
+    masks = None
+    for a in range(ctx.layout.rank):
+        (uq, iq), (uk, ik) = ctx.axis_ids("q", a), ctx.axis_ids("kv", a)
+        key = ("signatures", tuple(leaf.arg.preds[a] for leaf in leaves), a)
+        if key not in ctx._cache:
+            qi, ki = np.divmod(np.arange(len(uq) * len(uk), dtype=np.int64), len(uk))
+            ctx._cache[key] = _signature_masks(leaves, a, uq[qi], uk[ki], ctx.ordering.dil[a], V).reshape(len(uq), len(uk))
+        m = ctx._cache[key][iq[qt, 0], ik[kt, 0]]
+        masks = m if masks is None else _and_masks(masks, m, V)
+    holds = np.zeros(len(qt), dtype=bool)
+    fails = np.zeros(len(qt), dtype=bool)
+    for v in range(V):  # assignment v is present in the pair when bit v of the mask is set
+        present = (masks >> v) & 1 == 1
+        if truth[v]:
+            holds |= present
+        else:
+            fails |= present
+    return np.where(~holds, EMPTY, np.where(~fails, FULL, PARTIAL)).astype(np.int8)
+
+
+def _signature_masks(leaves: list[Term], a: int, q: np.ndarray, k: np.ndarray, dil: int, V: int) -> np.ndarray:
+    """Per (query interval, key interval) pair on axis ``a`` (rows ``(g, lo, hi)``), the set of
+    leaf signatures its coordinate pairs show, as a ``V``-bit mask."""
+    eq, ek = int((q[:, 2] - q[:, 1]).max(initial=0)) + 1, int((k[:, 2] - k[:, 1]).max(initial=0)) + 1
+    out = np.zeros(len(q), dtype=np.int64)
+    step = max(1, ELEMENTS // (eq * ek * len(leaves)))
+    for s in range(0, len(q), step):
+        q_, k_ = q[s:s + step], k[s:s + step]
+        n = len(q_)
+        # Clamped duplicates repeat real coordinates, so the sets stay exact.
+        qc = q_[:, 0, None] + dil * np.minimum(q_[:, 1, None] + np.arange(eq), q_[:, 2, None])
+        kc = k_[:, 0, None] + dil * np.minimum(k_[:, 1, None] + np.arange(ek), k_[:, 2, None])
+        sig = np.zeros((n, eq, ek), dtype=np.int64)
+        for i, leaf in enumerate(leaves):
+            ok = np.ones((n, eq, ek), dtype=bool)
+            for p in leaf.arg.preds[a]:
+                ok &= p.allowed(qc[:, :, None], kc[:, None, :])
+            sig |= ok.astype(np.int64) << i
+        pres = np.zeros((n, V), dtype=bool)
+        pres[np.repeat(np.arange(n), eq * ek), sig.reshape(-1)] = True
+        out[s:s + step] = (pres.astype(np.int64) << np.arange(V)).sum(1)
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _and_table(V: int) -> np.ndarray:
+    """``T[m1, m2]``: the assignments ``i & j`` over ``i`` in ``m1`` and ``j`` in ``m2`` (masks)."""
+    m = np.arange(1 << V, dtype=np.int64)
+    out = np.zeros((1 << V, 1 << V), dtype=np.int64)
+    for i in range(V):
+        for j in range(V):
+            out |= ((((m[:, None] >> i) & 1) & ((m[None, :] >> j) & 1)) << (i & j))
+    return out
+
+
+def _and_masks(m1: np.ndarray, m2: np.ndarray, V: int) -> np.ndarray:
+    """Pairwise AND of two sets of leaf assignments (``V``-bit masks), per tile pair."""
+    if V <= 8:
+        return _and_table(V)[m1, m2]
+    out = np.zeros_like(m1)
+    for i in range(V):
+        hi = (m1 >> i) & 1
+        for j in range(V):
+            out |= (hi & ((m2 >> j) & 1)) << (i & j)
+    return out
 
 
 def _allowed(e: Expr, q: Points, k: Points, env: Env, tables: dict) -> np.ndarray:
@@ -556,15 +723,25 @@ def _elementwise(e: Expr, ctx: Ctx, qt: np.ndarray, kt: np.ndarray) -> np.ndarra
 def plan_group(e: Expr, ctx: Ctx) -> tuple[BlockTable, BlockTable, int]:
     """Partial and full tables of one head group; also how many pairs needed element checks."""
     t = lower(e, ctx.layout)
+    tables = _interval_tables(t, ctx)
+    if tables is not None:
+        return tables[0], tables[1], 0
     # Sorted by (qt, kt) for the CSR tables; sort-and-drop-repeats beats np.unique's hashing here.
-    keys = np.sort(region(t, ctx).expand(ctx))
+    reg = region(t, ctx)
+    _check_pairs(reg.count(), ctx)
+    keys = np.sort(reg.expand(ctx))
     keys = keys[np.concatenate(([True], keys[1:] != keys[:-1]))] if len(keys) else keys
     qt, kt = np.divmod(keys, ctx.nk)
     keep = (ctx.Q.nvalid[qt] > 0) & (ctx.K.nvalid[kt] > 0)
     qt, kt = qt[keep], kt[keep]
     cls = np.empty(len(qt), dtype=np.int8)
+    product = _product_leaves(t) is not None and ctx.Q.g.shape[1] == 1 and ctx.K.g.shape[1] == 1 and \
+        all(len(ctx.axis_ids("q", a)[0]) * len(ctx.axis_ids("kv", a)[0]) <= min(AXIS_TABLE, 4 * len(qt) + 4096)
+            for a in range(ctx.layout.rank))
     for s in range(0, len(qt), CHUNK):
-        cls[s:s + CHUNK] = classify(t, ctx, qt[s:s + CHUNK], kt[s:s + CHUNK])
+        # Boolean combinations of per-axis primitives on box tiles: exact per-axis tables decide
+        # every class at once; otherwise three-valued rules, then the rare undecided per element.
+        cls[s:s + CHUNK] = (_product_classes if product else classify)(t, ctx, qt[s:s + CHUNK], kt[s:s + CHUNK])
     todo = np.nonzero(cls == UNKNOWN)[0]
     if len(todo):
         cls[todo] = _elementwise(e, ctx, qt[todo], kt[todo])
@@ -572,6 +749,28 @@ def plan_group(e: Expr, ctx: Ctx) -> tuple[BlockTable, BlockTable, int]:
     cls[(cls == FULL) & ~(ctx.Q.complete[qt] & ctx.K.complete[kt])] = PARTIAL
     part, full = cls == PARTIAL, cls == FULL
     return (_csr(qt[part], kt[part], ctx.nq, ctx.nk), _csr(qt[full], kt[full], ctx.nq, ctx.nk), len(todo))
+
+
+def _check_pairs(count: int, ctx: Ctx) -> None:
+    """Refuse, before allocating them, more candidate tile pairs than PLAN_BYTES allows."""
+    if count * BYTES_PER_PAIR > PLAN_BYTES:
+        raise AttnError(
+            f"planning this pattern lists {count:,} tile pairs of {ctx.Q.block} x {ctx.K.block} tokens "
+            f"(about {count * BYTES_PER_PAIR / 2**30:.0f} GiB; the planning budget is "
+            f"{PLAN_BYTES / 2**30:.0f} GiB): too large at N = {ctx.layout.n}",
+            hint="use larger tiles (schedule tile(q = 128, kv = 128) or block_m/block_n up to 256) "
+                 "or a smaller N; bands, windows and blocks in natural order plan in O(query tiles) "
+                 "(see docs/simulator.md, planning memory)")
+
+
+def _check_rows(n_kernel: int, bm: int, bn: int) -> None:
+    """Refuse sizes whose per-tile arrays alone exceed PLAN_BYTES (or int32 tile indices)."""
+    tiles = -(-n_kernel // min(bm, bn))
+    if tiles * BYTES_PER_ROW > PLAN_BYTES or n_kernel >= 2 ** 31:
+        raise AttnError(
+            f"N = {n_kernel} tokens in tiles of {min(bm, bn)} is {tiles:,} tiles per side: too large to plan "
+            f"(at most {min(PLAN_BYTES // BYTES_PER_ROW, (2 ** 31 - 1) // min(bm, bn)):,} tiles and 2^31 - 1 "
+            "tokens)", hint="use larger tiles (up to 256 tokens) or a smaller N")
 
 
 def _csr(qt: np.ndarray, kt: np.ndarray, rows: int, cols: int) -> BlockTable:
@@ -670,15 +869,32 @@ def _balanced(layout: Layout, volume: int) -> tuple[int, ...]:
 
 
 def _block_sparse_box(pattern: Pattern) -> tuple[int, ...] | None:
-    """A neighborhood with stride == window dividing every axis is blocked attention: tiles
-    equal to the window are exactly its blocks (when the window is a valid box)."""
+    """A box whose tiles are never partial for the pattern's neighborhood, if there is one.
+
+    A neighborhood with stride == window dividing every axis is blocked attention: tiles equal
+    to the window are exactly its blocks (when the window is a valid box). More generally
+    (STA, sliding tile attention: window a multiple of the stride), the queries of a stride
+    group share one window, which starts on a multiple of the stride or at ``L - window``; a
+    box whose extents divide the stride, the window, ``L - window`` and ``L`` on every axis keeps
+    every query tile inside one group and every window edge on a tile edge.
+    """
     for _, _, e in pattern.exprs():
         for node in e.walk():
-            if isinstance(node, Neighborhood) and not any(node.causal) and \
-                    node.stride == node.window and math.prod(node.window) in BLOCK_SIZES and \
-                    all((L // d) % K == 0 and L % d == 0 for L, K, d in
-                        zip(pattern.layout.sizes, node.window, node.dilation)):
+            if not isinstance(node, Neighborhood) or any(node.causal):
+                continue
+            sizes = pattern.layout.sizes
+            if node.stride == node.window and math.prod(node.window) in BLOCK_SIZES and \
+                    all((L // d) % K == 0 and L % d == 0 for L, K, d in zip(sizes, node.window, node.dilation)):
                 return node.window
+            if any(d != 1 for d in node.dilation) or all(s == 1 for s in node.stride):
+                continue
+            most = [math.gcd(s, K, L - K, L) if K <= L else math.gcd(s, L) for s, K, L in zip(node.stride, node.window, sizes)]
+            box = [m & -m for m in most]  # the largest power of two dividing each
+            while math.prod(box) > DEFAULT_BLOCK:
+                a = max(range(len(box)), key=lambda i: (box[i], i))
+                box[a] //= 2
+            if math.prod(box) in BLOCK_SIZES:
+                return tuple(box)
     return None
 
 
@@ -763,6 +979,7 @@ def make_plan(pattern: Pattern, *, inputs: Mapping[str, np.ndarray] | None = Non
         box_kv = box_q if bn == bm else None
     if box_kv is not None and box_q is None:
         box_q = box_kv if bn == bm else None
+    searched = None  # the box search's tables of the box it picks
     if box_q is None or box_kv is None:
         fixed = box_q or box_kv
         cands = []
@@ -783,10 +1000,10 @@ def make_plan(pattern: Pattern, *, inputs: Mapping[str, np.ndarray] | None = Non
                 cands.append((b if vol_q <= vol_k else g, b if vol_k <= vol_q else g))
         best, tried, spent = None, 0, 0
         for bq, bk in cands:
-            score = _box_cost(pattern, Ordering.boxed(layout, bq, bk, dil), math.prod(bq), math.prod(bk), got)
+            score, tables = _box_cost(pattern, Ordering.boxed(layout, bq, bk, dil), math.prod(bq), math.prod(bk), got)
             tried, spent = tried + 1, spent + score[0] // (math.prod(bq) * math.prod(bk))
             if best is None or score < best[0]:
-                best = (score, bq, bk)
+                best, searched = (score, bq, bk), tables
             if spent > SEARCH_BUDGET_TILES:  # dense-ish patterns: every box costs about the same
                 break
         _, box_q, box_kv = best
@@ -799,6 +1016,8 @@ def make_plan(pattern: Pattern, *, inputs: Mapping[str, np.ndarray] | None = Non
                         hint="one box must divide the other on every axis, e.g. q = kv")
     bm, bn = math.prod(box_q), math.prod(box_kv)
     seq = None
+    if order != "tiled":
+        searched = None  # the search classified the tiled order; other orders are other tiles
     if order == "rcm":
         base = Ordering.boxed(layout, box_q, box_kv, dil)
         p = _finish(pattern, base, bm, bn, got, [])
@@ -807,23 +1026,25 @@ def make_plan(pattern: Pattern, *, inputs: Mapping[str, np.ndarray] | None = Non
     ordering = Ordering.boxed(layout, box_q, box_kv, dil, order, seq)
     notes.append(f"{order} order of boxes; each axis padded to whole boxes "
                  f"({ordering.n_kernel - layout.n} padding positions)")
-    return _finish(pattern, ordering, bm, bn, got, notes)
+    return _finish(pattern, ordering, bm, bn, got, notes, searched)
 
 
 # Visited tiles the box search may classify in total before it settles for the best so far.
 SEARCH_BUDGET_TILES = 2_000_000
 
 
-def _box_cost(pattern: Pattern, ordering: Ordering, bm: int, bn: int, inputs) -> tuple[int, int, int]:
-    """(visited token pairs, partial token pairs, kernel length) of a candidate tiling: the
-    classification alone, without the tables, transposes and counts a finished plan builds."""
+def _box_cost(pattern: Pattern, ordering: Ordering, bm: int, bn: int, inputs) -> tuple[tuple[int, int, int], list]:
+    """(visited token pairs, partial token pairs, kernel length) of a candidate tiling, and its
+    tables per head group (the finished plan reuses the winner's instead of planning again)."""
+    _check_rows(ordering.n_kernel, bm, bn)
     ctx = Ctx(pattern.layout, ordering, ordering.tiles("q", bm), ordering.tiles("kv", bn), inputs)
     visited = partial = 0
+    tables = []
     for _, _, e in pattern.exprs():
-        part, full, _ = plan_group(e, ctx)
-        visited += part.nnz + full.nnz
-        partial += part.nnz
-    return visited * bm * bn, partial * bm * bn, ordering.n_kernel
+        tables.append(plan_group(e, ctx))
+        visited += tables[-1][0].nnz + tables[-1][1].nnz
+        partial += tables[-1][0].nnz
+    return (visited * bm * bn, partial * bm * bn, ordering.n_kernel), tables
 
 
 def _plan_routed(pattern: Pattern, inputs, content, block_m: int | None, block_n: int | None,
@@ -845,6 +1066,7 @@ def _plan_routed(pattern: Pattern, inputs, content, block_m: int | None, block_n
         notes.append("routed plans run in natural order with flat tiles; the schedule's boxes/order are "
                      "not applied to them yet")
     ordering = Ordering.natural(layout)
+    _check_rows(layout.n, bm, bn)
     Q, K = ordering.tiles("q", bm), ordering.tiles("kv", bn)
     heads = next(np.asarray(v).shape[0] for key, v in content.items() if isinstance(key, Route))
     groups, checked = [], 0
@@ -871,13 +1093,16 @@ def _rcm_sequence(base: Ordering, plan: Plan) -> np.ndarray:
     return base.seq[perm]
 
 
-def _finish(pattern: Pattern, ordering: Ordering, bm: int, bn: int, inputs, notes: list[str]) -> Plan:
+def _finish(pattern: Pattern, ordering: Ordering, bm: int, bn: int, inputs, notes: list[str],
+            searched: list | None = None) -> Plan:
+    """The plan on ``ordering``; ``searched`` are its tables when the box search made them."""
     layout = pattern.layout
+    _check_rows(ordering.n_kernel, bm, bn)
     ctx = Ctx(layout, ordering, ordering.tiles("q", bm), ordering.tiles("kv", bn), inputs)
     groups, pairs = [], []
     checked = 0
-    for lo, hi, e in pattern.exprs():
-        part, full, n_el = plan_group(e, ctx)
+    for i, (lo, hi, e) in enumerate(pattern.exprs()):
+        part, full, n_el = searched[i] if searched is not None else plan_group(e, ctx)
         checked += n_el
         term = lower(e, layout)
         analytic = (functools.partial(_analytic, term, layout, ordering, bm, bn, part, full)
@@ -975,28 +1200,32 @@ def _tilerange_matches(funcs, part: BlockTable, full: BlockTable) -> bool:
         return False
     if not np.array_equal(fhi - flo, full.counts()):
         return False
-    # Rows are contiguous ranges: check the first and last entries of each row.
-    both = BlockTable.from_pairs(
-        np.concatenate([np.repeat(x, part.counts()), np.repeat(x, full.counts())]),
-        np.concatenate([part.indices, full.indices]), rows, part.cols)
+    # Rows are contiguous ranges: check where each row starts (O(rows) on range tables).
+    pf, ff = part.first(), full.first()
+    start = np.where(pf < 0, ff, np.where(ff < 0, pf, np.minimum(pf, ff)))
     has = visited > 0
-    ok = np.array_equal(both.indices[both.indptr[:-1][has]], lo[has])
+    ok = np.array_equal(start[has], lo[has])
     hasf = full.counts() > 0
-    return ok and np.array_equal(full.indices[full.indptr[:-1][hasf]], flo[hasf])
+    return ok and np.array_equal(ff[hasf], flo[hasf])
 
 
-def _row_intervals(term: Term, layout: Layout, inputs) -> tuple[np.ndarray, np.ndarray] | None:
-    """Per query (1-D), the allowed keys as one interval ``[lo, hi]``, when they are one."""
+def _row_intervals(term: Term, layout: Layout, inputs, q: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per query (flat index ``q``, default all), the allowed keys as one interval ``[lo, hi]``
+    (empty where ``lo > hi``), when they are one; else None. O(len(q))."""
     n = layout.n
-    q = np.arange(n, dtype=np.int64)
-    lo, hi = np.zeros(n, dtype=np.int64), np.full(n, n - 1)
-    for t in (term.items if term.op == "and" else (term,)):
+    q = np.arange(n, dtype=np.int64) if q is None else q
+    lo, hi = np.zeros(len(q), dtype=np.int64), np.full(len(q), n - 1, dtype=np.int64)
+    items = term.items if term.op == "and" else (term,)
+    for t in items:
+        if t.op == "not":
+            continue  # subtracted below, once the positive terms bound the interval
         if t.op == "band":
             if t.arg.lo != -INF:
-                lo = np.maximum(lo, q + int(t.arg.lo))
+                lo = np.maximum(lo, q + int(max(t.arg.lo, -n)))
             if t.arg.hi != INF:
-                hi = np.minimum(hi, q + int(t.arg.hi))
-        elif t.op == "axes":
+                hi = np.minimum(hi, q + int(min(t.arg.hi, n)))
+        elif t.op == "axes" and layout.rank == 1:
             for p in t.arg.preds[0]:
                 if p.kind == "strided" or (p.kind == "nbhd" and p.args[1] > 1):
                     return None
@@ -1005,9 +1234,91 @@ def _row_intervals(term: Term, layout: Layout, inputs) -> tuple[np.ndarray, np.n
         elif t.op == "valid":
             m = _length(inputs, t.arg.input, n)
             hi = np.where(q < m, np.minimum(hi, m - 1), -1)
+        elif t.op in ("keys", "queries") and isinstance(t.arg.sel, Range):
+            r = t.arg.sel
+            if t.op == "keys":
+                lo, hi = np.maximum(lo, r.lo), np.minimum(hi, r.hi - 1)
+            else:
+                hi = np.where((q >= r.lo) & (q < r.hi), hi, -1)
+        elif t.op == "none":
+            hi = np.full(len(q), -1, dtype=np.int64)
         elif t.op != "full":
             return None
+    for t in items:
+        if t.op != "not":
+            continue
+        # lo..hi minus an interval x..y is an interval when at most one side remains (e.g.
+        # causal - block(512): the keys before the query's block).
+        inner = _row_intervals(t.items[0], layout, inputs, q)
+        if inner is None:
+            return None
+        x, y = inner
+        cut = x <= y
+        below_hi, above_lo = np.minimum(hi, x - 1), np.maximum(lo, y + 1)
+        below, above = cut & (lo <= below_hi), cut & (above_lo <= hi)
+        if np.any(below & above):
+            return None
+        lo = np.where(above, above_lo, lo)
+        hi = np.where(below, below_hi, np.where(cut & ~above, -1, hi))
     return lo, hi
+
+
+# Queries whose key intervals are computed at once by the interval planner (bounds its memory).
+INTERVAL_CHUNK = 1 << 18
+
+
+def _interval_tables(term: Term, ctx: Ctx) -> tuple[BlockTable, BlockTable] | None:
+    """Range tables of a natural-order plan whose query rows are key intervals (bands, blocks,
+    windows, ``valid``, key/query ranges and their conjunctions); None when they are not.
+
+    Every row is then one range of visited key tiles with one range of full ones inside it,
+    exact: a key tile is FULL iff every query of the (complete) query tile allows all of its
+    (complete) keys, i.e. it lies in ``[max lo, min hi]``; it is visited iff some query's
+    interval meets it, which is the range ``[min lo, max hi]`` when the queries' tile intervals
+    chain without gaps (checked; otherwise None and the general path decides). O(N) time,
+    O(query tiles) memory: a causal plan at N = 2^20 stores 16k rows, not 134M tiles.
+    """
+    if not ctx.ordering.is_natural or term.op == "or":
+        return None
+    layout, n, bm, bn = ctx.layout, ctx.layout.n, ctx.Q.block, ctx.K.block
+    if _row_intervals(term, layout, ctx.inputs, np.zeros(1, dtype=np.int64)) is None:
+        return None
+    nq, nk = ctx.nq, ctx.nk
+    vlo, vhi = np.zeros(nq, dtype=np.int64), np.zeros(nq, dtype=np.int64)
+    flo, fhi = np.zeros(nq, dtype=np.int64), np.zeros(nq, dtype=np.int64)
+    step = max(1, INTERVAL_CHUNK // bm)
+    for t0 in range(0, nq, step):
+        t1 = min(nq, t0 + step)
+        q = np.arange(t0 * bm, t1 * bm, dtype=np.int64)
+        iv = _row_intervals(term, layout, ctx.inputs, np.minimum(q, n - 1))
+        if iv is None:  # some query's keys are two intervals (a difference of bands)
+            return None
+        a, b = iv
+        ok = (a <= b) & (q < n)
+        a, b, ok = a.reshape(-1, bm), b.reshape(-1, bm), ok.reshape(-1, bm)
+        big = np.iinfo(np.int64).max
+        # Tile intervals of the queries, in query order, must chain: each starts no later than
+        # one past the furthest tile reached so far, and starts never move back.
+        ta, tb = np.where(ok, a // bn, big), np.where(ok, b // bn, -1)
+        reach = np.maximum.accumulate(tb, axis=1)
+        prev = np.concatenate([np.full((len(tb), 1), -1), reach[:, :-1]], axis=1)
+        start_max = np.maximum.accumulate(np.where(ok, ta, -1), axis=1)
+        first = np.concatenate([np.ones((len(tb), 1), bool), ~np.maximum.accumulate(ok, axis=1)[:, :-1]], axis=1)
+        if not np.all(~ok | first | ((ta <= prev + 1) & (ta >= start_max))):
+            return None
+        any_ = ok.any(1)
+        lo_t = np.where(ok, a, big).min(1) // bn
+        hi_t = tb.max(1) + 1
+        vlo[t0:t1], vhi[t0:t1] = np.where(any_, lo_t, 0), np.where(any_, hi_t, 0)
+        # Full key tiles: inside every query's interval, complete, and the query tile complete.
+        whole = ok.all(1)
+        f0 = -(-np.where(whole, a.max(1), 0) // bn)
+        f1 = np.minimum((np.where(whole, b.min(1), -1) + 1) // bn, n // bn)
+        has = whole & (f1 > f0)
+        flo[t0:t1], fhi[t0:t1] = np.where(has, f0, vhi[t0:t1]), np.where(has, f1, vhi[t0:t1])
+    # Partial = visited minus full: below the full range, and above it.
+    part = BlockTable.from_ranges(np.stack([vlo, fhi], 1), np.stack([flo, vhi], 1), nk)
+    return part, BlockTable.from_ranges(flo, fhi, nk)
 
 
 def _allowed_pairs(term: Term, layout: Layout, inputs) -> int | None:
@@ -1017,10 +1328,16 @@ def _allowed_pairs(term: Term, layout: Layout, inputs) -> int | None:
         return n * n
     if term.op == "none":
         return 0
-    if layout.rank == 1:
-        iv = _row_intervals(term, layout, inputs)
-        if iv is not None:
-            return int(np.maximum(iv[1] - iv[0] + 1, 0).sum())
+    # Flat bands on any rank, per-axis primitives on 1-D layouts: one key interval per query.
+    if _row_intervals(term, layout, inputs, np.zeros(1, dtype=np.int64)) is not None:
+        total = 0
+        for q0 in range(0, n, INTERVAL_CHUNK):
+            iv = _row_intervals(term, layout, inputs, np.arange(q0, min(n, q0 + INTERVAL_CHUNK), dtype=np.int64))
+            if iv is None:
+                break
+            total += int(np.maximum(iv[1] - iv[0] + 1, 0).sum())
+        else:
+            return total
     if term.op != "axes":
         return None
     total = 1

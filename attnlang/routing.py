@@ -156,7 +156,10 @@ def group_block_classes(expr: Expr, route: Route, layout: Layout) -> np.ndarray 
         return None
     out = np.zeros((G, nb), dtype=np.int8)
     for t, c in ((part, PARTIAL), (full, FULL)):
-        out[gid[np.repeat(np.arange(t.rows), t.counts())], bid[t.indices]] = c
+        if np.array_equal(gid, np.arange(G)) and np.array_equal(bid, np.arange(nb)):
+            out[t.to_dense()] = c  # tiles are the groups and blocks (no O(pairs) index lists)
+        else:
+            out[gid[np.repeat(np.arange(t.rows), t.counts())], bid[t.indices]] = c
     return out
 
 

@@ -81,8 +81,9 @@ def row_layout(full: BlockTable, partial: BlockTable) -> RowLayout:
         return RowLayout(widths[q_perm], pcount[q_perm].astype(np.int64), width, None, q_perm)
     start = None
     if nk >= width:
-        lo = np.minimum(_row_reduce(full, np.minimum, nk), _row_reduce(partial, np.minimum, nk))
-        hi = np.maximum(_row_reduce(full, np.maximum, -1), _row_reduce(partial, np.maximum, -1))
+        first = lambda t: np.where(t.counts() > 0, t.first(), nk)  # noqa: E731
+        lo = np.minimum(first(full), first(partial))
+        hi = np.maximum(full.last(), partial.last())
         seen = widths > 0
         if np.all((hi - lo < width) | ~seen):
             start = np.minimum(np.where(seen, lo, 0), nk - width).astype(np.int64)
@@ -108,15 +109,6 @@ def chunks(layout: RowLayout, heads: int, bm: int, bn: int, chunk_bytes: int = C
         c1 = min(nq, c0 + max(1, chunk_bytes // max(per_row, 1)))
         out.append((c0, c1))
         c0 = c1
-    return out
-
-
-def _row_reduce(t: BlockTable, op, empty: int) -> np.ndarray:
-    """``op`` (np.minimum / np.maximum) over each row's tile indices; ``empty`` for empty rows."""
-    out = np.full(t.rows, empty, dtype=np.int64)
-    has = t.counts() > 0
-    if has.any():
-        out[has] = op.reduceat(t.indices.astype(np.int64), t.indptr[:-1][has])
     return out
 
 

@@ -51,8 +51,13 @@ def not3(c: np.ndarray) -> np.ndarray:
 
 
 def or3(classes: list[np.ndarray]) -> np.ndarray:
-    """Dual of :func:`and3` (De Morgan)."""
-    return not3(and3([not3(c) for c in classes]))
+    """Dual of :func:`and3` (De Morgan): FULL if any is FULL; EMPTY if all are EMPTY; PARTIAL if
+    exactly one is not EMPTY and it is PARTIAL; otherwise UNKNOWN."""
+    c = np.stack(classes)
+    not_empty = (c != EMPTY).sum(0)
+    any_unknown = (c == UNKNOWN).any(0)
+    out = np.where(not_empty == 0, EMPTY, np.where((not_empty == 1) & ~any_unknown, PARTIAL, UNKNOWN))
+    return np.where((c == FULL).any(0), FULL, out).astype(np.int8)
 
 
 def union_class(c: np.ndarray, valid: np.ndarray, axis: tuple[int, ...]) -> np.ndarray:

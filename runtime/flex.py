@@ -131,12 +131,16 @@ def predicate(expr: Expr, layout: Layout, inputs: Mapping[str, torch.Tensor], de
             return _per_axis(e, layout)
         if isinstance(e, Same):
             ids = inputs[e.input]
+            if ids.shape[0] == 1:  # one row for every batch item (to_block_mask with ids [N])
+                return lambda b, q, k: ids[0, q] == ids[0, k]
             return lambda b, q, k: ids[b, q] == ids[b, k]
         if isinstance(e, Valid):
             # Per-token flags [B, N] rather than the length [B]: Inductor's CPU template cannot
             # lower a captured scalar-per-batch buffer read as n[b] (measured: LoweringException).
             n = inputs[e.input]
             ok = torch.arange(layout.n, device=n.device)[None, :] < n[:, None]
+            if ok.shape[0] == 1:  # one length for every batch item
+                return lambda b, q, k: ok[0, q] & ok[0, k]
             return lambda b, q, k: ok[b, q] & ok[b, k]
         if isinstance(e, And) or isinstance(e, Or):
             fs = [go(it) for it in e.items]
@@ -260,8 +264,10 @@ def to_block_mask(spec: Any, pattern: str | None = None, *, B: int | None = None
     """A FlexAttention ``BlockMask`` for a pattern, planned without evaluating the N x N mask.
 
     The mask is in the user's (natural) token order, so it drops into existing FlexAttention code.
-    ``B``/``H`` size the mask's batch and head dims (default 1: broadcast); patterns with runtime
-    inputs take ``inputs={"doc": ids [B, N] or [N]}`` and get one plan per batch item.
+    ``B``/``H`` size the mask's batch and head dims (default 1: broadcast). Patterns with runtime
+    inputs take ``inputs={"doc": ids [B, N] or [N], "len": lengths [B] or one length}``: batched
+    inputs give one plan per batch item and set the batch (``B`` may be left out); unbatched ones
+    give one plan that every batch item shares, so the mask serves queries of any batch size.
 
     >>> import attnlang
     >>> bm = attnlang.to_block_mask(attnlang.causal & attnlang.sliding(256), tokens=4096)
@@ -281,21 +287,28 @@ def to_block_mask(spec: Any, pattern: str | None = None, *, B: int | None = None
     if set(given) != set(declared):
         raise AttnError(f"pattern '{p.name}' takes runtime inputs {sorted(declared)}, got {sorted(given)}",
                         hint="pass inputs={name: tensor} for each declared input")
-    batch = B or 1
+    # Batched inputs (ids [B, N], lengths [B]) give one plan per item and fix the batch; unbatched
+    # ones (ids [N], a length) give one plan shared by every item, broadcast over any B.
     for name, val in given.items():
         t = torch.as_tensor(np.asarray(val), dtype=torch.int64)
-        if declared[name] == "ids" and t.dim() == 1:
-            t = t.expand(batch, p.n)
-        if declared[name] == "length" and t.dim() == 0:
-            t = t.expand(batch)
-        if t.shape[0] != batch:
-            raise AttnError(f"runtime input '{name}' has batch {t.shape[0]} but B = {batch}")
-        tin[name] = t
+        want = 2 if declared[name] == "ids" else 1
+        if t.dim() not in (want - 1, want) or (declared[name] == "ids" and t.shape[-1] != p.n):
+            shape = f"[B, {p.n}] or [{p.n}]" if declared[name] == "ids" else "[B] or a single length"
+            raise AttnError(f"runtime input '{name}' has shape {list(t.shape)}", hint=f"give {shape}")
+        tin[name] = t if t.dim() == want else t[None]
+    sizes = {name: t.shape[0] for name, t in tin.items() if t.shape[0] != 1}
+    if len(set(sizes.values())) > 1:
+        raise AttnError(f"runtime inputs disagree on the batch size: {sizes}")
+    batch = next(iter(sizes.values()), 1)
+    if B is not None and batch != 1 and B != batch:
+        raise AttnError(f"runtime inputs have batch {batch} but B = {B}",
+                        hint=f"leave B out (it is taken from the inputs) or pass B = {batch}")
     items = range(batch) if tin else range(1)
-    plans = [make_plan(p, inputs={k: v[b].numpy() for k, v in tin.items()} or None, order="natural")
-             for b in items]
+    plans = [make_plan(p, inputs={k: v[min(b, v.shape[0] - 1)].numpy() for k, v in tin.items()} or None,
+                       order="natural") for b in items]
+    # Unbatched inputs stay one row: the mask_mod reads row 0 for every batch index.
     bm = block_mask(plans, heads if len(plans[0].groups) > 1 else 1, tin, "cpu")
-    if B and not tin and B > 1:
+    if B and B > 1 and batch == 1:
         bm = _expand_batch(bm, B)
     if H and len(plans[0].groups) == 1 and H > 1:
         bm = _expand_heads(bm, H)

@@ -45,6 +45,41 @@ def test_to_block_mask_sizes_and_inputs():
         attnlang.to_block_mask(p, B=2)
 
 
+def test_to_block_mask_batch_follows_the_inputs():
+    """Issue 11 item 12: B comes from batched ids; ids [N] serve queries of any batch."""
+    n = 64
+    pat = causal & same("doc") & attnlang.valid("len")
+    doc = torch.tensor([[0] * 20 + [1] * 44, [2] * 30 + [3] * 34])
+    q, k, v = (torch.randn(2, 1, n, 8) for _ in range(3))
+    ref = attnlang.compile(pat, tokens=n, backend="reference")
+    bm = attnlang.to_block_mask(pat, tokens=n, inputs={"doc": doc, "len": torch.tensor([50, 64])})
+    assert bm.shape[0] == 2  # no B given: taken from the ids
+    torch.testing.assert_close(eager_flex(q, k, v, bm), ref(q, k, v, doc=doc, len=torch.tensor([50, 64])),
+                               atol=1e-5, rtol=1e-5)
+    for B in (None, 2):  # one shared plan; B = 2 queries used to die with an IndexError in torch
+        bm = attnlang.to_block_mask(pat, tokens=n, B=B, inputs={"doc": doc[1], "len": 40})
+        assert bm.shape[0] == (B or 1)
+        torch.testing.assert_close(eager_flex(q, k, v, bm),
+                                   ref(q, k, v, doc=doc[1].expand(2, n), len=torch.tensor([40, 40])),
+                                   atol=1e-5, rtol=1e-5)
+    with pytest.raises(AttnError, match="batch 2 but B = 3"):
+        attnlang.to_block_mask(pat, tokens=n, B=3, inputs={"doc": doc, "len": 50})
+    with pytest.raises(AttnError, match="shape"):
+        attnlang.to_block_mask(pat, tokens=n, inputs={"doc": doc[:, :10], "len": 50})
+
+
+def test_python_expressions_declare_their_inputs():
+    """compile(causal & same("doc")) needs no `input` line; Pattern.create's hint is Python."""
+    fn = attnlang.compile(causal & same("doc"), tokens=16)
+    q = k = v = torch.randn(1, 1, 16, 8)
+    ids = torch.tensor([[0] * 5 + [1] * 11])
+    torch.testing.assert_close(fn(q, k, v, doc=ids),
+                               attnlang.compile(causal & same("doc"), tokens=16, backend="reference")(q, k, v, doc=ids))
+    with pytest.raises(AttnError) as e:
+        attnlang.Pattern.create(causal & same("doc"), 16)
+    assert "Pattern.create" in str(e.value) and "input doc: ids" not in str(e.value)
+
+
 def test_flex_refuses_gradients_on_cpu_with_a_clear_error():
     fn = attnlang.compile(causal & sliding(4), tokens=32, backend="flex")
     q = torch.randn(1, 1, 32, 8, requires_grad=True)

@@ -137,12 +137,14 @@ def _classify(pattern: Pattern, head: int, inputs, qs: tuple[int, int], ks: tupl
 
 
 def _plan_map(pattern: Pattern, head: int, inputs, cell: int, content: Mapping | None = None) -> np.ndarray:
-    """Blocks classified from a natural-order tile plan: no N x N work.
+    """Blocks classified from a natural-order tile plan: no N x N work, no dense tile map.
 
     Planner tiles are at most :data:`PLAN_TILE` tokens, so a block of ``cell`` tokens groups
-    ``cell / tile`` tiles per side: all full -> 2, all empty -> 0, else 1. The plan never calls a
-    tile holding positions past N full, so a ragged last block row and column are re-judged
-    from the predicate on their real pairs (O(N x cell) work).
+    ``cell / tile`` tiles per side: all full -> 2, all empty -> 0, else 1, counted per block from
+    the plan's tables (:meth:`Plan.tile_counts`: O(query tiles) for band rows). The tile is the
+    largest that divides N, so no tile is ragged; when N is not a multiple of the smallest tile,
+    the last tile row and column (under 16 tokens) are judged from the predicate on their real
+    pairs (O(16 N) work).
     """
     from attnlang.planner import make_plan
 
@@ -152,18 +154,26 @@ def _plan_map(pattern: Pattern, head: int, inputs, cell: int, content: Mapping |
                         f"(blocks must be at least {MIN_PLAN_TILE} tokens beyond N = {DENSE_LIMIT})",
                         hint=f"use --width {n // MIN_PLAN_TILE} or less")
     tile = min(cell, PLAN_TILE)
+    while tile > MIN_PLAN_TILE and n % tile:
+        tile //= 2
     plan = make_plan(pattern, inputs=inputs, block_m=tile, block_n=tile, order="natural", content=content)
-    m = plan.tile_map(head)
-    f, cells = cell // tile, -(-n // cell)
-    padded = np.ones((cells * f, cells * f), dtype=np.int8)  # tiles past N: neither full nor empty
-    padded[:m.shape[0], :m.shape[1]] = m
-    blocks = padded.reshape(cells, f, cells, f)
-    out = np.where((blocks == 0).all(axis=(1, 3)), 0, np.where((blocks == 2).all(axis=(1, 3)), 2, 1)).astype(np.int8)
-    last = (cells - 1) * cell
-    if n % cell:
-        out[-1, :] = _classify(pattern, head, inputs, (last, n), (0, n), cell, content)[0]
-        out[:, -1] = _classify(pattern, head, inputs, (0, n), (last, n), cell, content)[:, 0]
-    return out
+    f = cell // tile
+    visited, full = plan.tile_counts(head, f, f)
+    t = plan.q_tiles
+    sizes = np.diff(np.minimum(np.arange(visited.shape[0] + 1) * f, t))
+    if n % tile:
+        # The plan never calls a ragged tile full: count the ragged row's and column's tiles whose
+        # real pairs are all allowed from the predicate (per tile of the last tile row/column).
+        last = (t - 1) * tile
+        row = _classify(pattern, head, inputs, (last, n), (0, n), tile, content)[0] == 2
+        col = _classify(pattern, head, inputs, (0, n), (last, n), tile, content)[:, 0] == 2
+        starts = np.arange(0, t, f)
+        full = full.copy()
+        full[-1, :] += np.add.reduceat(row.astype(np.int64), starts)
+        full[:, -1] += np.add.reduceat(col.astype(np.int64), starts)
+        full[-1, -1] -= int(row[-1])
+    total = sizes[:, None] * sizes[None, :]
+    return np.where(visited == 0, 0, np.where(full == total, 2, 1)).astype(np.int8)
 
 
 def write_png(pattern: Pattern, panels: list[tuple[str, int]], inputs, out: str,
@@ -174,6 +184,7 @@ def write_png(pattern: Pattern, panels: list[tuple[str, int]], inputs, out: str,
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter, MaxNLocator
     except ImportError:
         raise AttnError("--png needs matplotlib", hint="pip install 'attnlang[plot]'") from None
     n = pattern.n
@@ -185,6 +196,9 @@ def write_png(pattern: Pattern, panels: list[tuple[str, int]], inputs, out: str,
         ax.set_title(f"{pattern.name}" + (f" ({title})" if title else ""), fontsize=10)
         ax.set_xlabel("key")
         ax.set_ylabel("query")
+        for axis in (ax.xaxis, ax.yaxis):  # few, short labels: "80k", not "80000100000"
+            axis.set_major_locator(MaxNLocator(nbins=4, integer=True))
+            axis.set_major_formatter(FuncFormatter(lambda x, _: tick_label(x)))
     density = _density_note(pattern, cell)
     if density:
         fig.suptitle(density, fontsize=8, y=0.02)
@@ -195,6 +209,16 @@ def write_png(pattern: Pattern, panels: list[tuple[str, int]], inputs, out: str,
         raise AttnError(f"cannot write {out}: {e}") from None
     finally:
         plt.close(fig)
+
+
+def tick_label(x: float) -> str:
+    """A short axis label: 512, 80k, 1.5M (``k`` = 1000, so 100000 reads 100k)."""
+    x = int(round(x))
+    for div, unit in ((1_000_000_000, "G"), (1_000_000, "M"), (1000, "k")):
+        if abs(x) >= div:
+            v = x / div
+            return f"{v:.0f}{unit}" if v == int(v) or abs(v) >= 100 else f"{v:.1f}".rstrip("0").rstrip(".") + unit
+    return str(x)
 
 
 def _density_note(pattern: Pattern, cell: int) -> str:

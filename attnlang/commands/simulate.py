@@ -149,8 +149,10 @@ def write_png(out: str, report, plan, pattern, inputs, points, sweep_name: str |
         left.set_xlabel("key")
         left.set_ylabel("query")
     else:
-        left.imshow(plan.tile_map(0), cmap=ListedColormap(["white", "tab:orange", "tab:blue"]), vmin=0, vmax=2,
-                    interpolation="nearest")
+        # Downsampled from the plan's tables (never a dense q_tiles x kv_tiles map); the extent
+        # keeps the axes in tiles.
+        left.imshow(plan.tile_cells(0, 512, 512), cmap=ListedColormap(["white", "tab:orange", "tab:blue"]),
+                    vmin=0, vmax=2, interpolation="nearest", extent=(0, plan.kv_tiles, plan.q_tiles, 0))
         left.set_title(f"tile map (blue full, orange partial), {plan.block_m} x {plan.block_n}")
         left.set_xlabel("key tile")
         left.set_ylabel("query tile")
