@@ -561,11 +561,11 @@ class RoutedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, sets: list[Tiles], scale: float):
         from attnlang.runtime.torch_exec import _chunk_forward
 
-        D, rows = q.shape[-1], q[..., 0].numel()
+        D, Dv, rows = q.shape[-1], v.shape[-1], q[..., 0].numel()
         qf, kf, vf = _flat(q), _flat(k), _flat(v)  # once for every set
         m = torch.full((rows + 1,), float("-inf"), device=q.device)  # the last row: padding's sink
         den = torch.zeros(rows + 1, device=q.device)
-        num = torch.zeros((rows + 1, D), device=q.device)
+        num = torch.zeros((rows + 1, Dv), device=q.device)
         with torch.no_grad():
             for tl in sets:
                 bm = tl.block_m
@@ -574,9 +574,9 @@ class RoutedAttention(torch.autograd.Function):
                     qg = qf.index_select(0, tl.q_rows[rs]).view(1, c1 - c0, bm, D)
                     idx = tl.key_rows(c0, c1)
                     kg = kf.index_select(0, idx).view(1, c1 - c0, -1, D)
-                    vg = vf.index_select(0, idx).view(1, c1 - c0, -1, D)
+                    vg = vf.index_select(0, idx).view(1, c1 - c0, -1, Dv)
                     o, l = _chunk_forward(qg, kg, vg, tl.bias(c0, c1), scale)
-                    o, l, empty = o.reshape(-1, D), l.reshape(-1), tl.row_empty[rs]
+                    o, l, empty = o.reshape(-1, Dv), l.reshape(-1), tl.row_empty[rs]
                     if empty.any():  # a masked row with nothing allowed: lse = -inf (the fused op says 0)
                         o, l = o.masked_fill(empty[:, None], 0.0), l.masked_fill(empty, float("-inf"))
                     _merge(m, den, num, tl.dest[rs], o, l + tl.shift if tl.shift else l)
@@ -610,7 +610,7 @@ class RoutedAttention(torch.autograd.Function):
             for c0, c1 in tl.chunks():
                 c, rs = c1 - c0, slice(c0 * bm, c1 * bm)
                 qi, di, idx = tl.q_rows[rs], tl.dest[rs], tl.key_rows(c0, c1)
-                view = lambda x: x.reshape(1, c, -1, D)  # noqa: E731
+                view = lambda x: x.reshape(1, c, -1, x.shape[-1])  # noqa: E731
                 dqc, dkc, dvc = _chunk_backward(view(do.index_select(0, di)), view(qf.index_select(0, qi)),
                                                 view(kf.index_select(0, idx)), view(vf.index_select(0, idx)),
                                                 view(of.index_select(0, di)),
@@ -619,13 +619,13 @@ class RoutedAttention(torch.autograd.Function):
                                                 None if dl is None else dl.index_select(0, di).view(1, c, bm))
                 dq.index_add_(0, qi, dqc.reshape(-1, D))
                 dk.index_add_(0, idx, dkc.reshape(-1, D))
-                dv.index_add_(0, idx, dvc.reshape(-1, D))
+                dv.index_add_(0, idx, dvc.reshape(-1, dv.shape[-1]))
         shape = lambda g, x: g[:-1].view(x.shape).to(x.dtype)  # noqa: E731
         return shape(dq, q), shape(dk, k), shape(dv, v), None, None
 
 
 def run(call: Call, sp: Split) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, Hq, N, D] in q's dtype, lse [B, Hq, N] fp32)`` of a split routed pattern."""
-    B, Hq, N, D = call.q.shape
+    B, Hq, N, _ = call.q.shape
     out, lse = RoutedAttention.apply(call.q, call.k, call.v, tiles(call, sp), call.scale)
-    return out.view(B, Hq, N, D).to(call.q.dtype), lse.view(B, Hq, N)
+    return out.view(B, Hq, N, call.v_dim).to(call.q.dtype), lse.view(B, Hq, N)

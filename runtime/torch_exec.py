@@ -48,7 +48,7 @@ def supports(call: Call) -> str | None:
 
 
 def run(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(out [B, Hq, N, D] in q's dtype, lse [B, Hq, N] fp32)``, differentiable."""
+    """Return ``(out [B, Hq, N, Dv] in q's dtype, lse [B, Hq, N] fp32)``, differentiable."""
     if isinstance(call.pattern.attend, Pyramid):
         from attnlang.runtime import pyramid
 
@@ -105,19 +105,20 @@ def _chunks(s: TileSchedule, rows: int, G: int) -> list[tuple[int, int]]:
 
 def _gather(s: TileSchedule, kk: torch.Tensor, vk: torch.Tensor, c0: int, c1: int, G: int):
     """Key/value tiles and bias of query tiles ``c0..c1``: ``[H, c, W*BN, D]`` and ``[1, c, G*BM, W*BN]``."""
-    H, D = kk.shape[0], kk.shape[-1]
+    H = kk.shape[0]
     c, W, bm, bn = c1 - c0, s.layout.chunk_width(c0, c1), s.block_m, s.block_n
     idx = s.slots[c0:c1, :W].reshape(-1)
     step = s.layout.window_step(c0, c1)
-    if step is not None:
-        # Evenly spaced windows of consecutive tiles: a strided view, no copy.
-        first = int(s.layout.window_start[c0]) * bn * D
-        shape, strides = (H, c, W * bn, D), (kk.stride(0), step * bn * D, D, 1)
-        kg = kk.as_strided(shape, strides, kk.storage_offset() + first)
-        vg = vk.as_strided(shape, strides, vk.storage_offset() + first)
-    else:
-        kg = kk.view(H, -1, bn, D).index_select(1, idx).view(H, c, W * bn, D)
-        vg = vk.view(H, -1, bn, D).index_select(1, idx).view(H, c, W * bn, D)
+
+    def tiles(x: torch.Tensor) -> torch.Tensor:  # K (head dim D) and V (head dim Dv) alike
+        D = x.shape[-1]
+        if step is not None:
+            # Evenly spaced windows of consecutive tiles: a strided view, no copy.
+            first = int(s.layout.window_start[c0]) * bn * D
+            return x.as_strided((H, c, W * bn, D), (x.stride(0), step * bn * D, D, 1), x.storage_offset() + first)
+        return x.view(H, -1, bn, D).index_select(1, idx).view(H, c, W * bn, D)
+
+    kg, vg = tiles(kk), tiles(vk)
     key = (c0, c1, G)
     if key not in s.chunk_bias:
         bid = s.bias_id[c0:c1, :W]
@@ -154,13 +155,14 @@ def _unrows(parts: list[torch.Tensor], G: int, bm: int) -> torch.Tensor:
 # Chunk kernels: fused (PyTorch's CPU flash op) and explicit
 # --------------------------------------------------------------------------------------------
 
-def _fused_ok(x: torch.Tensor) -> bool:
-    return USE_FUSED and _FUSED is not None and x.device.type == "cpu"
+def _fused_ok(q: torch.Tensor, v: torch.Tensor) -> bool:
+    # The fused op wants one head size for Q/K and V: Dv != D (MLA) runs the explicit kernel.
+    return USE_FUSED and _FUSED is not None and q.device.type == "cpu" and q.shape[-1] == v.shape[-1]
 
 
 def _chunk_forward(q, k, v, bias, scale):
     """``(out, lse)`` of one chunk; ``lse`` is 0 (not -inf) on rows with no allowed key."""
-    if _fused_ok(q):
+    if _fused_ok(q, v):
         return _FUSED(q, k, v, attn_mask=bias, scale=scale)
     s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
     if bias is not None:
@@ -176,7 +178,7 @@ def _chunk_forward(q, k, v, bias, scale):
 
 def _chunk_backward(do, q, k, v, o, lse, bias, scale, dlse):
     """``(dq, dk, dv)`` of one chunk; ``dlse`` (or None) is the gradient flowing into ``lse``."""
-    if dlse is None and _fused_ok(q) and _FUSED_BWD is not None:
+    if dlse is None and _fused_ok(q, v) and _FUSED_BWD is not None:
         if bias is not None:
             # The fused backward is about 2x slower with a mask broadcast over heads (measured).
             bias = bias.expand(q.shape[0], -1, -1, -1).contiguous()
@@ -219,7 +221,8 @@ class _TileAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, call: Call):
         B, Hq, N, D = q.shape
-        out = q.new_empty((B, Hq, N, D), dtype=torch.float32)
+        Dv = v.shape[-1]
+        out = q.new_empty((B, Hq, N, Dv), dtype=torch.float32)
         lse = q.new_empty((B, Hq, N), dtype=torch.float32)
         raw = torch.empty_like(lse)  # the chunk kernels' lse (0 on empty rows), for backward
         with torch.no_grad():
@@ -234,7 +237,7 @@ class _TileAttention(torch.autograd.Function):
                     outs.append(o)
                     lses.append(l.unsqueeze(-1))
                 ok, lk = _unrows(outs, G, s.block_m), _unrows(lses, G, s.block_m).squeeze(-1)
-                out[b, lo:hi] = _from_kernel(ok.view(hi - lo, -1, D), s.q_inverse, s.q_identity)
+                out[b, lo:hi] = _from_kernel(ok.view(hi - lo, -1, Dv), s.q_inverse, s.q_identity)
                 raw[b, lo:hi] = _from_kernel(lk.reshape(hi - lo, -1, 1), s.q_inverse, s.q_identity)[..., 0]
                 fixed = lk.masked_fill(s.row_empty, float("-inf")).reshape(hi - lo, -1, 1)
                 lse[b, lo:hi] = _from_kernel(fixed, s.q_inverse, s.q_identity)[..., 0]
@@ -267,7 +270,7 @@ class _TileAttention(torch.autograd.Function):
             vk = _kernel_kv(call, v, b, lo, hi, G, kv_map, s)
             dqs = []
             dkk = torch.zeros_like(kk).view(kk.shape[0], -1, s.block_n, D)
-            dvk = torch.zeros_like(dkk)
+            dvk = torch.zeros_like(vk).view(vk.shape[0], -1, s.block_n, vk.shape[-1])
             for c0, c1 in _chunks(s, rows, G):
                 idx, kg, vg, bias = _gather(s, kk, vk, c0, c1, G)
                 rows_of = lambda x: _rows(x, c0, c1, G, s.block_m)  # noqa: E731
@@ -276,10 +279,10 @@ class _TileAttention(torch.autograd.Function):
                                                 rows_of(lk).squeeze(-1), bias, call.scale, g)
                 dqs.append(dqc)
                 dkk.index_add_(1, idx, dkg.reshape(kk.shape[0], -1, s.block_n, D))
-                dvk.index_add_(1, idx, dvg.reshape(kk.shape[0], -1, s.block_n, D))
+                dvk.index_add_(1, idx, dvg.reshape(vk.shape[0], -1, s.block_n, vk.shape[-1]))
             dq[b, lo:hi] = _from_kernel(_unrows(dqs, G, s.block_m), s.q_inverse, s.q_identity)
             for acc, grad in ((dk, dkk), (dv, dvk)):
-                g_user = _from_kernel(grad.view(grad.shape[0], -1, D), s.k_inverse, s.identity)
+                g_user = _from_kernel(grad.view(grad.shape[0], -1, grad.shape[-1]), s.k_inverse, s.identity)
                 if kv_map is None:
                     acc[b, lo // G:hi // G] += g_user
                 else:
