@@ -365,33 +365,34 @@ class _Gen:
             "{k_tok}"
             "kT = tl.load(K + kv_base + k_tok[None, :] * HEAD_DIM + offs_d[:, None],\n"
             "             mask=d_ok[:, None]{kmask_T}, other=0.0)\n"
-            "v = tl.load(V + kv_base + k_tok[:, None] * HEAD_DIM + offs_d[None, :],\n"
-            "            mask=d_ok[None, :]{kmask}, other=0.0)\n"
+            "v = tl.load(V + v_base + k_tok[:, None] * V_DIM + offs_dv[None, :],\n"
+            "            mask=dv_ok[None, :]{kmask}, other=0.0)\n"
             f"s = tl.dot(q, kT, {_PREC}) * qk_scale\n"
             "{apply_mask}"
             "acc, l_i, m_i = _online_softmax(acc, l_i, m_i, s, v, PRECISION)\n")
         body = lambda g: self.kv_loops(g, _StepTemplate(step, self, g, "fwd"))
         args = self.kernel_args("fwd")
         return (
-            f"@triton.autotune(configs=_configs(), key=[\"HEAD_DIM\"])\n"
+            f"@triton.autotune(configs=_configs(), key=[\"HEAD_DIM\", \"V_DIM\"])\n"
             f"@triton.jit\n"
             f"def _attn_fwd(Q, K, V, O, LSE, {_sig(args)}qk_scale, H, GQA,\n"
             f"              N_TOKENS: tl.constexpr, N_KERNEL: tl.constexpr, KV_TILES: tl.constexpr,\n"
             f"              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,\n"
-            f"              BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):\n"
+            f"              BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,\n"
+            f"              PRECISION: tl.constexpr):\n"
             + textwrap.indent(
                 _PROLOGUE_Q.format(tok_q=_tok(self.plan, "offs_m")) +
                 "q = tl.load(Q + q_base + q_tok[:, None] * HEAD_DIM + offs_d[None, :],\n"
                 "            mask=q_ok[:, None] & d_ok[None, :], other=0.0)\n"
                 "m_i = tl.full([BLOCK_M], float(\"-inf\"), tl.float32)\n"
                 "l_i = tl.zeros([BLOCK_M], tl.float32)\n"
-                "acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)\n"
+                "acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)\n"
                 + self.head_switch(body) +
                 "# a row that saw no allowed key: zero output and lse = -inf (as FlexAttention)\n"
                 "l_safe = tl.where(l_i > 0, l_i, 1.0)\n"
                 "out = acc / l_safe[:, None]\n"
-                "tl.store(O + q_base + q_tok[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty),\n"
-                "         mask=q_ok[:, None] & d_ok[None, :])\n"
+                "tl.store(O + o_base + q_tok[:, None] * V_DIM + offs_dv[None, :], out.to(O.dtype.element_ty),\n"
+                "         mask=q_ok[:, None] & dv_ok[None, :])\n"
                 "lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float(\"-inf\"))\n"
                 "tl.store(LSE + row_base + q_tok, lse, mask=q_ok)\n", "    "))
 
@@ -400,8 +401,8 @@ class _Gen:
             "{k_tok}"
             "kT = tl.load(K + kv_base + k_tok[None, :] * HEAD_DIM + offs_d[:, None],\n"
             "             mask=d_ok[:, None]{kmask_T}, other=0.0)\n"
-            "vT = tl.load(V + kv_base + k_tok[None, :] * HEAD_DIM + offs_d[:, None],\n"
-            "             mask=d_ok[:, None]{kmask_T}, other=0.0)\n"
+            "vT = tl.load(V + v_base + k_tok[None, :] * V_DIM + offs_dv[:, None],\n"
+            "             mask=dv_ok[:, None]{kmask_T}, other=0.0)\n"
             f"s = tl.dot(q, kT, {_PREC}) * qk_scale\n"
             "p = tl.exp2(s - lse2[:, None])\n"
             "{apply_p_mask}"
@@ -411,17 +412,19 @@ class _Gen:
         body = lambda g: self.kv_loops(g, _StepTemplate(step, self, g, "dq"))
         args = self.kernel_args("dq")
         return (
-            f"@triton.autotune(configs=_configs(), key=[\"HEAD_DIM\"])\n"
+            f"@triton.autotune(configs=_configs(), key=[\"HEAD_DIM\", \"V_DIM\"])\n"
             f"@triton.jit\n"
             f"def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, {_sig(args)}qk_scale, sm_scale, H, GQA,\n"
             f"                 N_TOKENS: tl.constexpr, N_KERNEL: tl.constexpr, KV_TILES: tl.constexpr,\n"
             f"                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,\n"
-            f"                 BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):\n"
+            f"                 BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,\n"
+            f"                 PRECISION: tl.constexpr):\n"
             + textwrap.indent(
                 _PROLOGUE_Q.format(tok_q=_tok(self.plan, "offs_m")) +
                 "rows = q_base + q_tok[:, None] * HEAD_DIM + offs_d[None, :]\n"
                 "q = tl.load(Q + rows, mask=q_ok[:, None] & d_ok[None, :], other=0.0)\n"
-                "do = tl.load(DO + rows, mask=q_ok[:, None] & d_ok[None, :], other=0.0)\n"
+                "do = tl.load(DO + o_base + q_tok[:, None] * V_DIM + offs_dv[None, :],\n"
+                "             mask=q_ok[:, None] & dv_ok[None, :], other=0.0)\n"
                 "lse2 = tl.load(LSE + row_base + q_tok, mask=q_ok, other=0.0) * 1.4426950408889634\n"
                 "delta = tl.load(DELTA + row_base + q_tok, mask=q_ok, other=0.0)\n"
                 "dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)\n"
@@ -434,7 +437,7 @@ class _Gen:
             "{q_tok}"
             "rows = q_base + q_tok[:, None] * HEAD_DIM + offs_d[None, :]\n"
             "q = tl.load(Q + rows, mask=d_ok[None, :]{qmask}, other=0.0)\n"
-            "do = tl.load(DO + rows, mask=d_ok[None, :]{qmask}, other=0.0)\n"
+            "do = tl.load(DO + o_base + q_tok[:, None] * V_DIM + offs_dv[None, :], mask=dv_ok[None, :]{qmask}, other=0.0)\n"
             "lse2 = tl.load(LSE + row_base + q_tok{qmask1}) * 1.4426950408889634\n"
             "delta = tl.load(DELTA + row_base + q_tok{qmask1})\n"
             "# transposed scores [BLOCK_N, BLOCK_M]: dK and dV need P^T and dS^T\n"
@@ -448,12 +451,13 @@ class _Gen:
         body = lambda g: self.q_loops(g, _StepTemplate(step, self, g, "dkdv"))
         args = self.kernel_args("dkdv")
         return (
-            f"@triton.autotune(configs=_configs(), key=[\"HEAD_DIM\"])\n"
+            f"@triton.autotune(configs=_configs(), key=[\"HEAD_DIM\", \"V_DIM\"])\n"
             f"@triton.jit\n"
             f"def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, {_sig(args)}qk_scale, sm_scale, H, GQA,\n"
             f"                   N_TOKENS: tl.constexpr, N_KERNEL: tl.constexpr, KV_TILES: tl.constexpr,\n"
             f"                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,\n"
-            f"                   BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):\n"
+            f"                   BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,\n"
+            f"                   PRECISION: tl.constexpr):\n"
             + textwrap.indent(
                 "kt = tl.program_id(0)\n"
                 "bh = tl.program_id(1)\n"
@@ -461,24 +465,29 @@ class _Gen:
                 "b = bh // HKV\n"
                 "hk = bh % HKV\n"
                 "kv_base = (b.to(tl.int64) * HKV + hk) * (N_TOKENS * HEAD_DIM)\n"
+                "v_base = (b.to(tl.int64) * HKV + hk) * (N_TOKENS * V_DIM)\n"
                 "offs_m = tl.arange(0, BLOCK_M)\n"
                 "offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)\n"
                 "offs_d = tl.arange(0, BLOCK_D)\n"
                 "d_ok = offs_d < HEAD_DIM\n"
+                "offs_dv = tl.arange(0, BLOCK_DV)\n"
+                "dv_ok = offs_dv < V_DIM\n"
                 f"k_tok = {_tok(self.plan, 'offs_n')}\n"
                 "k_ok = k_tok >= 0\n"
                 "kv_rows = kv_base + k_tok[:, None] * HEAD_DIM + offs_d[None, :]\n"
                 "k = tl.load(K + kv_rows, mask=k_ok[:, None] & d_ok[None, :], other=0.0)\n"
-                "v = tl.load(V + kv_rows, mask=k_ok[:, None] & d_ok[None, :], other=0.0)\n"
+                "v_rows = v_base + k_tok[:, None] * V_DIM + offs_dv[None, :]\n"
+                "v = tl.load(V + v_rows, mask=k_ok[:, None] & dv_ok[None, :], other=0.0)\n"
                 "dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)\n"
-                "dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)\n"
+                "dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)\n"
                 "# every query head of this kv head's GQA group, in order: deterministic, no atomics\n"
                 "for h in range(hk * GQA, hk * GQA + GQA):\n"
                 "    q_base = (b.to(tl.int64) * H + h) * (N_TOKENS * HEAD_DIM)\n"
                 "    row_base = (b.to(tl.int64) * H + h) * N_TOKENS\n"
+                "    o_base = row_base * V_DIM\n"
                 + textwrap.indent(self.head_switch(body), "    ") +
                 "tl.store(DK + kv_rows, (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok[:, None] & d_ok[None, :])\n"
-                "tl.store(DV + kv_rows, dv.to(DV.dtype.element_ty), mask=k_ok[:, None] & d_ok[None, :])\n",
+                "tl.store(DV + v_rows, dv.to(DV.dtype.element_ty), mask=k_ok[:, None] & dv_ok[None, :])\n",
                 "    "))
 
 
@@ -527,10 +536,15 @@ _PROLOGUE_Q = (
     "q_base = (b.to(tl.int64) * H + h) * (N_TOKENS * HEAD_DIM)\n"
     "kv_base = (b.to(tl.int64) * (H // GQA) + hk) * (N_TOKENS * HEAD_DIM)\n"
     "row_base = (b.to(tl.int64) * H + h) * N_TOKENS\n"
+    "# V, O and dO rows have the value head dim V_DIM (may differ from HEAD_DIM: MLA)\n"
+    "v_base = (b.to(tl.int64) * (H // GQA) + hk) * (N_TOKENS * V_DIM)\n"
+    "o_base = row_base * V_DIM\n"
     "offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)\n"
     "offs_n = tl.arange(0, BLOCK_N)\n"
     "offs_d = tl.arange(0, BLOCK_D)\n"
     "d_ok = offs_d < HEAD_DIM  # head dim padded to a power of two\n"
+    "offs_dv = tl.arange(0, BLOCK_DV)\n"
+    "dv_ok = offs_dv < V_DIM\n"
     "q_tok = {tok_q}\n"
     "q_ok = q_tok >= 0\n")
 

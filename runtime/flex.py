@@ -22,7 +22,7 @@ an :class:`~attnlang.errors.AttnError` that points to ``backend='torch'``.
 
 NaN/Inf in Q/K/V: FlexAttention's ``P @ V`` multiplies masked entries by zero (``0 * NaN =
 NaN``), so such calls run on the torch executor's exact path instead, with a one-time warning
-(:func:`_exact_fallback`); checking costs one pass over Q/K/V per call.
+(:func:`attnlang.runtime.nonfinite.exact_fallback`); checking costs one pass over Q/K/V per call.
 """
 from __future__ import annotations
 
@@ -41,12 +41,12 @@ from attnlang.pattern import (
 )
 from attnlang.plan import Plan
 from attnlang.runtime.call import Call
-from attnlang.runtime.nonfinite import all_finite
+from attnlang.runtime.nonfinite import all_finite, exact_fallback
 
 COMPILE: bool | None = None  # None: compile when N >= COMPILE_MIN_N; True/False: always/never
 COMPILE_MIN_N = 2048
 _compiled: Callable | None = None
-_warned: set = set()  # shapes warned about compiling, and "nonfinite"
+_warned: set[tuple] = set()
 _PREPARED: dict[tuple, tuple] = {}  # (plan ids, device, heads) -> (BlockMask, index, inverse)
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -370,7 +370,10 @@ def run(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
     if why:
         raise AttnError(f"backend 'flex' cannot run this call: {why}")
     if not all_finite(call.q, call.k, call.v):
-        return _exact_fallback(call)
+        # FlexAttention computes P @ V (and dQ) with masked entries as 0 * x: a NaN value no
+        # row may see would still reach every row of its block.
+        return exact_fallback(call, "flex", "FlexAttention would leak them into rows that may not "
+                              "see them (0 * NaN in P @ V)")
     plans = [call.plan(b) for b in (range(call.batch) if call.inputs else range(1))]
     p0 = plans[0]
     if any(p.block_m != p0.block_m or p.block_n != p0.block_n or p.n_kernel != p0.n_kernel
@@ -401,20 +404,6 @@ def run(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
         return out.to(call.q.dtype), None if aux is None else aux.lse.float()
     lse = None if aux is None else aux.lse.float().index_select(2, inverse)
     return out.index_select(2, inverse).to(call.q.dtype), lse
-
-
-def _exact_fallback(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q/K/V hold NaN/Inf: FlexAttention computes ``P @ V`` (and dQ) with masked entries as
-    ``0 * x``, so a NaN value no row may see would still reach every row of its block. attnlang
-    promises isolation (docs/reliability.md); the torch executor's exact path keeps it."""
-    from attnlang.runtime import torch_exec
-
-    if "nonfinite" not in _warned:
-        _warned.add("nonfinite")
-        warnings.warn("attnlang: q/k/v hold NaN or Inf; FlexAttention would leak them into rows "
-                      "that may not see them (0 * NaN in P @ V), so backend='flex' runs such calls "
-                      "on the torch executor's exact path", stacklevel=4)
-    return torch_exec.run(call)
 
 
 def _prepared(plans: list[Plan], call: Call):

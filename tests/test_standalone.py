@@ -6,13 +6,16 @@ computed here and saved to a file. Bad input leaves nothing behind.
 """
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
+import attnlang
 from attnlang.api import resolve
+from attnlang.errors import AttnError
 from attnlang.cli import main
 from attnlang.runtime import reference
 from attnlang.runtime.call import check_call
@@ -147,3 +150,41 @@ def test_routed_pattern_is_refused_with_the_way_to_run_it(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "reads Q/K content" in err and "backend='triton'" in err
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+BAD_INPUTS = r"""
+import os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+sys.modules["attnlang"] = None
+sys.path.insert(0, sys.argv[1])
+import torch
+mod = __import__(sys.argv[2])
+q = torch.randn(2, 2, 64, 16)
+for doc in (torch.zeros(50, dtype=torch.long), torch.zeros(3, 64, dtype=torch.long), torch.zeros(2, 2, 64, dtype=torch.long)):
+    try:
+        mod.attention(q, q, q, doc=doc)
+        print("ACCEPTED", tuple(doc.shape))
+    except ValueError as e:
+        print("ValueError:", e)
+"""
+
+
+def test_standalone_module_wrong_length_runtime_input(tmp_path):
+    """A wrong-length ``doc`` given to a vendored module gets attnlang's own message (it leaked
+    torch's "expanded size" RuntimeError)."""
+    argv = ["compile", str(EXAMPLES / "packed_docs.attn"), "--set", "N=64", "-o", str(tmp_path / "out"),
+            "--target", "cpu", "--block-m", "16", "--block-n", "16"]
+    assert main(argv) == 0
+    (tmp_path / "bad.py").write_text(BAD_INPUTS)
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-I", str(tmp_path / "bad.py"), str(tmp_path / "out"), "packed_docs"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert lines == [f"ValueError: runtime input 'doc' (ids) must have shape [B, N] = [2, 64] or [N], got {shape}"
+                     for shape in ("(50,)", "(3, 64)", "(2, 2, 64)")]
+    # the same words as the main API
+    fn = attnlang.compile(EXAMPLES / "packed_docs.attn", N=64, backend="reference")
+    q = torch.randn(2, 2, 64, 16)
+    with pytest.raises(AttnError, match=re.escape(lines[0].removeprefix("ValueError: "))):
+        fn(q, q, q, doc=torch.zeros(50, dtype=torch.long))
