@@ -96,12 +96,13 @@ def _pyramid(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
             lvl, vis = token_structure(p, layout, table[h])
             level[b, h], allowed[b, h] = torch.from_numpy(lvl), torch.from_numpy(vis)
     level, allowed = level.to(q.device), allowed.to(q.device)
-    s = torch.zeros(B, H, N, N, device=q.device)
-    for lv in set(p.levels):
-        s = torch.where(level == lv, torch.matmul(q, pooled(k, lv).transpose(-1, -2)) * call.scale, s)
+    s = torch.full((B, H, N, N), float("-inf"), device=q.device)
+    at = {lv: allowed & (level == lv) for lv in set(p.levels)}  # pairs each level serves
+    for lv in set(p.levels):  # masked products: NaN/Inf in a hidden run never reaches a row
+        s = torch.where(at[lv], MaskedScores.apply(q, pooled(k, lv), at[lv], call.scale), s)
     empty = ~allowed.any(dim=-1, keepdim=True)
-    s = s.masked_fill(~allowed, float("-inf")).masked_fill(empty, 0.0)
+    s = s.masked_fill(empty, 0.0)
     lse = torch.logsumexp(s, dim=-1, keepdim=True)
     prob = torch.exp(s - lse).masked_fill(empty, 0.0)
-    out = sum(torch.matmul(prob * (level == lv), pooled(v, lv)) for lv in set(p.levels))
+    out = sum(MaskedPV.apply(prob, pooled(v, lv), at[lv]) for lv in set(p.levels))
     return out.to(call.q.dtype), lse.squeeze(-1).masked_fill(empty.squeeze(-1), float("-inf"))

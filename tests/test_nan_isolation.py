@@ -166,3 +166,29 @@ def test_visible_poison_follows_ieee():
     assert got[0] == float("inf") and got[1] == float("-inf") and torch.isnan(got[2])
     zero_weight = masked_mm(torch.zeros(1, 1), torch.tensor([[float("inf")]]), torch.ones(1, 1, dtype=torch.bool))
     assert torch.isnan(zero_weight).all()  # 0 * inf on an allowed pair is NaN, as in a plain matmul
+
+
+@pytest.mark.parametrize("src", [
+    "causal & (block(8) | route(8, top = 2))",
+    "route(8, top = 2, query_block = 4)",
+    "pyramid(block = 8, query_block = 8, levels = [1, 2], keep = [0.5, 0.5], among = causal)",
+])
+def test_content_patterns_isolate_value_poison(src):
+    """route/pyramid select from Q/K, so only V is poisoned here (a NaN key changes the
+    selection itself: docs/reliability.md). Which rows may see a value is measured black-box:
+    rows whose output moves when the poisoned entries take other finite values. Every other row
+    must be finite and unchanged under NaN."""
+    p = attnlang.compile(f"pattern p {{ tokens n[64]\n attend {src} }}").pattern
+    planner = lambda pat, inputs: attnlang.make_plan(pat)  # noqa: E731
+    q, k, v = tensors(64, B=2, H=4, Hkv=2)
+    spots = [(key, "v", float("nan"), True) for key in (45, 46, 60)]
+    _, vp, _, va = poisoned(q, k, v, spots, seed=1)
+    _, _, _, vb = poisoned(q, k, v, spots, seed=2)
+    for mod in (reference, torch_exec):
+        (bad, lb, gb), (a, la, ga), (b, _, _) = (run(mod, p, q, k, x, planner) for x in (vp, va, vb))
+        rows = (a == b).all(-1)  # [B, H, N]: rows that do not depend on the poisoned entries
+        assert rows.float().mean() > 0.2, "the test needs rows that cannot see the poison"
+        assert torch.isfinite(bad[rows]).all() and torch.isfinite(lb[rows]).all()
+        torch.testing.assert_close(bad[rows], a[rows], **TOL)
+        torch.testing.assert_close(lb[rows], la[rows], **TOL)
+        torch.testing.assert_close(gb[0][rows], ga[0][rows], **TOL)  # dQ of those rows
