@@ -583,10 +583,10 @@ class RoutedAttention(torch.autograd.Function):
                     if empty.any():  # a masked row with nothing allowed: lse = -inf (the fused op says 0)
                         o, l = o.masked_fill(empty[:, None], 0.0), l.masked_fill(empty, float("-inf"))
                     _merge(m, den, num, tl.dest[rs], o, l + tl.shift if tl.shift else l)
-            some = den[:rows] > 0
-            safe = torch.where(some, den[:rows], torch.ones_like(den[:rows]))
+            none = den[:rows] == 0  # nothing allowed; a row that saw a NaN keeps den = NaN, and NaN
+            safe = torch.where(none, torch.ones_like(den[:rows]), den[:rows])
             out = num[:rows] / safe[:, None]
-            lse = torch.where(some, m[:rows] + torch.log(safe), torch.full_like(safe, float("-inf")))
+            lse = torch.where(none, torch.full_like(safe, float("-inf")), m[:rows] + torch.log(safe))
         ctx.sets, ctx.scale, ctx.exact = sets, scale, exact
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.set_materialize_grads(False)

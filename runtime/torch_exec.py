@@ -19,6 +19,13 @@ the gathered dK/dV, and accumulates those per key tile with ``index_add_`` (dete
 
 GQA: when a head group holds whole GQA groups, the ``G`` query heads sharing a KV head are
 stacked as extra query rows against one gathered copy of their K/V tiles (no repeated K/V).
+V may have its own head dim ``Dv`` (MLA); the fused op needs ``Dv == D``, else the explicit
+kernel runs.
+
+NaN/Inf: a call whose Q/K/V (or, in backward, dO) hold a non-finite value runs every masked
+chunk through exact kernels (``where`` masks, :func:`~attnlang.runtime.nonfinite.masked_mm`
+products), so no row sees a key or value its pattern hides; all-finite calls pay one
+``aminmax`` per tensor for the check.
 
 >>> import torch, attnlang
 >>> fn = attnlang.compile(attnlang.causal & attnlang.sliding(8), tokens=64, backend="torch")
@@ -105,7 +112,7 @@ def _chunks(s: TileSchedule, rows: int, G: int) -> list[tuple[int, int]]:
 
 
 def _gather(s: TileSchedule, kk: torch.Tensor, vk: torch.Tensor, c0: int, c1: int, G: int):
-    """Key/value tiles and bias of query tiles ``c0..c1``: ``[H, c, W*BN, D]`` and ``[1, c, G*BM, W*BN]``."""
+    """Key/value tiles and bias of query tiles ``c0..c1``: ``[H, c, W*BN, D or Dv]`` and ``[1, c, G*BM, W*BN]``."""
     H = kk.shape[0]
     c, W, bm, bn = c1 - c0, s.layout.chunk_width(c0, c1), s.block_m, s.block_n
     idx = s.slots[c0:c1, :W].reshape(-1)

@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import attnlang
-from attnlang.pattern import Pattern, causal, sliding, valid
+from attnlang.pattern import Pattern, causal, same, sliding, valid
 from attnlang.runtime import flex, reference, torch_exec
 from attnlang.runtime.call import check_call
 from attnlang.runtime.nonfinite import masked_mm
@@ -121,6 +121,29 @@ def test_torch_isolates(p, data, bm, bn, pad, permute, fused, dv, seed):
 def test_flex_isolates(p, data, seed):
     q, k, v = tensors(p.n, seed=seed)
     check_isolated(flex, p, q, k, v, data.draw(poisons(p.n)), oracle_planner(16, 16), grads=False)
+
+
+DOCS = Pattern.create(causal & same("doc") & valid("len"), 48, inputs={"doc": "ids", "len": "length"})
+
+
+@settings(max_examples=10, deadline=None)
+@given(cuts=st.lists(st.integers(1, 47), max_size=4, unique=True), length=st.integers(0, 48),
+       data=st.data(), fused=st.booleans())
+def test_runtime_inputs_isolate(cuts, length, data, fused):
+    """Packed documents with padding: poison anywhere reaches only its own document's rows."""
+    doc = torch.zeros(48, dtype=torch.long)
+    for c in cuts:
+        doc[c:] += 1
+    inputs = {"doc": doc[None], "len": torch.tensor([length])}
+    q, k, v = tensors(48, B=1)
+    spots = data.draw(poisons(48))
+    planner = lambda pat, inp: attnlang.make_plan(pat, inputs=inp)  # noqa: E731
+    old, torch_exec.USE_FUSED = torch_exec.USE_FUSED, fused
+    try:
+        for mod in (reference, torch_exec):
+            check_isolated(mod, DOCS, q, k, v, spots, planner, inputs)
+    finally:
+        torch_exec.USE_FUSED = old
 
 
 # -- the reported cases ---------------------------------------------------------------------------
