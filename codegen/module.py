@@ -362,12 +362,24 @@ def _tables(device):
     return _DEVICE_TABLES[key]
 
 
-def _meta(head_dim, v_dim, dtype):
+def _all_finite(*tensors):
+    # aminmax propagates NaN and shows +-inf in one pass (isfinite(x).all() builds a mask).
+    # Under CUDA graph capture no host sync is allowed: the inputs are taken as finite.
+    if tensors[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        return True
+    ends = [torch.stack(torch.aminmax(t)).float() for t in tensors if t.numel()]
+    return not ends or bool(torch.isfinite(torch.cat(ends)).all())
+
+
+def _meta(head_dim, v_dim, dtype, exact=False):
     return dict(N_TOKENS=N_TOKENS, N_KERNEL=N_KERNEL, KV_TILES=KV_TILES, BLOCK_M=BLOCK_M,
                 BLOCK_N=BLOCK_N, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
                 V_DIM=v_dim, BLOCK_DV=max(16, triton.next_power_of_2(v_dim)),
                 # fp32 inputs get exact fp32 products, not TF32
-                PRECISION="ieee" if dtype == torch.float32 else "tf32")
+                PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                # NaN/Inf in the inputs: the kernels' exact variant keeps hidden values out of
+                # every row (masked products would give 0 * NaN); compiled only when needed
+                EXACT=exact)
 
 
 def _args(kernel, tables, inputs):
@@ -375,18 +387,18 @@ def _args(kernel, tables, inputs):
     return [inputs[n] if n in inputs else tables[n] for n in KERNEL_ARGS[kernel]]
 
 
-def _forward(q, k, v, scale, inputs):
+def _forward(q, k, v, scale, inputs, exact):
     B, H, N, D = q.shape
     gqa = H // k.shape[1]
     o = q.new_empty((B, H, N, v.shape[3]))  # the value head dim (MLA: it may differ from D)
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     t = _tables(q.device)
     _attn_fwd[(Q_TILES, B * H)](q, k, v, o, lse, *_args("_attn_fwd", t, inputs), scale * _LOG2E, H, gqa,
-                               **_meta(D, v.shape[3], q.dtype))
+                               **_meta(D, v.shape[3], q.dtype, exact))
     return o, lse
 
 
-def _backward(q, k, v, o, lse, do, dlse, scale, inputs):
+def _backward(q, k, v, o, lse, do, dlse, scale, inputs, exact):
     B, H, N, D = q.shape
     gqa = H // k.shape[1]
     do = torch.zeros_like(o) if do is None else do.contiguous()
@@ -401,7 +413,7 @@ def _backward(q, k, v, o, lse, do, dlse, scale, inputs):
         delta = delta - torch.where(torch.isinf(lse), 0.0, dlse.float())
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     t = _tables(q.device)
-    meta = _meta(D, Dv, q.dtype)
+    meta = _meta(D, Dv, q.dtype, exact or not _all_finite(do))
     _attn_bwd_dkdv[(KV_TILES, B * k.shape[1])](q, k, v, do, dk, dv, lse, delta, *_args("_attn_bwd_dkdv", t, inputs),
                                                scale * _LOG2E, scale, H, gqa, **meta)
     _attn_bwd_dq[(Q_TILES, B * H)](q, k, v, do, dq, lse, delta, *_args("_attn_bwd_dq", t, inputs),
@@ -412,16 +424,17 @@ def _backward(q, k, v, o, lse, do, dlse, scale, inputs):
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, inputs):
-        o, lse = _forward(q, k, v, scale, inputs)
+        exact = not _all_finite(q, k, v)
+        o, lse = _forward(q, k, v, scale, inputs, exact)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scale, ctx.inputs = scale, inputs
+        ctx.scale, ctx.inputs, ctx.exact = scale, inputs, exact
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zero pass
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, o, lse, do, dlse, ctx.scale, ctx.inputs)
+        dq, dk, dv = _backward(q, k, v, o, lse, do, dlse, ctx.scale, ctx.inputs, ctx.exact)
         return dq, dk, dv, None, None
 
 

@@ -25,8 +25,12 @@ def all_finite(*tensors: torch.Tensor | None) -> bool:
 
     ``aminmax`` propagates NaN and exposes +-inf in one vectorised pass (0.5 ms for 2M fp32
     values on one CPU thread, against 14 ms for ``isfinite(x).all()``, which materialises a
-    mask); one host sync for all tensors on a GPU.
+    mask); one host sync for all tensors on a GPU. Under CUDA graph capture, where no sync is
+    allowed, the tensors are taken as finite (isolation is then not checked).
     """
+    first = next((t for t in tensors if t is not None), None)
+    if first is not None and first.is_cuda and torch.cuda.is_current_stream_capturing():
+        return True
     ends = [torch.stack(torch.aminmax(t)).float() for t in tensors if t is not None and t.numel()]
     return not ends or bool(torch.isfinite(torch.cat(ends)).all())
 

@@ -223,17 +223,18 @@ def item_plans(call: Call) -> list:
 def run(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(out [B, H, N, Dv], lse [B, H, N] fp32 natural log)``, differentiable (lse too).
 
-    NaN/Inf in q/k/v: the call runs on the torch executor's exact path (one warning), so no row
-    sees a value its pattern hides (docs/reliability.md)."""
+    NaN/Inf in q/k/v: the generated module launches its kernels' exact variant (``EXACT``), and
+    ``pyramid(...)`` calls run on the torch executor's exact path, so no row sees a value its
+    pattern hides (docs/reliability.md)."""
     why = supports(call)
     if why:
         raise AttnError(f"backend 'triton' cannot run this call: {why}")
-    if not all_finite(call.q, call.k, call.v):
-        # The kernels' P @ V and dS @ K multiply masked entries by zero (0 * NaN = NaN): a NaN
-        # key or value no row may see would reach its whole tile. Rare: one check per call.
-        return exact_fallback(call, "triton", "the kernels would leak them into rows that may not see "
-                              "them (0 * NaN in P @ V)")
     if isinstance(call.pattern.attend, Pyramid):  # pooled keys: their own kernels
+        if not all_finite(call.q, call.k, call.v):
+            # The pyramid kernels multiply masked entries by zero (0 * NaN = NaN in P @ V):
+            # a hidden NaN would reach its tile. Rare: one check per call.
+            return exact_fallback(call, "triton", "the pyramid(...) kernels would leak them into rows "
+                                  "that may not see them (0 * NaN in P @ V)")
         from attnlang.runtime import triton_pyramid
 
         return triton_pyramid.run(call)

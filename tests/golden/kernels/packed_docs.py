@@ -84,6 +84,11 @@ def _floordiv(a, b):
 
 
 @triton.jit
+def _finite(x):
+    return (x == x) & (tl.abs(x) != float("inf"))
+
+
+@triton.jit
 def _online_softmax(acc, l_i, m_i, s, v, PRECISION: tl.constexpr):
     # s is in base 2 (scale * log2(e) folded in). A row whose keys are all masked so far keeps
     # m = -inf; shifting it by 0 instead keeps exp2 away from (-inf) - (-inf) = nan.
@@ -110,7 +115,7 @@ def _attn_fwd(Q, K, V, O, LSE, G0_FULL_NUM, G0_FULL_IDX, G0_PART_NUM, G0_PART_ID
               N_TOKENS: tl.constexpr, N_KERNEL: tl.constexpr, KV_TILES: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
               BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
-              PRECISION: tl.constexpr):
+              PRECISION: tl.constexpr, EXACT: tl.constexpr):
     qt = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -135,6 +140,7 @@ def _attn_fwd(Q, K, V, O, LSE, G0_FULL_NUM, G0_FULL_IDX, G0_PART_NUM, G0_PART_ID
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    poison = tl.zeros([BLOCK_M], tl.int32)  # EXACT: rows that see a non-finite value
     # full tiles: every (q, k) pair allowed, no mask work
     for j in range(0, tl.load(G0_FULL_NUM + qt)):
         kt = tl.load(G0_FULL_IDX + qt * 1 + j)
@@ -155,11 +161,18 @@ def _attn_fwd(Q, K, V, O, LSE, G0_FULL_NUM, G0_FULL_IDX, G0_PART_NUM, G0_PART_ID
         v = tl.load(V + v_base + k_tok[:, None] * V_DIM + offs_dv[None, :],
                     mask=dv_ok[None, :] & k_ok[:, None], other=0.0)
         s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
-        s = tl.where(_allowed_g0(q_tok[:, None], k_tok[None, :], b, IN_doc), s, float("-inf"))
+        allowed = _allowed_g0(q_tok[:, None], k_tok[None, :], b, IN_doc)
+        s = tl.where(allowed, s, float("-inf"))
+        if EXACT:
+            v_bad = tl.max(tl.where(_finite(v), 0, 1), 1)
+            poison = tl.maximum(poison, tl.max(tl.where(allowed & (v_bad[None, :] > 0), 1, 0), 1))
+            v = tl.where(v_bad[:, None] > 0, 0.0, v)
         acc, l_i, m_i = _online_softmax(acc, l_i, m_i, s, v, PRECISION)
     # a row that saw no allowed key: zero output and lse = -inf (as FlexAttention)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
+    if EXACT:
+        out = tl.where(poison[:, None] > 0, float("nan"), out)
     tl.store(O + o_base + q_tok[:, None] * V_DIM + offs_dv[None, :], out.to(O.dtype.element_ty),
              mask=q_ok[:, None] & dv_ok[None, :])
     lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
@@ -185,7 +198,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, G0_FULL_T_NUM, G0_FULL_T_IDX
                    N_TOKENS: tl.constexpr, N_KERNEL: tl.constexpr, KV_TILES: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   PRECISION: tl.constexpr, EXACT: tl.constexpr):
     kt = tl.program_id(0)
     bh = tl.program_id(1)
     HKV = H // GQA
@@ -207,6 +220,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, G0_FULL_T_NUM, G0_FULL_T_IDX
     v = tl.load(V + v_rows, mask=k_ok[:, None] & dv_ok[None, :], other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    poison = tl.zeros([BLOCK_N], tl.int32)  # EXACT: keys seen by a non-finite row
     # every query head of this kv head's GQA group, in order: deterministic, no atomics
     for h in range(hk * GQA, hk * GQA + GQA):
         q_base = (b.to(tl.int64) * H + h) * (N_TOKENS * HEAD_DIM)
@@ -239,11 +253,22 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, G0_FULL_T_NUM, G0_FULL_T_IDX
             # transposed scores [BLOCK_N, BLOCK_M]: dK and dV need P^T and dS^T
             sT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
             pT = tl.exp2(sT - lse2[None, :])
-            pT = tl.where(_allowed_g0(q_tok[None, :], k_tok[:, None], b, IN_doc), pT, 0.0)
+            allowedT = _allowed_g0(q_tok[None, :], k_tok[:, None], b, IN_doc)
+            pT = tl.where(allowedT, pT, 0.0)
+            if EXACT:
+                q_bad = tl.maximum(tl.max(tl.where(_finite(q), 0, 1), 1), tl.max(tl.where(_finite(do), 0, 1), 1))
+                poison = tl.maximum(poison, tl.max(tl.where(allowedT & (q_bad[None, :] > 0), 1, 0), 1))
+                q = tl.where(q_bad[:, None] > 0, 0.0, q)
+                do = tl.where(q_bad[:, None] > 0, 0.0, do)
             dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
             dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             dsT = pT * (dpT - delta[None, :])
+            if EXACT:
+                dsT = tl.where(allowedT, dsT, 0.0)
             dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
+    if EXACT:
+        dk = tl.where(poison[:, None] > 0, float("nan"), dk)
+        dv = tl.where(poison[:, None] > 0, float("nan"), dv)
     tl.store(DK + kv_rows, (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok[:, None] & d_ok[None, :])
     tl.store(DV + v_rows, dv.to(DV.dtype.element_ty), mask=k_ok[:, None] & dv_ok[None, :])
 
@@ -254,7 +279,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, G0_FULL_NUM, G0_FULL_IDX, G0_PART_
                  N_TOKENS: tl.constexpr, N_KERNEL: tl.constexpr, KV_TILES: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                  BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 PRECISION: tl.constexpr, EXACT: tl.constexpr):
     qt = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -305,9 +330,13 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, G0_FULL_NUM, G0_FULL_IDX, G0_PART_
                      mask=dv_ok[:, None] & k_ok[None, :], other=0.0)
         s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
         p = tl.exp2(s - lse2[:, None])
-        p = tl.where(_allowed_g0(q_tok[:, None], k_tok[None, :], b, IN_doc), p, 0.0)
+        allowed = _allowed_g0(q_tok[:, None], k_tok[None, :], b, IN_doc)
+        p = tl.where(allowed, p, 0.0)
         dp = tl.dot(do, vT, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
+        if EXACT:
+            ds = tl.where(allowed, ds, 0.0)
+            kT = tl.where(tl.max(tl.where(_finite(kT), 0, 1), 0)[None, :] > 0, 0.0, kT)
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PRECISION)
     tl.store(DQ + rows, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
 
@@ -348,12 +377,24 @@ def _tables(device):
     return _DEVICE_TABLES[key]
 
 
-def _meta(head_dim, v_dim, dtype):
+def _all_finite(*tensors):
+    # aminmax propagates NaN and shows +-inf in one pass (isfinite(x).all() builds a mask).
+    # Under CUDA graph capture no host sync is allowed: the inputs are taken as finite.
+    if tensors[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        return True
+    ends = [torch.stack(torch.aminmax(t)).float() for t in tensors if t.numel()]
+    return not ends or bool(torch.isfinite(torch.cat(ends)).all())
+
+
+def _meta(head_dim, v_dim, dtype, exact=False):
     return dict(N_TOKENS=N_TOKENS, N_KERNEL=N_KERNEL, KV_TILES=KV_TILES, BLOCK_M=BLOCK_M,
                 BLOCK_N=BLOCK_N, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
                 V_DIM=v_dim, BLOCK_DV=max(16, triton.next_power_of_2(v_dim)),
                 # fp32 inputs get exact fp32 products, not TF32
-                PRECISION="ieee" if dtype == torch.float32 else "tf32")
+                PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                # NaN/Inf in the inputs: the kernels' exact variant keeps hidden values out of
+                # every row (masked products would give 0 * NaN); compiled only when needed
+                EXACT=exact)
 
 
 def _args(kernel, tables, inputs):
@@ -361,18 +402,18 @@ def _args(kernel, tables, inputs):
     return [inputs[n] if n in inputs else tables[n] for n in KERNEL_ARGS[kernel]]
 
 
-def _forward(q, k, v, scale, inputs):
+def _forward(q, k, v, scale, inputs, exact):
     B, H, N, D = q.shape
     gqa = H // k.shape[1]
     o = q.new_empty((B, H, N, v.shape[3]))  # the value head dim (MLA: it may differ from D)
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     t = _tables(q.device)
     _attn_fwd[(Q_TILES, B * H)](q, k, v, o, lse, *_args("_attn_fwd", t, inputs), scale * _LOG2E, H, gqa,
-                               **_meta(D, v.shape[3], q.dtype))
+                               **_meta(D, v.shape[3], q.dtype, exact))
     return o, lse
 
 
-def _backward(q, k, v, o, lse, do, dlse, scale, inputs):
+def _backward(q, k, v, o, lse, do, dlse, scale, inputs, exact):
     B, H, N, D = q.shape
     gqa = H // k.shape[1]
     do = torch.zeros_like(o) if do is None else do.contiguous()
@@ -387,7 +428,7 @@ def _backward(q, k, v, o, lse, do, dlse, scale, inputs):
         delta = delta - torch.where(torch.isinf(lse), 0.0, dlse.float())
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     t = _tables(q.device)
-    meta = _meta(D, Dv, q.dtype)
+    meta = _meta(D, Dv, q.dtype, exact or not _all_finite(do))
     _attn_bwd_dkdv[(KV_TILES, B * k.shape[1])](q, k, v, do, dk, dv, lse, delta, *_args("_attn_bwd_dkdv", t, inputs),
                                                scale * _LOG2E, scale, H, gqa, **meta)
     _attn_bwd_dq[(Q_TILES, B * H)](q, k, v, do, dq, lse, delta, *_args("_attn_bwd_dq", t, inputs),
@@ -398,16 +439,17 @@ def _backward(q, k, v, o, lse, do, dlse, scale, inputs):
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, inputs):
-        o, lse = _forward(q, k, v, scale, inputs)
+        exact = not _all_finite(q, k, v)
+        o, lse = _forward(q, k, v, scale, inputs, exact)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scale, ctx.inputs = scale, inputs
+        ctx.scale, ctx.inputs, ctx.exact = scale, inputs, exact
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zero pass
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, o, lse, do, dlse, ctx.scale, ctx.inputs)
+        dq, dk, dv = _backward(q, k, v, o, lse, do, dlse, ctx.scale, ctx.inputs, ctx.exact)
         return dq, dk, dv, None, None
 
 
