@@ -120,8 +120,10 @@ def make_plan(spec: Any, pattern: str | None = None, *, inputs: Mapping[str, Any
 class Compiled:
     """A compiled pattern: call it like attention, ``fn(q, k, v, scale=None, return_lse=False, **inputs)``.
 
-    Tensors are ``[B, H, N, D]``; K/V may have fewer heads (GQA) when ``H % Hkv == 0``.
-    Returns ``out`` (and ``lse [B, H, N]`` in fp32 with ``return_lse=True``).
+    Tensors are ``[B, H, N, D]``; K/V may have fewer heads (GQA) when ``H % Hkv == 0``, and V
+    its own head dim ``Dv`` (MLA). Returns ``out [B, H, N, Dv]`` (and ``lse [B, H, N]`` in fp32
+    with ``return_lse=True``). A row depends only on the keys and values its pattern allows it,
+    even when others hold NaN/Inf.
     """
 
     def __init__(self, spec: Any, pattern: str | None, backend: str | None, tokens: Any,

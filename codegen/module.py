@@ -369,11 +369,24 @@ def _tables(device):
     return _DEVICE_TABLES[key]
 
 
-def _meta(head_dim, dtype):
+def _all_finite(*tensors):
+    # aminmax propagates NaN and shows +-inf in one pass (isfinite(x).all() builds a mask).
+    # Under CUDA graph capture no host sync is allowed: the inputs are taken as finite.
+    if tensors[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        return True
+    ends = [torch.stack(torch.aminmax(t)).float() for t in tensors if t.numel()]
+    return not ends or bool(torch.isfinite(torch.cat(ends)).all())
+
+
+def _meta(head_dim, v_dim, dtype, exact=False):
     return dict(N_TOKENS=N_TOKENS, N_KERNEL=N_KERNEL, KV_TILES=KV_TILES, BLOCK_M=BLOCK_M,
                 BLOCK_N=BLOCK_N, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                V_DIM=v_dim, BLOCK_DV=max(16, triton.next_power_of_2(v_dim)),
                 # fp32 inputs get exact fp32 products, not TF32
-                PRECISION="ieee" if dtype == torch.float32 else "tf32")
+                PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                # NaN/Inf in the inputs: the kernels' exact variant keeps hidden values out of
+                # every row (masked products would give 0 * NaN); compiled only when needed
+                EXACT=exact)
 
 
 def _args(kernel, tables, inputs):
@@ -381,32 +394,33 @@ def _args(kernel, tables, inputs):
     return [inputs[n] if n in inputs else tables[n] for n in KERNEL_ARGS[kernel]]
 
 
-def _forward(q, k, v, scale, inputs):
+def _forward(q, k, v, scale, inputs, exact):
     B, H, N, D = q.shape
     gqa = H // k.shape[1]
-    o = torch.empty_like(q)
+    o = q.new_empty((B, H, N, v.shape[3]))  # the value head dim (MLA: it may differ from D)
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     t = _tables(q.device)
     _attn_fwd[(Q_TILES, B * H)](q, k, v, o, lse, *_args("_attn_fwd", t, inputs), scale * _LOG2E, H, gqa,
-                               **_meta(D, q.dtype))
+                               **_meta(D, v.shape[3], q.dtype, exact))
     return o, lse
 
 
-def _backward(q, k, v, o, lse, do, dlse, scale, inputs):
+def _backward(q, k, v, o, lse, do, dlse, scale, inputs, exact):
     B, H, N, D = q.shape
     gqa = H // k.shape[1]
     do = torch.zeros_like(o) if do is None else do.contiguous()
     delta = torch.empty_like(lse)
     rows = B * H * N
-    _attn_bwd_preprocess[(triton.cdiv(rows, 64),)](o, do, delta, rows, HEAD_DIM=D,
-                                                   BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_R=64)
+    Dv = v.shape[3]
+    _attn_bwd_preprocess[(triton.cdiv(rows, 64),)](o, do, delta, rows, HEAD_DIM=Dv,
+                                                   BLOCK_D=max(16, triton.next_power_of_2(Dv)), BLOCK_R=64)
     if dlse is not None:
         # d lse_i / d s_ij = P_ij, so a loss reading lse adds P * dlse to dS = P * (dP - delta):
         # the same kernels with delta - dlse. Rows with lse = -inf have P = 0 and take no part.
         delta = delta - torch.where(torch.isinf(lse), 0.0, dlse.float())
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     t = _tables(q.device)
-    meta = _meta(D, q.dtype)
+    meta = _meta(D, Dv, q.dtype, exact or not _all_finite(do))
     _attn_bwd_dkdv[(KV_TILES, B * k.shape[1])](q, k, v, do, dk, dv, lse, delta, *_args("_attn_bwd_dkdv", t, inputs),
                                                scale * _LOG2E, scale, H, gqa, **meta)
     _attn_bwd_dq[(Q_TILES, B * H)](q, k, v, do, dq, lse, delta, *_args("_attn_bwd_dq", t, inputs),
@@ -417,16 +431,17 @@ def _backward(q, k, v, o, lse, do, dlse, scale, inputs):
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, inputs):
-        o, lse = _forward(q, k, v, scale, inputs)
+        exact = not _all_finite(q, k, v)
+        o, lse = _forward(q, k, v, scale, inputs, exact)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scale, ctx.inputs = scale, inputs
+        ctx.scale, ctx.inputs, ctx.exact = scale, inputs, exact
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zero pass
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, o, lse, do, dlse, ctx.scale, ctx.inputs)
+        dq, dk, dv = _backward(q, k, v, o, lse, do, dlse, ctx.scale, ctx.inputs, ctx.exact)
         return dq, dk, dv, None, None
 
 
@@ -441,12 +456,16 @@ def _check(q, k, v, runtime_inputs):
     B, H, N, D = q.shape
     if N != N_TOKENS or k.shape[2] != N_TOKENS or v.shape[:3] != k.shape[:3] or k.shape[0] != B:
         raise ValueError(f"pattern {PATTERN_NAME} has N = {N_TOKENS} tokens: need q [B, H, {N_TOKENS}, D] and "
-                         f"k, v [B, Hkv, {N_TOKENS}, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if k.shape[3] != D or v.shape[3] != D:
-        raise ValueError(f"q, k, v head dims differ: {D}, {k.shape[3]}, {v.shape[3]}")
+                         f"k, v [B, Hkv, {N_TOKENS}, D / Dv]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape[3] != D:
+        raise ValueError(f"q head dim {D} and k head dim {k.shape[3]} differ")
     if not 1 <= D <= 256 or (HEAD_DIM is not None and D != HEAD_DIM):
         raise ValueError(f"head dim {D} is not supported; valid: " + (str(HEAD_DIM) if HEAD_DIM else "1..256"))
-    if k.shape[1] == 0 or H % k.shape[1]:
+    if not 1 <= v.shape[3] <= 256:  # the value head dim may differ from D (MLA)
+        raise ValueError(f"value head dim {v.shape[3]} is not supported; valid: 1..256")
+    if H == 0 or k.shape[1] == 0:
+        raise ValueError(f"attention needs at least one head: q has {H} heads, k/v have {k.shape[1]}")
+    if H % k.shape[1]:
         raise ValueError(f"{H} query heads are not a multiple of {k.shape[1]} key/value heads")
     if HEADS is not None and H != HEADS:
         raise ValueError(f"pattern {PATTERN_NAME} declares {HEADS} heads, q has {H}")
@@ -461,14 +480,25 @@ def _check(q, k, v, runtime_inputs):
         t = torch.as_tensor(runtime_inputs[name], device=q.device)
         if t.dtype.is_floating_point or t.dtype == torch.bool:
             raise TypeError(f"runtime input {name} must be an integer tensor, got {t.dtype}")
-        want = (B, N) if kind == "ids" else (B,)
-        t = t.expand(want) if t.dim() < len(want) else t
-        if tuple(t.shape) != want:
-            raise ValueError(f"runtime input {name} ({kind}) must have shape {list(want)}, got {list(t.shape)}")
+        # The same checks and words as attnlang's own call (runtime/call.py), never a raw torch error
+        if kind == "ids":
+            if t.dim() == 1 and t.shape[0] == N:
+                t = t.expand(B, N)
+            if tuple(t.shape) != (B, N):
+                raise ValueError(f"runtime input '{name}' (ids) must have shape [B, N] = [{B}, {N}] or [N], "
+                                 f"got {tuple(t.shape)}")
+        else:
+            if t.dim() == 0:
+                t = t.expand(B)
+            if tuple(t.shape) != (B,):
+                raise ValueError(f"runtime input '{name}' (length) must have shape [B] = [{B}] or be a "
+                                 f"scalar, got {tuple(t.shape)}")
+            if bool(((t < 0) | (t > N)).any()):
+                raise ValueError(f"runtime input '{name}' (length) must lie in 0..{N}, got {t.tolist()}")
         if kind == "ids":  # compared for equality at full width: ids 0 and 2**32 are two documents
             inputs["IN_" + name] = t.to(torch.int64).contiguous()
-        else:  # q < len for q in 0..N: any length outside 0..N means the same as its nearest end
-            inputs["IN_" + name] = t.to(torch.int64).clamp(0, N).to(torch.int32).contiguous()
+        else:  # checked to lie in 0..N above, so int32 holds it
+            inputs["IN_" + name] = t.to(torch.int32).contiguous()
     return inputs
 
 

@@ -148,6 +148,11 @@ def _floordiv(a, b):
 
 
 @triton.jit
+def _finite(x):
+    return (x == x) & (tl.abs(x) != float("inf"))
+
+
+@triton.jit
 def _online_softmax(acc, l_i, m_i, s, v, PRECISION: tl.constexpr):
     # s is in base 2 (scale * log2(e) folded in). A row whose keys are all masked so far keeps
     # m = -inf; shifting it by 0 instead keeps exp2 away from (-inf) - (-inf) = nan.
@@ -368,33 +373,37 @@ class _Gen:
             "{k_tok}"
             "kT = tl.load(K + kv_base + k_tok[None, :] * HEAD_DIM + offs_d[:, None],\n"
             "             mask=d_ok[:, None]{kmask_T}, other=0.0)\n"
-            "v = tl.load(V + kv_base + k_tok[:, None] * HEAD_DIM + offs_d[None, :],\n"
-            "            mask=d_ok[None, :]{kmask}, other=0.0)\n"
+            "v = tl.load(V + v_base + k_tok[:, None] * V_DIM + offs_dv[None, :],\n"
+            "            mask=dv_ok[None, :]{kmask}, other=0.0)\n"
             f"s = tl.dot(q, kT, {_PREC}) * qk_scale\n"
             "{apply_mask}"
             "acc, l_i, m_i = _online_softmax(acc, l_i, m_i, s, v, PRECISION)\n")
         body = lambda g: self.kv_loops(g, _StepTemplate(step, self, g, "fwd"))
         args = self.kernel_args("fwd")
         return (
-            f"@triton.autotune(configs=_configs(), key=[\"HEAD_DIM\"])\n"
+            f"@triton.autotune(configs=_configs(), key=[\"HEAD_DIM\", \"V_DIM\"])\n"
             f"@triton.jit\n"
             f"def _attn_fwd(Q, K, V, O, LSE, {_sig(args)}qk_scale, H, GQA,\n"
             f"              N_TOKENS: tl.constexpr, N_KERNEL: tl.constexpr, KV_TILES: tl.constexpr,\n"
             f"              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,\n"
-            f"              BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):\n"
+            f"              BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,\n"
+            f"              PRECISION: tl.constexpr, EXACT: tl.constexpr):\n"
             + textwrap.indent(
                 _PROLOGUE_Q.format(tok_q=_tok(self.plan, "offs_m")) +
                 "q = tl.load(Q + q_base + q_tok[:, None] * HEAD_DIM + offs_d[None, :],\n"
                 "            mask=q_ok[:, None] & d_ok[None, :], other=0.0)\n"
                 "m_i = tl.full([BLOCK_M], float(\"-inf\"), tl.float32)\n"
                 "l_i = tl.zeros([BLOCK_M], tl.float32)\n"
-                "acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)\n"
+                "acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)\n"
+                "poison = tl.zeros([BLOCK_M], tl.int32)  # EXACT: rows that see a non-finite value\n"
                 + self.head_switch(body) +
                 "# a row that saw no allowed key: zero output and lse = -inf (as FlexAttention)\n"
                 "l_safe = tl.where(l_i > 0, l_i, 1.0)\n"
                 "out = acc / l_safe[:, None]\n"
-                "tl.store(O + q_base + q_tok[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty),\n"
-                "         mask=q_ok[:, None] & d_ok[None, :])\n"
+                "if EXACT:\n"
+                "    out = tl.where(poison[:, None] > 0, float(\"nan\"), out)\n"
+                "tl.store(O + o_base + q_tok[:, None] * V_DIM + offs_dv[None, :], out.to(O.dtype.element_ty),\n"
+                "         mask=q_ok[:, None] & dv_ok[None, :])\n"
                 "lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float(\"-inf\"))\n"
                 "tl.store(LSE + row_base + q_tok, lse, mask=q_ok)\n", "    "))
 
@@ -403,28 +412,31 @@ class _Gen:
             "{k_tok}"
             "kT = tl.load(K + kv_base + k_tok[None, :] * HEAD_DIM + offs_d[:, None],\n"
             "             mask=d_ok[:, None]{kmask_T}, other=0.0)\n"
-            "vT = tl.load(V + kv_base + k_tok[None, :] * HEAD_DIM + offs_d[:, None],\n"
-            "             mask=d_ok[:, None]{kmask_T}, other=0.0)\n"
+            "vT = tl.load(V + v_base + k_tok[None, :] * V_DIM + offs_dv[:, None],\n"
+            "             mask=dv_ok[:, None]{kmask_T}, other=0.0)\n"
             f"s = tl.dot(q, kT, {_PREC}) * qk_scale\n"
             "p = tl.exp2(s - lse2[:, None])\n"
             "{apply_p_mask}"
             f"dp = tl.dot(do, vT, {_PREC})\n"
             "ds = p * (dp - delta[:, None])\n"
+            "{exact_ds}"
             f"dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, {_PREC})\n")
         body = lambda g: self.kv_loops(g, _StepTemplate(step, self, g, "dq"))
         args = self.kernel_args("dq")
         return (
-            f"@triton.autotune(configs=_configs(), key=[\"HEAD_DIM\"])\n"
+            f"@triton.autotune(configs=_configs(), key=[\"HEAD_DIM\", \"V_DIM\"])\n"
             f"@triton.jit\n"
             f"def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, {_sig(args)}qk_scale, sm_scale, H, GQA,\n"
             f"                 N_TOKENS: tl.constexpr, N_KERNEL: tl.constexpr, KV_TILES: tl.constexpr,\n"
             f"                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,\n"
-            f"                 BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):\n"
+            f"                 BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,\n"
+            f"                 PRECISION: tl.constexpr, EXACT: tl.constexpr):\n"
             + textwrap.indent(
                 _PROLOGUE_Q.format(tok_q=_tok(self.plan, "offs_m")) +
                 "rows = q_base + q_tok[:, None] * HEAD_DIM + offs_d[None, :]\n"
                 "q = tl.load(Q + rows, mask=q_ok[:, None] & d_ok[None, :], other=0.0)\n"
-                "do = tl.load(DO + rows, mask=q_ok[:, None] & d_ok[None, :], other=0.0)\n"
+                "do = tl.load(DO + o_base + q_tok[:, None] * V_DIM + offs_dv[None, :],\n"
+                "             mask=q_ok[:, None] & dv_ok[None, :], other=0.0)\n"
                 "lse2 = tl.load(LSE + row_base + q_tok, mask=q_ok, other=0.0) * 1.4426950408889634\n"
                 "delta = tl.load(DELTA + row_base + q_tok, mask=q_ok, other=0.0)\n"
                 "dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)\n"
@@ -437,7 +449,7 @@ class _Gen:
             "{q_tok}"
             "rows = q_base + q_tok[:, None] * HEAD_DIM + offs_d[None, :]\n"
             "q = tl.load(Q + rows, mask=d_ok[None, :]{qmask}, other=0.0)\n"
-            "do = tl.load(DO + rows, mask=d_ok[None, :]{qmask}, other=0.0)\n"
+            "do = tl.load(DO + o_base + q_tok[:, None] * V_DIM + offs_dv[None, :], mask=dv_ok[None, :]{qmask}, other=0.0)\n"
             "lse2 = tl.load(LSE + row_base + q_tok{qmask1}) * 1.4426950408889634\n"
             "delta = tl.load(DELTA + row_base + q_tok{qmask1})\n"
             "# transposed scores [BLOCK_N, BLOCK_M]: dK and dV need P^T and dS^T\n"
@@ -447,16 +459,18 @@ class _Gen:
             f"dv = tl.dot(pT.to(do.dtype), do, dv, {_PREC})\n"
             f"dpT = tl.dot(v, tl.trans(do), {_PREC})\n"
             "dsT = pT * (dpT - delta[None, :])\n"
+            "{exact_dsT}"
             f"dk = tl.dot(dsT.to(q.dtype), q, dk, {_PREC})\n")
         body = lambda g: self.q_loops(g, _StepTemplate(step, self, g, "dkdv"))
         args = self.kernel_args("dkdv")
         return (
-            f"@triton.autotune(configs=_configs(), key=[\"HEAD_DIM\"])\n"
+            f"@triton.autotune(configs=_configs(), key=[\"HEAD_DIM\", \"V_DIM\"])\n"
             f"@triton.jit\n"
             f"def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, {_sig(args)}qk_scale, sm_scale, H, GQA,\n"
             f"                   N_TOKENS: tl.constexpr, N_KERNEL: tl.constexpr, KV_TILES: tl.constexpr,\n"
             f"                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,\n"
-            f"                   BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):\n"
+            f"                   BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,\n"
+            f"                   PRECISION: tl.constexpr, EXACT: tl.constexpr):\n"
             + textwrap.indent(
                 "kt = tl.program_id(0)\n"
                 "bh = tl.program_id(1)\n"
@@ -464,24 +478,33 @@ class _Gen:
                 "b = bh // HKV\n"
                 "hk = bh % HKV\n"
                 "kv_base = (b.to(tl.int64) * HKV + hk) * (N_TOKENS * HEAD_DIM)\n"
+                "v_base = (b.to(tl.int64) * HKV + hk) * (N_TOKENS * V_DIM)\n"
                 "offs_m = tl.arange(0, BLOCK_M)\n"
                 "offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)\n"
                 "offs_d = tl.arange(0, BLOCK_D)\n"
                 "d_ok = offs_d < HEAD_DIM\n"
+                "offs_dv = tl.arange(0, BLOCK_DV)\n"
+                "dv_ok = offs_dv < V_DIM\n"
                 f"k_tok = {_tok(self.plan, 'offs_n')}\n"
                 "k_ok = k_tok >= 0\n"
                 "kv_rows = kv_base + k_tok[:, None] * HEAD_DIM + offs_d[None, :]\n"
                 "k = tl.load(K + kv_rows, mask=k_ok[:, None] & d_ok[None, :], other=0.0)\n"
-                "v = tl.load(V + kv_rows, mask=k_ok[:, None] & d_ok[None, :], other=0.0)\n"
+                "v_rows = v_base + k_tok[:, None] * V_DIM + offs_dv[None, :]\n"
+                "v = tl.load(V + v_rows, mask=k_ok[:, None] & dv_ok[None, :], other=0.0)\n"
                 "dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)\n"
-                "dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)\n"
+                "dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)\n"
+                "poison = tl.zeros([BLOCK_N], tl.int32)  # EXACT: keys seen by a non-finite row\n"
                 "# every query head of this kv head's GQA group, in order: deterministic, no atomics\n"
                 "for h in range(hk * GQA, hk * GQA + GQA):\n"
                 "    q_base = (b.to(tl.int64) * H + h) * (N_TOKENS * HEAD_DIM)\n"
                 "    row_base = (b.to(tl.int64) * H + h) * N_TOKENS\n"
+                "    o_base = row_base * V_DIM\n"
                 + textwrap.indent(self.head_switch(body), "    ") +
+                "if EXACT:\n"
+                "    dk = tl.where(poison[:, None] > 0, float(\"nan\"), dk)\n"
+                "    dv = tl.where(poison[:, None] > 0, float(\"nan\"), dv)\n"
                 "tl.store(DK + kv_rows, (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok[:, None] & d_ok[None, :])\n"
-                "tl.store(DV + kv_rows, dv.to(DV.dtype.element_ty), mask=k_ok[:, None] & d_ok[None, :])\n",
+                "tl.store(DV + v_rows, dv.to(DV.dtype.element_ty), mask=k_ok[:, None] & dv_ok[None, :])\n",
                 "    "))
 
 
@@ -497,7 +520,7 @@ class _StepTemplate(str):
         g = self.g
         gen = self.gen
         slots = {"kmask_T": "", "kmask": "", "qmask": "", "qmask1": "",
-                 "apply_mask": "", "apply_p_mask": "", "apply_pT_mask": "",
+                 "apply_mask": "", "apply_p_mask": "", "apply_pT_mask": "", "exact_ds": "", "exact_dsT": "",
                  "k_tok": f"k_tok = {_tok(gen.plan, 'kt * BLOCK_N + offs_n', full=True)}\n",
                  "q_tok": f"q_tok = {_tok(gen.plan, 'qt * BLOCK_M + offs_m', full=True)}\n"}
         if masked:
@@ -510,11 +533,32 @@ class _StepTemplate(str):
             slots["qmask"] = " & q_ok[:, None]"
             slots["qmask1"] = ", mask=q_ok, other=0.0"
             call = gen.pred_call(g, "q_tok[:, None]", "k_tok[None, :]")
-            slots["apply_mask"] = f"s = tl.where({call}, s, float(\"-inf\"))\n"
+            # EXACT (the launcher saw NaN/Inf in this call's inputs): values a row may not see
+            # are zeroed before the products that would give it 0 * NaN, and rows (keys) that do
+            # see one are marked, so their results come out NaN (docs/reliability.md).
+            slots["apply_mask"] = (
+                f"allowed = {call}\n"
+                "s = tl.where(allowed, s, float(\"-inf\"))\n"
+                "if EXACT:\n"
+                "    v_bad = tl.max(tl.where(_finite(v), 0, 1), 1)\n"
+                "    poison = tl.maximum(poison, tl.max(tl.where(allowed & (v_bad[None, :] > 0), 1, 0), 1))\n"
+                "    v = tl.where(v_bad[:, None] > 0, 0.0, v)\n")
             # where() (not a product) so exp2 of a row with lse = -inf never leaks inf * 0
-            slots["apply_p_mask"] = f"p = tl.where({call}, p, 0.0)\n"
+            slots["apply_p_mask"] = f"allowed = {call}\np = tl.where(allowed, p, 0.0)\n"
+            slots["exact_ds"] = (
+                "if EXACT:\n"
+                "    ds = tl.where(allowed, ds, 0.0)\n"
+                "    kT = tl.where(tl.max(tl.where(_finite(kT), 0, 1), 0)[None, :] > 0, 0.0, kT)\n")
             callT = gen.pred_call(g, "q_tok[None, :]", "k_tok[:, None]")
-            slots["apply_pT_mask"] = f"pT = tl.where({callT}, pT, 0.0)\n"
+            slots["apply_pT_mask"] = (
+                f"allowedT = {callT}\n"
+                "pT = tl.where(allowedT, pT, 0.0)\n"
+                "if EXACT:\n"
+                "    q_bad = tl.maximum(tl.max(tl.where(_finite(q), 0, 1), 1), tl.max(tl.where(_finite(do), 0, 1), 1))\n"
+                "    poison = tl.maximum(poison, tl.max(tl.where(allowedT & (q_bad[None, :] > 0), 1, 0), 1))\n"
+                "    q = tl.where(q_bad[:, None] > 0, 0.0, q)\n"
+                "    do = tl.where(q_bad[:, None] > 0, 0.0, do)\n")
+            slots["exact_dsT"] = "if EXACT:\n    dsT = tl.where(allowedT, dsT, 0.0)\n"
         out = str(self)
         for key, val in slots.items():
             out = out.replace("{" + key + "}", val)
@@ -530,10 +574,15 @@ _PROLOGUE_Q = (
     "q_base = (b.to(tl.int64) * H + h) * (N_TOKENS * HEAD_DIM)\n"
     "kv_base = (b.to(tl.int64) * (H // GQA) + hk) * (N_TOKENS * HEAD_DIM)\n"
     "row_base = (b.to(tl.int64) * H + h) * N_TOKENS\n"
+    "# V, O and dO rows have the value head dim V_DIM (may differ from HEAD_DIM: MLA)\n"
+    "v_base = (b.to(tl.int64) * (H // GQA) + hk) * (N_TOKENS * V_DIM)\n"
+    "o_base = row_base * V_DIM\n"
     "offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)\n"
     "offs_n = tl.arange(0, BLOCK_N)\n"
     "offs_d = tl.arange(0, BLOCK_D)\n"
     "d_ok = offs_d < HEAD_DIM  # head dim padded to a power of two\n"
+    "offs_dv = tl.arange(0, BLOCK_DV)\n"
+    "dv_ok = offs_dv < V_DIM\n"
     "q_tok = {tok_q}\n"
     "q_ok = q_tok >= 0\n")
 

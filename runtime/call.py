@@ -1,7 +1,8 @@
 """One attention call, normalised at the boundary: checked tensors, scale, runtime inputs, plans.
 
-Every backend receives a :class:`Call` and may assume canonical forms: ``q [B, Hq, N, D]``,
-``k``/``v [B, Hkv, N, D]`` with ``Hq % Hkv == 0``, one floating dtype and one device, a float
+Every backend receives a :class:`Call` and may assume canonical forms: ``q``/``k [B, Hq or
+Hkv, N, D]``, ``v [B, Hkv, N, Dv]`` (``Dv`` may differ from ``D``: MLA-style value heads) with
+``Hq >= 1`` and ``Hq % Hkv == 0``, one floating dtype and one device, a float
 ``scale``, runtime inputs as int64 tensors (``ids [B, N]``, ``length [B]``).
 """
 from __future__ import annotations
@@ -46,6 +47,11 @@ class Call:
     @property
     def kv_heads(self) -> int:
         return self.k.shape[1]
+
+    @property
+    def v_dim(self) -> int:
+        """The value head dim ``Dv`` (the output's last dim); may differ from q/k's ``D``."""
+        return self.v.shape[3]
 
     def item_inputs(self, b: int) -> dict[str, np.ndarray]:
         """Batch item ``b``'s runtime inputs as numpy (what the IR and planner read)."""
@@ -107,12 +113,15 @@ def check_call(pattern: Pattern, q: Any, k: Any, v: Any, scale: Any,
             f"sequence length N = {N} (q) / {k.shape[2]} (k) does not match the pattern "
             f"'{pattern.name}' with tokens {pattern.layout.to_attn()} (N = {pattern.n})")
     Hkv = k.shape[1]
-    if Hkv == 0 or Hq % Hkv:
+    if Hq == 0 or Hkv == 0:
+        problems.append(f"attention needs at least one head: q has {Hq} heads, k/v have {Hkv} "
+                        f"(shapes q {tuple(q.shape)}, k {tuple(k.shape)})")
+    elif Hq % Hkv:
         problems.append(f"{Hq} query heads are not a multiple of {Hkv} key/value heads (GQA needs Hq % Hkv == 0)")
     if pattern.heads is not None and Hq != pattern.heads:
         problems.append(f"pattern '{pattern.name}' declares heads {pattern.heads} but q has {Hq} heads")
-    if D == 0 or N == 0 or B == 0:
-        problems.append(f"empty dimension in q shape {tuple(q.shape)}")
+    if D == 0 or N == 0 or B == 0 or v.shape[3] == 0:
+        problems.append(f"empty dimension in q shape {tuple(q.shape)} or v shape {tuple(v.shape)}")
     if problems:
         raise AttnError("\n".join(problems))
 

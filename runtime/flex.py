@@ -19,6 +19,10 @@ silent. The default CPU backend is the torch executor, so this cost is opt-in.
 FlexAttention's compiled CPU path returns no ``lse``: ``return_lse=True`` with a compiled call is an
 error naming the alternatives. FlexAttention's CPU path has no backward: asking for gradients with ``backend='flex'`` on CPU is
 an :class:`~attnlang.errors.AttnError` that points to ``backend='torch'``.
+
+NaN/Inf in Q/K/V: FlexAttention's ``P @ V`` multiplies masked entries by zero (``0 * NaN =
+NaN``), so such calls run on the torch executor's exact path instead, with a one-time warning
+(:func:`attnlang.runtime.nonfinite.exact_fallback`); checking costs one pass over Q/K/V per call.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ from attnlang.pattern import (
 )
 from attnlang.plan import Plan
 from attnlang.runtime.call import Call
+from attnlang.runtime.nonfinite import all_finite, exact_fallback
 
 COMPILE: bool | None = None  # None: compile when N >= COMPILE_MIN_N; True/False: always/never
 COMPILE_MIN_N = 2048
@@ -377,6 +382,11 @@ def run(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
     why = supports(call)
     if why:
         raise AttnError(f"backend 'flex' cannot run this call: {why}")
+    if not all_finite(call.q, call.k, call.v):
+        # FlexAttention computes P @ V (and dQ) with masked entries as 0 * x: a NaN value no
+        # row may see would still reach every row of its block.
+        return exact_fallback(call, "flex", "FlexAttention would leak them into rows that may not "
+                              "see them (0 * NaN in P @ V)")
     plans = [call.plan(b) for b in (range(call.batch) if call.inputs else range(1))]
     p0 = plans[0]
     if any(p.block_m != p0.block_m or p.block_n != p0.block_n or p.n_kernel != p0.n_kernel

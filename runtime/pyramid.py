@@ -232,4 +232,4 @@ def run(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
     pk = torch.stack([_pooled(call.k[b].float(), st) for b in range(B)])  # [B, Hkv, M, D]
     pv = torch.stack([_pooled(call.v[b].float(), st) for b in range(B)])
     out, lse = RoutedAttention.apply(call.q, pk, pv, _tiles(call, st, tables), call.scale)
-    return out.view(B, Hq, N, D).to(call.q.dtype), lse.view(B, Hq, N)
+    return out.view(B, Hq, N, call.v_dim).to(call.q.dtype), lse.view(B, Hq, N)

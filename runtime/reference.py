@@ -2,7 +2,9 @@
 
 Scores in fp32 over the full N x N grid, the mask from the Pattern IR's own ``allowed``
 (evaluated per batch item when the pattern reads runtime inputs), a masked softmax where a row
-with no allowed key gives a zero output and ``lse = -inf``. Differentiable by autograd.
+with no allowed key gives a zero output and ``lse = -inf``. Differentiable by autograd. Masked
+pairs are excluded from ``P @ V`` and from the gradients, not multiplied by zero, so a row never
+depends on a key or value it may not see, even a NaN/Inf one.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch
 from attnlang.errors import AttnError
 from attnlang.pattern import Pyramid
 from attnlang.runtime.call import Call
+from attnlang.runtime.nonfinite import MaskedPV, MaskedScores
 
 MAX_ELEMENTS = 1 << 28  # B * H * N * N scores held at once; beyond this use a sparse backend
 
@@ -41,7 +44,7 @@ def supports(call: Call) -> str | None:
 
 
 def run(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(out [B, Hq, N, D] in q's dtype, lse [B, Hq, N] fp32)``."""
+    """Return ``(out [B, Hq, N, Dv] in q's dtype, lse [B, Hq, N] fp32)``."""
     why = supports(call)
     if why:
         raise AttnError(why)
@@ -52,14 +55,16 @@ def run(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
     if group > 1:
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
-    s = torch.matmul(q, k.transpose(-1, -2)) * call.scale
     mask = dense_masks(call)
+    # Scores and P @ V read allowed pairs only, forward and backward: a NaN/Inf key or value a
+    # row may not see never reaches it through 0 * NaN (runtime/nonfinite.py).
+    s = MaskedScores.apply(q, k, mask, call.scale)
     # Rows with no allowed key get zero scores (finite softmax and gradients), then are zeroed.
     empty = ~mask.any(dim=-1, keepdim=True)
-    s = s.masked_fill(~mask, float("-inf")).masked_fill(empty, 0.0)
+    s = s.masked_fill(empty, 0.0)
     lse = torch.logsumexp(s, dim=-1, keepdim=True)
     p = torch.exp(s - lse).masked_fill(empty, 0.0)
-    out = torch.matmul(p, v)
+    out = MaskedPV.apply(p, v, mask)
     return out.to(call.q.dtype), lse.squeeze(-1).masked_fill(empty.squeeze(-1), float("-inf"))
 
 
@@ -91,12 +96,13 @@ def _pyramid(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
             lvl, vis = token_structure(p, layout, table[h])
             level[b, h], allowed[b, h] = torch.from_numpy(lvl), torch.from_numpy(vis)
     level, allowed = level.to(q.device), allowed.to(q.device)
-    s = torch.zeros(B, H, N, N, device=q.device)
-    for lv in set(p.levels):
-        s = torch.where(level == lv, torch.matmul(q, pooled(k, lv).transpose(-1, -2)) * call.scale, s)
+    s = torch.full((B, H, N, N), float("-inf"), device=q.device)
+    at = {lv: allowed & (level == lv) for lv in set(p.levels)}  # pairs each level serves
+    for lv in set(p.levels):  # masked products: NaN/Inf in a hidden run never reaches a row
+        s = torch.where(at[lv], MaskedScores.apply(q, pooled(k, lv), at[lv], call.scale), s)
     empty = ~allowed.any(dim=-1, keepdim=True)
-    s = s.masked_fill(~allowed, float("-inf")).masked_fill(empty, 0.0)
+    s = s.masked_fill(empty, 0.0)
     lse = torch.logsumexp(s, dim=-1, keepdim=True)
     prob = torch.exp(s - lse).masked_fill(empty, 0.0)
-    out = sum(torch.matmul(prob * (level == lv), pooled(v, lv)) for lv in set(p.levels))
+    out = sum(MaskedPV.apply(prob, pooled(v, lv), at[lv]) for lv in set(p.levels))
     return out.to(call.q.dtype), lse.squeeze(-1).masked_fill(empty.squeeze(-1), float("-inf"))

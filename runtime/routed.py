@@ -561,11 +561,14 @@ class RoutedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, sets: list[Tiles], scale: float):
         from attnlang.runtime.torch_exec import _chunk_forward
 
-        D, rows = q.shape[-1], q[..., 0].numel()
+        from attnlang.runtime.nonfinite import all_finite
+
+        D, Dv, rows = q.shape[-1], v.shape[-1], q[..., 0].numel()
+        exact = not all_finite(q, k, v)  # NaN/Inf: masked pairs excluded, not zeroed
         qf, kf, vf = _flat(q), _flat(k), _flat(v)  # once for every set
         m = torch.full((rows + 1,), float("-inf"), device=q.device)  # the last row: padding's sink
         den = torch.zeros(rows + 1, device=q.device)
-        num = torch.zeros((rows + 1, D), device=q.device)
+        num = torch.zeros((rows + 1, Dv), device=q.device)
         with torch.no_grad():
             for tl in sets:
                 bm = tl.block_m
@@ -574,17 +577,17 @@ class RoutedAttention(torch.autograd.Function):
                     qg = qf.index_select(0, tl.q_rows[rs]).view(1, c1 - c0, bm, D)
                     idx = tl.key_rows(c0, c1)
                     kg = kf.index_select(0, idx).view(1, c1 - c0, -1, D)
-                    vg = vf.index_select(0, idx).view(1, c1 - c0, -1, D)
-                    o, l = _chunk_forward(qg, kg, vg, tl.bias(c0, c1), scale)
-                    o, l, empty = o.reshape(-1, D), l.reshape(-1), tl.row_empty[rs]
+                    vg = vf.index_select(0, idx).view(1, c1 - c0, -1, Dv)
+                    o, l = _chunk_forward(qg, kg, vg, tl.bias(c0, c1), scale, exact)
+                    o, l, empty = o.reshape(-1, Dv), l.reshape(-1), tl.row_empty[rs]
                     if empty.any():  # a masked row with nothing allowed: lse = -inf (the fused op says 0)
                         o, l = o.masked_fill(empty[:, None], 0.0), l.masked_fill(empty, float("-inf"))
                     _merge(m, den, num, tl.dest[rs], o, l + tl.shift if tl.shift else l)
-            some = den[:rows] > 0
-            safe = torch.where(some, den[:rows], torch.ones_like(den[:rows]))
+            none = den[:rows] == 0  # nothing allowed; a row that saw a NaN keeps den = NaN, and NaN
+            safe = torch.where(none, torch.ones_like(den[:rows]), den[:rows])
             out = num[:rows] / safe[:, None]
-            lse = torch.where(some, m[:rows] + torch.log(safe), torch.full_like(safe, float("-inf")))
-        ctx.sets, ctx.scale = sets, scale
+            lse = torch.where(none, torch.full_like(safe, float("-inf")), m[:rows] + torch.log(safe))
+        ctx.sets, ctx.scale, ctx.exact = sets, scale, exact
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.set_materialize_grads(False)
         return out, lse
@@ -595,13 +598,16 @@ class RoutedAttention(torch.autograd.Function):
 
         if dout is None and dlse is None:
             return None, None, None, None, None
+        from attnlang.runtime.nonfinite import all_finite
+
         q, k, v, out, lse = ctx.saved_tensors
         D = q.shape[-1]
+        exact = ctx.exact or not all_finite(dout, dlse)
         qf, kf, vf = _flat(q), _flat(k), _flat(v)
         dq, dk, dv = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
         sink = lambda x: torch.cat([x, x.new_zeros((1,) + x.shape[1:])])  # noqa: E731
         # Rows that see nothing have lse = -inf and no pieces to differentiate: 0 keeps exp finite.
-        seen = torch.isfinite(lse)
+        seen = ~torch.isneginf(lse)  # NaN rows (they see a NaN) keep their NaN
         do = sink(torch.zeros_like(out) if dout is None else dout.float())
         of, lf = sink(out), sink(torch.where(seen, lse, torch.zeros_like(lse)))
         dl = None if dlse is None or not dlse.any() else sink(dlse.float().masked_fill(~seen, 0.0))
@@ -610,22 +616,23 @@ class RoutedAttention(torch.autograd.Function):
             for c0, c1 in tl.chunks():
                 c, rs = c1 - c0, slice(c0 * bm, c1 * bm)
                 qi, di, idx = tl.q_rows[rs], tl.dest[rs], tl.key_rows(c0, c1)
-                view = lambda x: x.reshape(1, c, -1, D)  # noqa: E731
+                view = lambda x: x.reshape(1, c, -1, x.shape[-1])  # noqa: E731
                 dqc, dkc, dvc = _chunk_backward(view(do.index_select(0, di)), view(qf.index_select(0, qi)),
                                                 view(kf.index_select(0, idx)), view(vf.index_select(0, idx)),
                                                 view(of.index_select(0, di)),
                                                 (lf.index_select(0, di) - tl.shift).view(1, c, bm),
                                                 tl.bias(c0, c1), ctx.scale,
-                                                None if dl is None else dl.index_select(0, di).view(1, c, bm))
+                                                None if dl is None else dl.index_select(0, di).view(1, c, bm),
+                                                exact)
                 dq.index_add_(0, qi, dqc.reshape(-1, D))
                 dk.index_add_(0, idx, dkc.reshape(-1, D))
-                dv.index_add_(0, idx, dvc.reshape(-1, D))
+                dv.index_add_(0, idx, dvc.reshape(-1, dv.shape[-1]))
         shape = lambda g, x: g[:-1].view(x.shape).to(x.dtype)  # noqa: E731
         return shape(dq, q), shape(dk, k), shape(dv, v), None, None
 
 
 def run(call: Call, sp: Split) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, Hq, N, D] in q's dtype, lse [B, Hq, N] fp32)`` of a split routed pattern."""
-    B, Hq, N, D = call.q.shape
+    B, Hq, N, _ = call.q.shape
     out, lse = RoutedAttention.apply(call.q, call.k, call.v, tiles(call, sp), call.scale)
-    return out.view(B, Hq, N, D).to(call.q.dtype), lse.view(B, Hq, N)
+    return out.view(B, Hq, N, call.v_dim).to(call.q.dtype), lse.view(B, Hq, N)

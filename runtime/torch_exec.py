@@ -19,6 +19,13 @@ the gathered dK/dV, and accumulates those per key tile with ``index_add_`` (dete
 
 GQA: when a head group holds whole GQA groups, the ``G`` query heads sharing a KV head are
 stacked as extra query rows against one gathered copy of their K/V tiles (no repeated K/V).
+V may have its own head dim ``Dv`` (MLA); the fused op needs ``Dv == D``, else the explicit
+kernel runs.
+
+NaN/Inf: a call whose Q/K/V (or, in backward, dO) hold a non-finite value runs every masked
+chunk through exact kernels (``where`` masks, :func:`~attnlang.runtime.nonfinite.masked_mm`
+products), so no row sees a key or value its pattern hides; all-finite calls pay one
+``aminmax`` per tensor for the check.
 
 >>> import torch, attnlang
 >>> fn = attnlang.compile(attnlang.causal & attnlang.sliding(8), tokens=64, backend="torch")
@@ -34,6 +41,7 @@ import torch
 from attnlang.pattern import Pyramid
 from attnlang.rows import CHUNK_BYTES, chunks
 from attnlang.runtime.call import Call
+from attnlang.runtime.nonfinite import all_finite, masked_mm
 from attnlang.runtime.tiles import TileSchedule, schedule_for
 
 BIAS_CACHE_BYTES = 64 << 20  # per-chunk masks are kept with the plan when they take at most this
@@ -48,7 +56,7 @@ def supports(call: Call) -> str | None:
 
 
 def run(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(out [B, Hq, N, D] in q's dtype, lse [B, Hq, N] fp32)``, differentiable."""
+    """Return ``(out [B, Hq, N, Dv] in q's dtype, lse [B, Hq, N] fp32)``, differentiable."""
     if isinstance(call.pattern.attend, Pyramid):
         from attnlang.runtime import pyramid
 
@@ -104,20 +112,21 @@ def _chunks(s: TileSchedule, rows: int, G: int) -> list[tuple[int, int]]:
 
 
 def _gather(s: TileSchedule, kk: torch.Tensor, vk: torch.Tensor, c0: int, c1: int, G: int):
-    """Key/value tiles and bias of query tiles ``c0..c1``: ``[H, c, W*BN, D]`` and ``[1, c, G*BM, W*BN]``."""
-    H, D = kk.shape[0], kk.shape[-1]
+    """Key/value tiles and bias of query tiles ``c0..c1``: ``[H, c, W*BN, D or Dv]`` and ``[1, c, G*BM, W*BN]``."""
+    H = kk.shape[0]
     c, W, bm, bn = c1 - c0, s.layout.chunk_width(c0, c1), s.block_m, s.block_n
     idx = s.slots[c0:c1, :W].reshape(-1)
     step = s.layout.window_step(c0, c1)
-    if step is not None:
-        # Evenly spaced windows of consecutive tiles: a strided view, no copy.
-        first = int(s.layout.window_start[c0]) * bn * D
-        shape, strides = (H, c, W * bn, D), (kk.stride(0), step * bn * D, D, 1)
-        kg = kk.as_strided(shape, strides, kk.storage_offset() + first)
-        vg = vk.as_strided(shape, strides, vk.storage_offset() + first)
-    else:
-        kg = kk.view(H, -1, bn, D).index_select(1, idx).view(H, c, W * bn, D)
-        vg = vk.view(H, -1, bn, D).index_select(1, idx).view(H, c, W * bn, D)
+
+    def tiles(x: torch.Tensor) -> torch.Tensor:  # K (head dim D) and V (head dim Dv) alike
+        D = x.shape[-1]
+        if step is not None:
+            # Evenly spaced windows of consecutive tiles: a strided view, no copy.
+            first = int(s.layout.window_start[c0]) * bn * D
+            return x.as_strided((H, c, W * bn, D), (x.stride(0), step * bn * D, D, 1), x.storage_offset() + first)
+        return x.view(H, -1, bn, D).index_select(1, idx).view(H, c, W * bn, D)
+
+    kg, vg = tiles(kk), tiles(vk)
     key = (c0, c1, G)
     if key not in s.chunk_bias:
         bid = s.bias_id[c0:c1, :W]
@@ -154,13 +163,21 @@ def _unrows(parts: list[torch.Tensor], G: int, bm: int) -> torch.Tensor:
 # Chunk kernels: fused (PyTorch's CPU flash op) and explicit
 # --------------------------------------------------------------------------------------------
 
-def _fused_ok(x: torch.Tensor) -> bool:
-    return USE_FUSED and _FUSED is not None and x.device.type == "cpu"
+def _fused_ok(q: torch.Tensor, v: torch.Tensor) -> bool:
+    # The fused op wants one head size for Q/K and V: Dv != D (MLA) runs the explicit kernel.
+    return USE_FUSED and _FUSED is not None and q.device.type == "cpu" and q.shape[-1] == v.shape[-1]
 
 
-def _chunk_forward(q, k, v, bias, scale):
-    """``(out, lse)`` of one chunk; ``lse`` is 0 (not -inf) on rows with no allowed key."""
-    if _fused_ok(q):
+def _chunk_forward(q, k, v, bias, scale, exact: bool = False):
+    """``(out, lse)`` of one chunk; ``lse`` is 0 (not -inf) on rows with no allowed key.
+
+    ``exact``: some input holds NaN/Inf, so masked pairs are excluded with ``where`` (an additive
+    ``-inf`` bias gives ``NaN + -inf = NaN``, and ``P @ V`` gives ``0 * NaN``): see
+    :mod:`attnlang.runtime.nonfinite`.
+    """
+    if exact and bias is not None:
+        return _chunk_forward_exact(q, k, v, bias == 0, scale)
+    if _fused_ok(q, v):
         return _FUSED(q, k, v, attn_mask=bias, scale=scale)
     s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
     if bias is not None:
@@ -174,9 +191,24 @@ def _chunk_forward(q, k, v, bias, scale):
     return out, lse.squeeze(-1)
 
 
-def _chunk_backward(do, q, k, v, o, lse, bias, scale, dlse):
-    """``(dq, dk, dv)`` of one chunk; ``dlse`` (or None) is the gradient flowing into ``lse``."""
-    if dlse is None and _fused_ok(q) and _FUSED_BWD is not None:
+def _chunk_forward_exact(q, k, v, allowed, scale):
+    s = torch.where(allowed, torch.matmul(q, k.transpose(-1, -2)).mul_(scale), float("-inf"))
+    m = s.amax(dim=-1, keepdim=True)
+    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)  # empty rows: every score is -inf
+    p = torch.where(allowed, torch.exp(s - m), 0.0)
+    den = p.sum(dim=-1, keepdim=True)
+    # A row that sees a NaN keeps den = NaN: its out and lse stay NaN (never an empty row's 0).
+    out = masked_mm(p, v, allowed).div_(torch.where(den == 0, torch.ones_like(den), den))
+    lse = torch.where(den == 0, torch.zeros_like(den), m + torch.log(den))
+    return out, lse.squeeze(-1)
+
+
+def _chunk_backward(do, q, k, v, o, lse, bias, scale, dlse, exact: bool = False):
+    """``(dq, dk, dv)`` of one chunk; ``dlse`` (or None) is the gradient flowing into ``lse``;
+    ``exact`` as in :func:`_chunk_forward`."""
+    if exact and bias is not None:
+        return _chunk_backward_exact(do, q, k, v, o, lse, bias == 0, scale, dlse)
+    if dlse is None and _fused_ok(q, v) and _FUSED_BWD is not None:
         if bias is not None:
             # The fused backward is about 2x slower with a mask broadcast over heads (measured).
             bias = bias.expand(q.shape[0], -1, -1, -1).contiguous()
@@ -192,6 +224,18 @@ def _chunk_backward(do, q, k, v, o, lse, bias, scale, dlse):
         delta = delta - dlse.unsqueeze(-1)
     ds = p.mul_(dp.sub_(delta)).mul_(scale)
     return torch.matmul(ds, k), torch.matmul(ds.transpose(-1, -2), q), dv
+
+
+def _chunk_backward_exact(do, q, k, v, o, lse, allowed, scale, dlse):
+    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+    p = torch.where(allowed, torch.exp(s - lse.unsqueeze(-1)), 0.0)
+    allowed_t = allowed.transpose(-1, -2)
+    dv = masked_mm(p.transpose(-1, -2), do, allowed_t)
+    delta = (do * o).sum(dim=-1, keepdim=True)
+    if dlse is not None:
+        delta = delta - dlse.unsqueeze(-1)
+    ds = torch.where(allowed, p * (torch.matmul(do, v.transpose(-1, -2)) - delta), 0.0).mul_(scale)
+    return masked_mm(ds, k, allowed), masked_mm(ds.transpose(-1, -2), q, allowed_t), dv
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,9 +263,12 @@ class _TileAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, call: Call):
         B, Hq, N, D = q.shape
-        out = q.new_empty((B, Hq, N, D), dtype=torch.float32)
+        Dv = v.shape[-1]
+        out = q.new_empty((B, Hq, N, Dv), dtype=torch.float32)
         lse = q.new_empty((B, Hq, N), dtype=torch.float32)
         raw = torch.empty_like(lse)  # the chunk kernels' lse (0 on empty rows), for backward
+        # NaN/Inf anywhere: every chunk excludes masked pairs exactly (slower; see _chunk_forward).
+        exact = not all_finite(q, k, v)
         with torch.no_grad():
             for b, s, lo, hi, rows, G, kv_map in _groups(call):
                 qk = _to_kernel(q[b, lo:hi], s.q_index, s.q_identity).view(rows, G, -1, D)
@@ -230,15 +277,15 @@ class _TileAttention(torch.autograd.Function):
                 outs, lses = [], []
                 for c0, c1 in _chunks(s, rows, G):
                     _, kg, vg, bias = _gather(s, kk, vk, c0, c1, G)
-                    o, l = _chunk_forward(_rows(qk, c0, c1, G, s.block_m), kg, vg, bias, call.scale)
+                    o, l = _chunk_forward(_rows(qk, c0, c1, G, s.block_m), kg, vg, bias, call.scale, exact)
                     outs.append(o)
                     lses.append(l.unsqueeze(-1))
                 ok, lk = _unrows(outs, G, s.block_m), _unrows(lses, G, s.block_m).squeeze(-1)
-                out[b, lo:hi] = _from_kernel(ok.view(hi - lo, -1, D), s.q_inverse, s.q_identity)
+                out[b, lo:hi] = _from_kernel(ok.view(hi - lo, -1, Dv), s.q_inverse, s.q_identity)
                 raw[b, lo:hi] = _from_kernel(lk.reshape(hi - lo, -1, 1), s.q_inverse, s.q_identity)[..., 0]
                 fixed = lk.masked_fill(s.row_empty, float("-inf")).reshape(hi - lo, -1, 1)
                 lse[b, lo:hi] = _from_kernel(fixed, s.q_inverse, s.q_identity)[..., 0]
-        ctx.call = call
+        ctx.call, ctx.exact = call, exact
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, out, raw)
         return out, lse
@@ -255,6 +302,8 @@ class _TileAttention(torch.autograd.Function):
             return None, None, None, None
         if dout is None:
             dout = torch.zeros_like(out)
+        # A NaN row's output sends NaN back through dO (e.g. a squared loss): exact again.
+        exact = ctx.exact or not all_finite(dout, dlse)
         for b, s, lo, hi, rows, G, kv_map in _groups(call):
             view = lambda x: _to_kernel(x, s.q_index, s.q_identity).view(rows, G, -1, x.shape[-1])  # noqa: E731
             qk, ok, dok = view(q[b, lo:hi]), view(out[b, lo:hi]), view(dout[b, lo:hi])
@@ -267,19 +316,19 @@ class _TileAttention(torch.autograd.Function):
             vk = _kernel_kv(call, v, b, lo, hi, G, kv_map, s)
             dqs = []
             dkk = torch.zeros_like(kk).view(kk.shape[0], -1, s.block_n, D)
-            dvk = torch.zeros_like(dkk)
+            dvk = torch.zeros_like(vk).view(vk.shape[0], -1, s.block_n, vk.shape[-1])
             for c0, c1 in _chunks(s, rows, G):
                 idx, kg, vg, bias = _gather(s, kk, vk, c0, c1, G)
                 rows_of = lambda x: _rows(x, c0, c1, G, s.block_m)  # noqa: E731
                 g = None if gk is None else rows_of(gk).squeeze(-1)
                 dqc, dkg, dvg = _chunk_backward(rows_of(dok), rows_of(qk), kg, vg, rows_of(ok),
-                                                rows_of(lk).squeeze(-1), bias, call.scale, g)
+                                                rows_of(lk).squeeze(-1), bias, call.scale, g, exact)
                 dqs.append(dqc)
                 dkk.index_add_(1, idx, dkg.reshape(kk.shape[0], -1, s.block_n, D))
-                dvk.index_add_(1, idx, dvg.reshape(kk.shape[0], -1, s.block_n, D))
+                dvk.index_add_(1, idx, dvg.reshape(vk.shape[0], -1, s.block_n, vk.shape[-1]))
             dq[b, lo:hi] = _from_kernel(_unrows(dqs, G, s.block_m), s.q_inverse, s.q_identity)
             for acc, grad in ((dk, dkk), (dv, dvk)):
-                g_user = _from_kernel(grad.view(grad.shape[0], -1, D), s.k_inverse, s.identity)
+                g_user = _from_kernel(grad.view(grad.shape[0], -1, grad.shape[-1]), s.k_inverse, s.identity)
                 if kv_map is None:
                     acc[b, lo // G:hi // G] += g_user
                 else:

@@ -48,6 +48,7 @@ import torch
 from attnlang.errors import AttnError
 from attnlang.pattern import Pyramid
 from attnlang.runtime.call import Call
+from attnlang.runtime.nonfinite import all_finite, exact_fallback
 
 _LOADED: dict[str, ModuleType] = {}  # plan_key -> imported module
 # id(plan) -> (plan, target, module): the plan is kept so its id stays unique while cached
@@ -80,13 +81,16 @@ def supports(call: Call) -> str | None:
         return (f"needs CUDA tensors (got {call.q.device.type}); on CPU it runs only under "
                 "TRITON_INTERPRET=1 (slow, for tests): use backend='torch' there")
     d = call.q.shape[-1]
-    if d > 256:
-        return f"head dim {d} is over the kernels' limit of 256: use backend='torch'"
-    n, width = call.q.shape[2], max(d, call.v.shape[-1], 2)
+    if d > 256 or call.v_dim > 256:
+        return f"head dim {max(d, call.v_dim)} is over the kernels' limit of 256: use backend='torch'"
+    n, width = call.q.shape[2], max(d, call.v_dim, 2)
     if (n + 256) * width >= INT32_OFFSETS:  # padded positions x head dim, and q + window < 2N
         return (f"N = {n} tokens x head dim {width} reaches the kernels' int32 element offsets "
                 f"(2**31): use backend='torch'")
     if isinstance(call.pattern.attend, Pyramid):
+        if call.v_dim != d:
+            return (f"the pyramid(...) kernels need one head dim for q/k and v (got {d} and "
+                    f"{call.v_dim}): use backend='torch'")
         # Imported only once the device is known to run kernels: its @triton.jit functions
         # choose compiled or interpreted (TRITON_INTERPRET) when the module is imported.
         from attnlang.runtime import triton_pyramid
@@ -281,11 +285,20 @@ def item_plans(call: Call) -> list:
 
 
 def run(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(out [B, H, N, D], lse [B, H, N] fp32 natural log)``, differentiable (lse too)."""
+    """Return ``(out [B, H, N, Dv], lse [B, H, N] fp32 natural log)``, differentiable (lse too).
+
+    NaN/Inf in q/k/v: the generated module launches its kernels' exact variant (``EXACT``), and
+    ``pyramid(...)`` calls run on the torch executor's exact path, so no row sees a value its
+    pattern hides (docs/reliability.md)."""
     why = supports(call)
     if why:
         raise AttnError(f"backend 'triton' cannot run this call: {why}")
     if isinstance(call.pattern.attend, Pyramid):  # pooled keys: their own kernels
+        if not all_finite(call.q, call.k, call.v):
+            # The pyramid kernels multiply masked entries by zero (0 * NaN = NaN in P @ V):
+            # a hidden NaN would reach its tile. Rare: one check per call.
+            return exact_fallback(call, "triton", "the pyramid(...) kernels would leak them into rows "
+                                  "that may not see them (0 * NaN in P @ V)")
         from attnlang.runtime import triton_pyramid
 
         return triton_pyramid.run(call)

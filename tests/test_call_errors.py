@@ -29,6 +29,10 @@ def t(*shape, dtype=torch.float32):
     ((t(1, 2, N, 8, dtype=torch.float64),) * 3, "float64 is not supported"),
     ((t(1, 3, N, 8), t(1, 2, N, 8), t(1, 2, N, 8)), "3 query heads are not a multiple of 2"),
     ((t(2, N, 8), t(2, N, 8), t(2, N, 8)), r"4 dimensions \[B, H, N, D\]"),
+    # zero heads: a located AttnError, never a ZeroDivisionError inside a backend
+    ((t(1, 0, N, 8), t(1, 1, N, 8), t(1, 1, N, 8)), "at least one head: q has 0 heads"),
+    ((t(1, 0, N, 8), t(1, 0, N, 8), t(1, 0, N, 8)), "at least one head: q has 0 heads, k/v have 0"),
+    ((t(1, 2, N, 8), t(1, 2, N, 8), t(1, 2, N, 0)), r"empty dimension.*v shape \(1, 2, 32, 0\)"),
 ])
 def test_bad_tensors(fn, args, words):
     with pytest.raises(AttnError, match=words):

@@ -6,13 +6,16 @@ computed here and saved to a file. Bad input leaves nothing behind.
 """
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
+import attnlang
 from attnlang.api import resolve
+from attnlang.errors import AttnError
 from attnlang.cli import main
 from attnlang.runtime import reference
 from attnlang.runtime.call import check_call
@@ -147,3 +150,87 @@ def test_routed_pattern_is_refused_with_the_way_to_run_it(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "reads Q/K content" in err and "backend='triton'" in err
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+BAD_INPUTS = r"""
+import os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+sys.modules["attnlang"] = None
+sys.path.insert(0, sys.argv[1])
+import torch
+mod = __import__(sys.argv[2])
+q = torch.randn(2, 2, 64, 16)
+for doc in (torch.zeros(50, dtype=torch.long), torch.zeros(3, 64, dtype=torch.long), torch.zeros(2, 2, 64, dtype=torch.long)):
+    try:
+        mod.attention(q, q, q, doc=doc)
+        print("ACCEPTED", tuple(doc.shape))
+    except ValueError as e:
+        print("ValueError:", e)
+"""
+
+
+def test_standalone_module_wrong_length_runtime_input(tmp_path):
+    """A wrong-length ``doc`` given to a vendored module gets attnlang's own message (it leaked
+    torch's "expanded size" RuntimeError)."""
+    argv = ["compile", str(EXAMPLES / "packed_docs.attn"), "--set", "N=64", "-o", str(tmp_path / "out"),
+            "--target", "cpu", "--block-m", "16", "--block-n", "16"]
+    assert main(argv) == 0
+    (tmp_path / "bad.py").write_text(BAD_INPUTS)
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-I", str(tmp_path / "bad.py"), str(tmp_path / "out"), "packed_docs"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert lines == [f"ValueError: runtime input 'doc' (ids) must have shape [B, N] = [2, 64] or [N], got {shape}"
+                     for shape in ("(50,)", "(3, 64)", "(2, 2, 64)")]
+    # the same words as the main API
+    fn = attnlang.compile(EXAMPLES / "packed_docs.attn", N=64, backend="reference")
+    q = torch.randn(2, 2, 64, 16)
+    with pytest.raises(AttnError, match=re.escape(lines[0].removeprefix("ValueError: "))):
+        fn(q, q, q, doc=torch.zeros(50, dtype=torch.long))
+
+
+NAN_RUNNER = r"""
+import os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+sys.modules["attnlang"] = None
+sys.path.insert(0, sys.argv[1])
+import torch
+mod = __import__(sys.argv[2])
+g = torch.Generator().manual_seed(0)
+doc = torch.tensor([0] * 20 + [1] * 30 + [2] * 14)
+q, k, v = (torch.randn(1, 2, 64, 16, generator=g) for _ in range(3))
+res = []
+for val in (float("nan"), 3.0):
+    kk, vv = k.clone().requires_grad_(), v.clone()
+    with torch.no_grad():
+        kk[:, :, 30] = val
+    vv[:, :, 40] = val
+    vv.requires_grad_()
+    qq = q.clone().requires_grad_()
+    out = mod.attention(qq, kk, vv, doc=doc)
+    (out * out).sum().backward()
+    res.append((out.detach(), qq.grad, kk.grad, vv.grad))
+clean = torch.ones(64, dtype=torch.bool)
+clean[30:50] = False  # doc 1 from the first poisoned key on (causal) sees it
+ok = all(torch.isfinite(a[:, :, clean]).all() and torch.allclose(a[:, :, clean], b[:, :, clean], atol=1e-5)
+         for a, b in zip(res[0][:2], res[1][:2]))
+keys = clean.clone()
+keys[20:50] = False  # keys of doc 1 are seen by its poisoned rows
+ok = ok and all(torch.allclose(a[:, :, keys], b[:, :, keys], atol=1e-5) for a, b in zip(res[0][2:], res[1][2:]))
+print("OK" if ok else "LEAK")
+"""
+
+
+def test_standalone_module_isolates_nan(tmp_path):
+    """A vendored module keeps NaN in one document's keys/values out of the other documents'
+    rows and gradients (its kernels' EXACT variant), with attnlang not importable."""
+    argv = ["compile", str(EXAMPLES / "packed_docs.attn"), "--set", "N=64", "-o", str(tmp_path / "out"),
+            "--target", "cpu", "--block-m", "16", "--block-n", "16"]
+    assert main(argv) == 0
+    (tmp_path / "nan.py").write_text(NAN_RUNNER)
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-I", str(tmp_path / "nan.py"), str(tmp_path / "out"), "packed_docs"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == "OK"

@@ -83,6 +83,11 @@ def _floordiv(a, b):
 
 
 @triton.jit
+def _finite(x):
+    return (x == x) & (tl.abs(x) != float("inf"))
+
+
+@triton.jit
 def _online_softmax(acc, l_i, m_i, s, v, PRECISION: tl.constexpr):
     # s is in base 2 (scale * log2(e) folded in). A row whose keys are all masked so far keeps
     # m = -inf; shifting it by 0 instead keeps exp2 away from (-inf) - (-inf) = nan.
@@ -101,12 +106,13 @@ def _allowed_g0(q, k, b):
     return (q >= 0) & (k >= 0) & ((k <= q) & (((k - q) >= -40) & ((k - q) <= 40)))
 
 
-@triton.autotune(configs=_configs(), key=["HEAD_DIM"])
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "V_DIM"])
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, qk_scale, H, GQA,
               N_TOKENS: tl.constexpr, N_KERNEL: tl.constexpr, KV_TILES: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-              BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+              BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
+              PRECISION: tl.constexpr, EXACT: tl.constexpr):
     qt = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -115,17 +121,23 @@ def _attn_fwd(Q, K, V, O, LSE, qk_scale, H, GQA,
     q_base = (b.to(tl.int64) * H + h) * (N_TOKENS * HEAD_DIM)
     kv_base = (b.to(tl.int64) * (H // GQA) + hk) * (N_TOKENS * HEAD_DIM)
     row_base = (b.to(tl.int64) * H + h) * N_TOKENS
+    # V, O and dO rows have the value head dim V_DIM (may differ from HEAD_DIM: MLA)
+    v_base = (b.to(tl.int64) * (H // GQA) + hk) * (N_TOKENS * V_DIM)
+    o_base = row_base * V_DIM
     offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM  # head dim padded to a power of two
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_ok = offs_dv < V_DIM
     q_tok = tl.where(offs_m < N_TOKENS, offs_m, -1)
     q_ok = q_tok >= 0
     q = tl.load(Q + q_base + q_tok[:, None] * HEAD_DIM + offs_d[None, :],
                 mask=q_ok[:, None] & d_ok[None, :], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    poison = tl.zeros([BLOCK_M], tl.int32)  # EXACT: rows that see a non-finite value
     # closed-form tile range (analytic plan): no index tables read
     lo = tl.maximum(tl.maximum(0, (-2 + qt)), 0)
     hi = tl.minimum((1 + qt), KV_TILES)
@@ -135,8 +147,8 @@ def _attn_fwd(Q, K, V, O, LSE, qk_scale, H, GQA,
         k_tok = kt * BLOCK_N + offs_n
         kT = tl.load(K + kv_base + k_tok[None, :] * HEAD_DIM + offs_d[:, None],
                      mask=d_ok[:, None], other=0.0)
-        v = tl.load(V + kv_base + k_tok[:, None] * HEAD_DIM + offs_d[None, :],
-                    mask=d_ok[None, :], other=0.0)
+        v = tl.load(V + v_base + k_tok[:, None] * V_DIM + offs_dv[None, :],
+                    mask=dv_ok[None, :], other=0.0)
         s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
         acc, l_i, m_i = _online_softmax(acc, l_i, m_i, s, v, PRECISION)
     for kt in range(lo, f_lo):  # partial tiles before the full run
@@ -144,26 +156,38 @@ def _attn_fwd(Q, K, V, O, LSE, qk_scale, H, GQA,
         k_ok = k_tok >= 0
         kT = tl.load(K + kv_base + k_tok[None, :] * HEAD_DIM + offs_d[:, None],
                      mask=d_ok[:, None] & k_ok[None, :], other=0.0)
-        v = tl.load(V + kv_base + k_tok[:, None] * HEAD_DIM + offs_d[None, :],
-                    mask=d_ok[None, :] & k_ok[:, None], other=0.0)
+        v = tl.load(V + v_base + k_tok[:, None] * V_DIM + offs_dv[None, :],
+                    mask=dv_ok[None, :] & k_ok[:, None], other=0.0)
         s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
-        s = tl.where(_allowed_g0(q_tok[:, None], k_tok[None, :], b), s, float("-inf"))
+        allowed = _allowed_g0(q_tok[:, None], k_tok[None, :], b)
+        s = tl.where(allowed, s, float("-inf"))
+        if EXACT:
+            v_bad = tl.max(tl.where(_finite(v), 0, 1), 1)
+            poison = tl.maximum(poison, tl.max(tl.where(allowed & (v_bad[None, :] > 0), 1, 0), 1))
+            v = tl.where(v_bad[:, None] > 0, 0.0, v)
         acc, l_i, m_i = _online_softmax(acc, l_i, m_i, s, v, PRECISION)
     for kt in range(f_hi, hi):  # partial tiles after it
         k_tok = tl.where(kt * BLOCK_N + offs_n < N_TOKENS, kt * BLOCK_N + offs_n, -1)
         k_ok = k_tok >= 0
         kT = tl.load(K + kv_base + k_tok[None, :] * HEAD_DIM + offs_d[:, None],
                      mask=d_ok[:, None] & k_ok[None, :], other=0.0)
-        v = tl.load(V + kv_base + k_tok[:, None] * HEAD_DIM + offs_d[None, :],
-                    mask=d_ok[None, :] & k_ok[:, None], other=0.0)
+        v = tl.load(V + v_base + k_tok[:, None] * V_DIM + offs_dv[None, :],
+                    mask=dv_ok[None, :] & k_ok[:, None], other=0.0)
         s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
-        s = tl.where(_allowed_g0(q_tok[:, None], k_tok[None, :], b), s, float("-inf"))
+        allowed = _allowed_g0(q_tok[:, None], k_tok[None, :], b)
+        s = tl.where(allowed, s, float("-inf"))
+        if EXACT:
+            v_bad = tl.max(tl.where(_finite(v), 0, 1), 1)
+            poison = tl.maximum(poison, tl.max(tl.where(allowed & (v_bad[None, :] > 0), 1, 0), 1))
+            v = tl.where(v_bad[:, None] > 0, 0.0, v)
         acc, l_i, m_i = _online_softmax(acc, l_i, m_i, s, v, PRECISION)
     # a row that saw no allowed key: zero output and lse = -inf (as FlexAttention)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    tl.store(O + q_base + q_tok[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=q_ok[:, None] & d_ok[None, :])
+    if EXACT:
+        out = tl.where(poison[:, None] > 0, float("nan"), out)
+    tl.store(O + o_base + q_tok[:, None] * V_DIM + offs_dv[None, :], out.to(O.dtype.element_ty),
+             mask=q_ok[:, None] & dv_ok[None, :])
     lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
     tl.store(LSE + row_base + q_tok, lse, mask=q_ok)
 
@@ -181,39 +205,46 @@ def _attn_bwd_preprocess(O, DO, DELTA, N_ROWS, HEAD_DIM: tl.constexpr, BLOCK_D: 
     tl.store(DELTA + rows, tl.sum(o * do, 1), mask=rows < N_ROWS)
 
 
-@triton.autotune(configs=_configs(), key=["HEAD_DIM"])
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "V_DIM"])
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, G0_FULL_T_NUM, G0_FULL_T_IDX, G0_PART_T_NUM, G0_PART_T_IDX, qk_scale, sm_scale, H, GQA,
                    N_TOKENS: tl.constexpr, N_KERNEL: tl.constexpr, KV_TILES: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                   BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
+                   PRECISION: tl.constexpr, EXACT: tl.constexpr):
     kt = tl.program_id(0)
     bh = tl.program_id(1)
     HKV = H // GQA
     b = bh // HKV
     hk = bh % HKV
     kv_base = (b.to(tl.int64) * HKV + hk) * (N_TOKENS * HEAD_DIM)
+    v_base = (b.to(tl.int64) * HKV + hk) * (N_TOKENS * V_DIM)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_ok = offs_dv < V_DIM
     k_tok = tl.where(offs_n < N_TOKENS, offs_n, -1)
     k_ok = k_tok >= 0
     kv_rows = kv_base + k_tok[:, None] * HEAD_DIM + offs_d[None, :]
     k = tl.load(K + kv_rows, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-    v = tl.load(V + kv_rows, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+    v_rows = v_base + k_tok[:, None] * V_DIM + offs_dv[None, :]
+    v = tl.load(V + v_rows, mask=k_ok[:, None] & dv_ok[None, :], other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    poison = tl.zeros([BLOCK_N], tl.int32)  # EXACT: keys seen by a non-finite row
     # every query head of this kv head's GQA group, in order: deterministic, no atomics
     for h in range(hk * GQA, hk * GQA + GQA):
         q_base = (b.to(tl.int64) * H + h) * (N_TOKENS * HEAD_DIM)
         row_base = (b.to(tl.int64) * H + h) * N_TOKENS
+        o_base = row_base * V_DIM
         for j in range(0, tl.load(G0_FULL_T_NUM + kt)):
             qt = tl.load(G0_FULL_T_IDX + kt * 1 + j)
             q_tok = qt * BLOCK_M + offs_m
             rows = q_base + q_tok[:, None] * HEAD_DIM + offs_d[None, :]
             q = tl.load(Q + rows, mask=d_ok[None, :], other=0.0)
-            do = tl.load(DO + rows, mask=d_ok[None, :], other=0.0)
+            do = tl.load(DO + o_base + q_tok[:, None] * V_DIM + offs_dv[None, :], mask=dv_ok[None, :], other=0.0)
             lse2 = tl.load(LSE + row_base + q_tok) * 1.4426950408889634
             delta = tl.load(DELTA + row_base + q_tok)
             # transposed scores [BLOCK_N, BLOCK_M]: dK and dV need P^T and dS^T
@@ -229,27 +260,39 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, G0_FULL_T_NUM, G0_FULL_T_IDX
             q_ok = q_tok >= 0
             rows = q_base + q_tok[:, None] * HEAD_DIM + offs_d[None, :]
             q = tl.load(Q + rows, mask=d_ok[None, :] & q_ok[:, None], other=0.0)
-            do = tl.load(DO + rows, mask=d_ok[None, :] & q_ok[:, None], other=0.0)
+            do = tl.load(DO + o_base + q_tok[:, None] * V_DIM + offs_dv[None, :], mask=dv_ok[None, :] & q_ok[:, None], other=0.0)
             lse2 = tl.load(LSE + row_base + q_tok, mask=q_ok, other=0.0) * 1.4426950408889634
             delta = tl.load(DELTA + row_base + q_tok, mask=q_ok, other=0.0)
             # transposed scores [BLOCK_N, BLOCK_M]: dK and dV need P^T and dS^T
             sT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
             pT = tl.exp2(sT - lse2[None, :])
-            pT = tl.where(_allowed_g0(q_tok[None, :], k_tok[:, None], b), pT, 0.0)
+            allowedT = _allowed_g0(q_tok[None, :], k_tok[:, None], b)
+            pT = tl.where(allowedT, pT, 0.0)
+            if EXACT:
+                q_bad = tl.maximum(tl.max(tl.where(_finite(q), 0, 1), 1), tl.max(tl.where(_finite(do), 0, 1), 1))
+                poison = tl.maximum(poison, tl.max(tl.where(allowedT & (q_bad[None, :] > 0), 1, 0), 1))
+                q = tl.where(q_bad[:, None] > 0, 0.0, q)
+                do = tl.where(q_bad[:, None] > 0, 0.0, do)
             dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
             dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             dsT = pT * (dpT - delta[None, :])
+            if EXACT:
+                dsT = tl.where(allowedT, dsT, 0.0)
             dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
+    if EXACT:
+        dk = tl.where(poison[:, None] > 0, float("nan"), dk)
+        dv = tl.where(poison[:, None] > 0, float("nan"), dv)
     tl.store(DK + kv_rows, (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok[:, None] & d_ok[None, :])
-    tl.store(DV + kv_rows, dv.to(DV.dtype.element_ty), mask=k_ok[:, None] & d_ok[None, :])
+    tl.store(DV + v_rows, dv.to(DV.dtype.element_ty), mask=k_ok[:, None] & dv_ok[None, :])
 
 
-@triton.autotune(configs=_configs(), key=["HEAD_DIM"])
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "V_DIM"])
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale, H, GQA,
                  N_TOKENS: tl.constexpr, N_KERNEL: tl.constexpr, KV_TILES: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                 BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
+                 PRECISION: tl.constexpr, EXACT: tl.constexpr):
     qt = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -258,15 +301,21 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale, H, GQA,
     q_base = (b.to(tl.int64) * H + h) * (N_TOKENS * HEAD_DIM)
     kv_base = (b.to(tl.int64) * (H // GQA) + hk) * (N_TOKENS * HEAD_DIM)
     row_base = (b.to(tl.int64) * H + h) * N_TOKENS
+    # V, O and dO rows have the value head dim V_DIM (may differ from HEAD_DIM: MLA)
+    v_base = (b.to(tl.int64) * (H // GQA) + hk) * (N_TOKENS * V_DIM)
+    o_base = row_base * V_DIM
     offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM  # head dim padded to a power of two
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_ok = offs_dv < V_DIM
     q_tok = tl.where(offs_m < N_TOKENS, offs_m, -1)
     q_ok = q_tok >= 0
     rows = q_base + q_tok[:, None] * HEAD_DIM + offs_d[None, :]
     q = tl.load(Q + rows, mask=q_ok[:, None] & d_ok[None, :], other=0.0)
-    do = tl.load(DO + rows, mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+    do = tl.load(DO + o_base + q_tok[:, None] * V_DIM + offs_dv[None, :],
+                 mask=q_ok[:, None] & dv_ok[None, :], other=0.0)
     lse2 = tl.load(LSE + row_base + q_tok, mask=q_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + row_base + q_tok, mask=q_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -279,8 +328,8 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale, H, GQA,
         k_tok = kt * BLOCK_N + offs_n
         kT = tl.load(K + kv_base + k_tok[None, :] * HEAD_DIM + offs_d[:, None],
                      mask=d_ok[:, None], other=0.0)
-        vT = tl.load(V + kv_base + k_tok[None, :] * HEAD_DIM + offs_d[:, None],
-                     mask=d_ok[:, None], other=0.0)
+        vT = tl.load(V + v_base + k_tok[None, :] * V_DIM + offs_dv[:, None],
+                     mask=dv_ok[:, None], other=0.0)
         s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
         p = tl.exp2(s - lse2[:, None])
         dp = tl.dot(do, vT, input_precision=PRECISION)
@@ -291,26 +340,34 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale, H, GQA,
         k_ok = k_tok >= 0
         kT = tl.load(K + kv_base + k_tok[None, :] * HEAD_DIM + offs_d[:, None],
                      mask=d_ok[:, None] & k_ok[None, :], other=0.0)
-        vT = tl.load(V + kv_base + k_tok[None, :] * HEAD_DIM + offs_d[:, None],
-                     mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+        vT = tl.load(V + v_base + k_tok[None, :] * V_DIM + offs_dv[:, None],
+                     mask=dv_ok[:, None] & k_ok[None, :], other=0.0)
         s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
         p = tl.exp2(s - lse2[:, None])
-        p = tl.where(_allowed_g0(q_tok[:, None], k_tok[None, :], b), p, 0.0)
+        allowed = _allowed_g0(q_tok[:, None], k_tok[None, :], b)
+        p = tl.where(allowed, p, 0.0)
         dp = tl.dot(do, vT, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
+        if EXACT:
+            ds = tl.where(allowed, ds, 0.0)
+            kT = tl.where(tl.max(tl.where(_finite(kT), 0, 1), 0)[None, :] > 0, 0.0, kT)
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PRECISION)
     for kt in range(f_hi, hi):  # partial tiles after it
         k_tok = tl.where(kt * BLOCK_N + offs_n < N_TOKENS, kt * BLOCK_N + offs_n, -1)
         k_ok = k_tok >= 0
         kT = tl.load(K + kv_base + k_tok[None, :] * HEAD_DIM + offs_d[:, None],
                      mask=d_ok[:, None] & k_ok[None, :], other=0.0)
-        vT = tl.load(V + kv_base + k_tok[None, :] * HEAD_DIM + offs_d[:, None],
-                     mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+        vT = tl.load(V + v_base + k_tok[None, :] * V_DIM + offs_dv[:, None],
+                     mask=dv_ok[:, None] & k_ok[None, :], other=0.0)
         s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
         p = tl.exp2(s - lse2[:, None])
-        p = tl.where(_allowed_g0(q_tok[:, None], k_tok[None, :], b), p, 0.0)
+        allowed = _allowed_g0(q_tok[:, None], k_tok[None, :], b)
+        p = tl.where(allowed, p, 0.0)
         dp = tl.dot(do, vT, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
+        if EXACT:
+            ds = tl.where(allowed, ds, 0.0)
+            kT = tl.where(tl.max(tl.where(_finite(kT), 0, 1), 0)[None, :] > 0, 0.0, kT)
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PRECISION)
     tl.store(DQ + rows, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
 
@@ -355,11 +412,24 @@ def _tables(device):
     return _DEVICE_TABLES[key]
 
 
-def _meta(head_dim, dtype):
+def _all_finite(*tensors):
+    # aminmax propagates NaN and shows +-inf in one pass (isfinite(x).all() builds a mask).
+    # Under CUDA graph capture no host sync is allowed: the inputs are taken as finite.
+    if tensors[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        return True
+    ends = [torch.stack(torch.aminmax(t)).float() for t in tensors if t.numel()]
+    return not ends or bool(torch.isfinite(torch.cat(ends)).all())
+
+
+def _meta(head_dim, v_dim, dtype, exact=False):
     return dict(N_TOKENS=N_TOKENS, N_KERNEL=N_KERNEL, KV_TILES=KV_TILES, BLOCK_M=BLOCK_M,
                 BLOCK_N=BLOCK_N, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                V_DIM=v_dim, BLOCK_DV=max(16, triton.next_power_of_2(v_dim)),
                 # fp32 inputs get exact fp32 products, not TF32
-                PRECISION="ieee" if dtype == torch.float32 else "tf32")
+                PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                # NaN/Inf in the inputs: the kernels' exact variant keeps hidden values out of
+                # every row (masked products would give 0 * NaN); compiled only when needed
+                EXACT=exact)
 
 
 def _args(kernel, tables, inputs):
@@ -367,32 +437,33 @@ def _args(kernel, tables, inputs):
     return [inputs[n] if n in inputs else tables[n] for n in KERNEL_ARGS[kernel]]
 
 
-def _forward(q, k, v, scale, inputs):
+def _forward(q, k, v, scale, inputs, exact):
     B, H, N, D = q.shape
     gqa = H // k.shape[1]
-    o = torch.empty_like(q)
+    o = q.new_empty((B, H, N, v.shape[3]))  # the value head dim (MLA: it may differ from D)
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     t = _tables(q.device)
     _attn_fwd[(Q_TILES, B * H)](q, k, v, o, lse, *_args("_attn_fwd", t, inputs), scale * _LOG2E, H, gqa,
-                               **_meta(D, q.dtype))
+                               **_meta(D, v.shape[3], q.dtype, exact))
     return o, lse
 
 
-def _backward(q, k, v, o, lse, do, dlse, scale, inputs):
+def _backward(q, k, v, o, lse, do, dlse, scale, inputs, exact):
     B, H, N, D = q.shape
     gqa = H // k.shape[1]
     do = torch.zeros_like(o) if do is None else do.contiguous()
     delta = torch.empty_like(lse)
     rows = B * H * N
-    _attn_bwd_preprocess[(triton.cdiv(rows, 64),)](o, do, delta, rows, HEAD_DIM=D,
-                                                   BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_R=64)
+    Dv = v.shape[3]
+    _attn_bwd_preprocess[(triton.cdiv(rows, 64),)](o, do, delta, rows, HEAD_DIM=Dv,
+                                                   BLOCK_D=max(16, triton.next_power_of_2(Dv)), BLOCK_R=64)
     if dlse is not None:
         # d lse_i / d s_ij = P_ij, so a loss reading lse adds P * dlse to dS = P * (dP - delta):
         # the same kernels with delta - dlse. Rows with lse = -inf have P = 0 and take no part.
         delta = delta - torch.where(torch.isinf(lse), 0.0, dlse.float())
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     t = _tables(q.device)
-    meta = _meta(D, q.dtype)
+    meta = _meta(D, Dv, q.dtype, exact or not _all_finite(do))
     _attn_bwd_dkdv[(KV_TILES, B * k.shape[1])](q, k, v, do, dk, dv, lse, delta, *_args("_attn_bwd_dkdv", t, inputs),
                                                scale * _LOG2E, scale, H, gqa, **meta)
     _attn_bwd_dq[(Q_TILES, B * H)](q, k, v, do, dq, lse, delta, *_args("_attn_bwd_dq", t, inputs),
@@ -403,16 +474,17 @@ def _backward(q, k, v, o, lse, do, dlse, scale, inputs):
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, inputs):
-        o, lse = _forward(q, k, v, scale, inputs)
+        exact = not _all_finite(q, k, v)
+        o, lse = _forward(q, k, v, scale, inputs, exact)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scale, ctx.inputs = scale, inputs
+        ctx.scale, ctx.inputs, ctx.exact = scale, inputs, exact
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zero pass
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, o, lse, do, dlse, ctx.scale, ctx.inputs)
+        dq, dk, dv = _backward(q, k, v, o, lse, do, dlse, ctx.scale, ctx.inputs, ctx.exact)
         return dq, dk, dv, None, None
 
 
@@ -427,12 +499,16 @@ def _check(q, k, v, runtime_inputs):
     B, H, N, D = q.shape
     if N != N_TOKENS or k.shape[2] != N_TOKENS or v.shape[:3] != k.shape[:3] or k.shape[0] != B:
         raise ValueError(f"pattern {PATTERN_NAME} has N = {N_TOKENS} tokens: need q [B, H, {N_TOKENS}, D] and "
-                         f"k, v [B, Hkv, {N_TOKENS}, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if k.shape[3] != D or v.shape[3] != D:
-        raise ValueError(f"q, k, v head dims differ: {D}, {k.shape[3]}, {v.shape[3]}")
+                         f"k, v [B, Hkv, {N_TOKENS}, D / Dv]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape[3] != D:
+        raise ValueError(f"q head dim {D} and k head dim {k.shape[3]} differ")
     if not 1 <= D <= 256 or (HEAD_DIM is not None and D != HEAD_DIM):
         raise ValueError(f"head dim {D} is not supported; valid: " + (str(HEAD_DIM) if HEAD_DIM else "1..256"))
-    if k.shape[1] == 0 or H % k.shape[1]:
+    if not 1 <= v.shape[3] <= 256:  # the value head dim may differ from D (MLA)
+        raise ValueError(f"value head dim {v.shape[3]} is not supported; valid: 1..256")
+    if H == 0 or k.shape[1] == 0:
+        raise ValueError(f"attention needs at least one head: q has {H} heads, k/v have {k.shape[1]}")
+    if H % k.shape[1]:
         raise ValueError(f"{H} query heads are not a multiple of {k.shape[1]} key/value heads")
     if HEADS is not None and H != HEADS:
         raise ValueError(f"pattern {PATTERN_NAME} declares {HEADS} heads, q has {H}")
@@ -447,14 +523,25 @@ def _check(q, k, v, runtime_inputs):
         t = torch.as_tensor(runtime_inputs[name], device=q.device)
         if t.dtype.is_floating_point or t.dtype == torch.bool:
             raise TypeError(f"runtime input {name} must be an integer tensor, got {t.dtype}")
-        want = (B, N) if kind == "ids" else (B,)
-        t = t.expand(want) if t.dim() < len(want) else t
-        if tuple(t.shape) != want:
-            raise ValueError(f"runtime input {name} ({kind}) must have shape {list(want)}, got {list(t.shape)}")
+        # The same checks and words as attnlang's own call (runtime/call.py), never a raw torch error
+        if kind == "ids":
+            if t.dim() == 1 and t.shape[0] == N:
+                t = t.expand(B, N)
+            if tuple(t.shape) != (B, N):
+                raise ValueError(f"runtime input '{name}' (ids) must have shape [B, N] = [{B}, {N}] or [N], "
+                                 f"got {tuple(t.shape)}")
+        else:
+            if t.dim() == 0:
+                t = t.expand(B)
+            if tuple(t.shape) != (B,):
+                raise ValueError(f"runtime input '{name}' (length) must have shape [B] = [{B}] or be a "
+                                 f"scalar, got {tuple(t.shape)}")
+            if bool(((t < 0) | (t > N)).any()):
+                raise ValueError(f"runtime input '{name}' (length) must lie in 0..{N}, got {t.tolist()}")
         if kind == "ids":  # compared for equality at full width: ids 0 and 2**32 are two documents
             inputs["IN_" + name] = t.to(torch.int64).contiguous()
-        else:  # q < len for q in 0..N: any length outside 0..N means the same as its nearest end
-            inputs["IN_" + name] = t.to(torch.int64).clamp(0, N).to(torch.int32).contiguous()
+        else:  # checked to lie in 0..N above, so int32 holds it
+            inputs["IN_" + name] = t.to(torch.int32).contiguous()
     return inputs
 
 
