@@ -68,10 +68,26 @@ def _run_case(name, kw, inputs, shape, rank, world):
     # Context parallel.
     cp = ContextParallel(spec, block_m=16, block_n=16, **kw)
     qd, kd, vd = (t.clone().requires_grad_() for t in (q, k, v))
-    ol, ll = cp(cp.shard(qd, **inputs), cp.shard(kd, **inputs), cp.shard(vd, **inputs), return_lse=True, **inputs)
-    y = cp.unshard(ol)
-    lse_full = cp.unshard(ll.unsqueeze(-1)).squeeze(-1)
-    ((y * dy).sum() + (torch.where(torch.isinf(lse_full), 0.0, lse_full) * dl).sum()).backward()
+    moved = []  # (sent, received) bytes of every all_to_all_single, as the collective sees them
+    real = dist.all_to_all_single
+
+    def counting(output, input, *a, **k):
+        moved.append((input.numel() * input.element_size(), output.numel() * output.element_size()))
+        return real(output, input, *a, **k)
+
+    dist.all_to_all_single = counting
+    try:
+        ol, ll = cp(cp.shard(qd, **inputs), cp.shard(kd, **inputs), cp.shard(vd, **inputs), return_lse=True,
+                    **inputs)
+        y = cp.unshard(ol)
+        lse_full = cp.unshard(ll.unsqueeze(-1)).squeeze(-1)
+        ((y * dy).sum() + (torch.where(torch.isinf(lse_full), 0.0, lse_full) * dl).sum()).backward()
+    finally:
+        dist.all_to_all_single = real
+    # Bytes counted from the sharding = bytes the collectives moved (forward K/V, backward dK/dV).
+    m = cp.sharding(N, **inputs).recv_tokens() * (B * hk * D * 2 * 4)
+    assert moved == [(int(m[:, rank].sum()), int(m[rank].sum())), (int(m[rank].sum()), int(m[:, rank].sum()))], \
+        f"{name}: moved {moved}, sharding says {m.tolist()}"
     torch.testing.assert_close(y, out.detach(), **TOL, msg=lambda m: f"{name}: output: {m}")
     torch.testing.assert_close(lse_full, lse.detach(), **TOL, msg=lambda m: f"{name}: lse: {m}")
     for what, a, b in (("dq", qd, qs), ("dk", kd, ks), ("dv", vd, vs)):
