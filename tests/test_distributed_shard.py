@@ -122,3 +122,28 @@ def test_routed_and_too_many_ranks_are_refused():
 def test_import_needs_no_torch():
     code = "import sys, attnlang.distributed as d; d.shard; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_simulate_ranks_report():
+    from attnlang.simulate import simulate_ranks
+
+    r = simulate_ranks(make_plan(causal & sliding(512), tokens=8192), 4, "h100", head_dim=64, heads=4)
+    assert r.ranks == 4 and abs(sum(r.work) - 1) < 1e-9 and r.imbalance <= 1.05
+    # A band receives one halo of K/V (bf16) per rank: 512 + a tile of tokens, 4 heads x 64 x 2 x 2 B.
+    assert max(r.forward_bytes) <= (512 + 64) * 4 * 64 * 2 * 2
+    assert max(r.backward_bytes) == 2 * max(r.forward_bytes)  # partial sums come back in fp32
+    assert r.interconnect_gbs == 450.0 and 0 < r.forward_s < r.single_forward_s
+    assert "imbalance" in str(r) and r.to_dict()["ranks"] == 4
+
+
+def test_cli_simulate_ranks():
+    import json
+
+    base = [sys.executable, "-m", "attnlang.cli", "simulate", "examples/swa.attn", "--set", "N=16384"]
+    out = subprocess.run(base + ["--ranks", "4"], capture_output=True, text=True, check=True).stdout
+    assert "context parallel over 4 ranks" in out and "predicted step at 450 GB/s" in out
+    doc = json.loads(subprocess.run(base + ["--ranks", "3", "--json"], capture_output=True, text=True,
+                                    check=True).stdout)
+    assert doc["ranks"]["ranks"] == 3 and len(doc["ranks"]["forward_bytes"]) == 3
+    bad = subprocess.run(base + ["--ranks", "0"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--ranks 0 must be a positive integer" in bad.stderr + bad.stdout
