@@ -722,11 +722,11 @@ def simulate_ranks(plan: Plan, ranks: int, target: "str | Target" = "h100", *, r
     if not isinstance(ranks, int) or isinstance(ranks, bool) or ranks < 1:
         raise AttnError(f"ranks = {ranks!r} must be a positive integer")
     kv = kv_heads or heads
-    # Receiving one key tile (K and V, every KV head and batch item) in units of one full tile of
-    # one head: what the sharding trades against compute.
+    # Receiving one key tile of one head (K and V) in units of one full tile of one head: what the
+    # sharding trades against compute (TileCost.comm).
     tile_s = report.forward.dense_s / max(report.tiles["dense"], 1) / batch
     bw = (tgt.interconnect_gbs or 0.0) * 1e9
-    comm = (plan.block_n * 2 * head_dim * DTYPE_BYTES[dtype] * kv * batch / bw) / (tile_s * batch) if bw else 1.0
+    comm = (plan.block_n * 2 * head_dim * DTYPE_BYTES[dtype] * kv / heads / bw) / tile_s if bw else TileCost.comm
     sh = shard(plan, ranks, heads=heads, cost=TileCost(partial=1 + tgt.forward.mask_cost, comm=comm))
     return rank_report(sh, report.forward.time_s, report.backward.time_s, kv_heads=kv, head_dim=head_dim,
                        batch=batch, dtype_bytes=DTYPE_BYTES[dtype], interconnect_gbs=tgt.interconnect_gbs)

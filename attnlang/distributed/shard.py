@@ -12,8 +12,8 @@ returns a :class:`Sharding`:
   head groups (weighted by their head counts) and batch items.
 * **assignment.** Candidates cut the unit sequence into ``k * R`` contiguous segments of equal
   cost (``k`` = 1, 2, 4) and deal them to the ranks in snake order (``0..R-1, R-1..0, ...``).
-  The candidate with the smallest largest-rank cost, compute plus ``comm_cost`` per received key
-  tile, wins (ties: fewer segments, i.e. longer contiguous runs). Band patterns keep ``k = 1``
+  The candidate with the smallest largest-rank cost, compute plus ``cost.comm`` per received key
+  tile and head, wins (ties: fewer segments, i.e. longer contiguous runs). Band patterns keep ``k = 1``
   (a halo is all they receive); causal patterns pick ``k = 2``: zigzag falls out, because it
   moves less K/V to the last rank than a contiguous cut of equal compute.
 * **communication.** From the plan rows of each rank's query tiles, the key tiles it needs that
@@ -43,12 +43,15 @@ class TileCost:
     """Relative costs of the simulator's model, in full-tile units.
 
     ``partial`` = 1 + the target's ``mask_cost``; ``query_tile`` = per-query-tile overhead;
-    ``comm`` = receiving one key tile (its K and V) against computing one full tile.
+    ``comm`` = receiving one key tile (its K and V) of one head against computing one full tile of
+    one head. The default 8 lies between gloo on a CPU (about 6: 32 KiB of fp32 K/V at 0.5 GB/s
+    against an 11 us tile) and NVLink on an H100 (about 19); ``simulate --ranks`` derives it from
+    the target.
     """
 
     partial: float = 1.15
     query_tile: float = 0.0
-    comm: float = 1.0
+    comm: float = 8.0
 
 
 def tile_rows(plan: Plan, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -240,7 +243,7 @@ def shard(plan: Plan | Sequence[Plan], world_size: int, *, heads: int | None = N
         owner = _snake(_segments(ucost, k * world_size), world_size)
         recv, n_recv = _recv(owner, need_u, need_k, unit // bn, world_size)
         work = np.bincount(owner, weights=ucost, minlength=world_size)
-        score = float((work + cost.comm * n_recv).max())
+        score = float((work + cost.comm * nh * n_recv).max())
         if best is None or score < best[0] * (1 - 1e-9):
             best = (score, k, owner, recv, work)
     if best is None:
