@@ -289,6 +289,7 @@ class _Layout:
         plans = (first,) + tuple(make_plan(pattern, inputs=it, block_m=first.block_m, block_n=first.block_n)
                                  for it in items[1:])
         sh = shard(plans, world_size, heads=pattern.heads, cost=cost)
+        bm, bn = sh.block_m, sh.block_n
         tokens = [sh.tokens(r) for r in range(world_size)]
         mine = tokens[rank]
         local = np.full(pattern.n + 1, -1, dtype=np.int64)
