@@ -44,6 +44,7 @@ from attnlang.pattern import Env, Pattern
 CHUNK_BYTES = 16 << 20  # fp32 scores per chunk of query tiles
 _FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FUSED_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+USE_FUSED = True  # tests switch this off to check the explicit chunk math on CPU
 RECORD = 4  # int64 words of the agreement record: status, local length given, expected, digest
 
 
@@ -400,7 +401,7 @@ def _chunk(counts: np.ndarray, bm: int, bn: int) -> list[tuple[int, int, int]]:
 
 def _chunk_forward(q, k, v, bias, scale):
     """``(out, lse)``; on rows with no allowed key ``out`` is 0 and ``lse`` 0 (callers track it)."""
-    if _FUSED is not None and q.device.type == "cpu":
+    if USE_FUSED and _FUSED is not None and q.device.type == "cpu":
         out, lse = _FUSED(q, k, v, attn_mask=bias, scale=scale)[:2]
         return out, lse
     s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
@@ -417,7 +418,7 @@ def _chunk_forward(q, k, v, bias, scale):
 
 def _chunk_backward(do, q, k, v, o, lse, bias, scale, dlse):
     """``(dq, dk, dv)`` of one chunk against the *final* ``o`` and ``lse`` of its rows."""
-    if dlse is None and _FUSED_BWD is not None and q.device.type == "cpu":
+    if USE_FUSED and dlse is None and _FUSED_BWD is not None and q.device.type == "cpu":
         if bias is not None:
             bias = bias.expand(q.shape[0], -1, -1, -1).contiguous()
         return _FUSED_BWD(do, q, k, v, o, lse, 0.0, False, attn_mask=bias, scale=scale)[:3]
