@@ -51,5 +51,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if "RANK" not in os.environ:  # plain `python`: one rank (torchrun sets these for every rank)
+        print("not under torchrun: running on 1 rank (try torchrun --nproc-per-node 4 ...)")
+        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
     main()

@@ -36,6 +36,8 @@ def _cases(world: int):
     doc = torch.repeat_interleave(torch.arange(40), torch.tensor(lengths))[:336]
     doc = doc if len(doc) == 336 else torch.cat([doc, doc.new_full((336 - len(doc),), 99)])
     packed = "pattern p(N) { tokens n[N]\n input doc: ids[N]\n attend causal & same(doc) }"
+    by_head = ("pattern bh(N) { tokens n[N]\n heads 2\n input len: length\n"
+               " attend by head {\n 0..1: causal & sliding(24) & valid(len)\n 1..2: causal & valid(len)\n } }")
     bigbird = "pattern bb(N = 320) { tokens n[N]\n attend bigbird(block = 16, r = 2, seed = 3) }"
     return [
         ("causal", dict(spec=causal, tokens=272), {}, (1, 2, 272, 8)),  # 17 tiles: uneven shards
@@ -44,6 +46,7 @@ def _cases(world: int):
         ("2-D neighborhood", dict(spec=neighborhood(window=(5, 7)), tokens=(12, 20)), {}, (1, 2, 240, 8)),
         ("bigbird", dict(spec=bigbird), {}, (1, 2, 320, 8)),
         ("gqa causal", dict(spec=causal & sliding(64), tokens=256), {}, (1, 4, 256, 8)),
+        ("by head, padding", dict(spec=by_head, N=192), {"len": torch.tensor([150])}, (1, 2, 192, 8)),
     ]
 
 

@@ -233,7 +233,7 @@ def _item_inputs(pattern: Pattern, inputs: Mapping[str, Any], batch: int) -> tup
         return ({},)
     from attnlang.runtime.call import check_call
 
-    z = torch.zeros((), dtype=torch.float32).expand(batch, 1, pattern.n, 1)
+    z = torch.zeros((), dtype=torch.float32).expand(batch, pattern.heads or 1, pattern.n, 1)
     call = check_call(pattern, z, z, z, None, inputs, None)
     items = [call.item_inputs(b) for b in range(batch)]
     same = all(all(np.array_equal(it[k], items[0][k]) for k in it) for it in items[1:])

@@ -21,9 +21,9 @@ returns a :class:`Sharding`:
   from rank ``s``, each once.
 
     >>> from attnlang import make_plan, causal
-    >>> s = shard(make_plan(causal, tokens=4096), 4)
-    >>> s.segments_per_rank, round(s.imbalance, 3)
-    (2, 1.0)
+    >>> s = shard(make_plan(causal, tokens=8192), 4)
+    >>> s.segments_per_rank, s.imbalance < 1.05
+    (2, True)
 """
 from __future__ import annotations
 
