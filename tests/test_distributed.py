@@ -88,7 +88,7 @@ def _run_case(name, kw, inputs, shape, rank, world):
         ol, ll = cp(cp.shard(qd, **inputs), cp.shard(kd, **inputs), cp.shard(vd, **inputs), return_lse=True,
                     **inputs)
         y = cp.unshard(ol)
-        lse_full = cp.unshard(ll.unsqueeze(-1)).squeeze(-1)
+        lse_full = cp.unshard(ll)
         ((y * dy).sum() + (torch.where(torch.isinf(lse_full), 0.0, lse_full) * dl).sum()).backward()
     finally:
         dist.all_to_all_single = real

@@ -41,7 +41,7 @@ from attnlang.distributed.shard import Sharding, TileCost, group_heads, shard, t
 from attnlang.errors import AttnError
 from attnlang.pattern import Env, Pattern
 
-CHUNK_BYTES = 16 << 20  # fp32 scores per chunk of query tiles
+CHUNK_BYTES = 4 << 20  # fp32 scores per head per chunk of query tiles
 _FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FUSED_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 USE_FUSED = True  # tests switch this off to check the explicit chunk math on CPU
@@ -89,10 +89,13 @@ class ContextParallel:
         return _Scatter.apply(x, lay, self)
 
     def unshard(self, y: torch.Tensor, **inputs: Any) -> torch.Tensor:
-        """All ranks' parts back to the full ``[B, H, N, D]`` tensor, in the user's order.
+        """All ranks' parts back to the full ``[B, H, N, D]`` tensor, in the user's order
+        (``[B, H, n]`` parts, such as ``lse``, give ``[B, H, N]``).
 
         Without ``inputs`` a runtime-input pattern uses the sharding of the latest call.
         """
+        if isinstance(y, torch.Tensor) and y.dim() == 3:
+            return self.unshard(y.unsqueeze(-1), **inputs).squeeze(-1)
         _check_4d("y", y)
         lay = self._last if not inputs and self._last is not None else None
         if lay is None:
