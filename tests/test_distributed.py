@@ -116,7 +116,10 @@ def _errors(rank, world):
         cp(bad, bad, bad)
         out.append("wrong length: no error")
     except AttnError as e:
-        if f"rank {world - 1}" not in str(e) or "shard holds" not in str(e):
+        n = int(cp.sharding().local_sizes()[world - 1])
+        want = f"q has {n - 1} tokens but this rank's shard holds {n}" if rank == world - 1 else \
+            f"the call failed on rank {world - 1} (gave {n - 1} tokens, its shard holds {n})"
+        if want not in str(e):
             out.append(f"wrong length: unclear message {e}")
     spec = causal & sliding(16 if rank == 0 else 32)
     cp2 = ContextParallel(spec, tokens=128, block_m=16, block_n=16)

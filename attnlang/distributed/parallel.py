@@ -76,6 +76,7 @@ class ContextParallel:
         self._cost = cost or TileCost()
         self._layouts: dict[tuple, _Layout] = {}
         self._last: _Layout | None = None
+        self._pending: _Layout | None = None  # this call's layout, known before its checks fail
         self.stats: dict[str, int] = {"forward_bytes": 0, "backward_bytes": 0}  # sent by this rank
 
     # -- the public three -------------------------------------------------------------------
@@ -109,11 +110,12 @@ class ContextParallel:
                  return_lse: bool = False, **inputs: Any):
         """This rank's output part ``[B, Hq, n_local, D]`` (and ``lse [B, Hq, n_local]`` fp32)."""
         lay, problem, digest = None, None, b""
+        self._pending = None
         try:
             lay, scale, digest = self._prepare(q, k, v, scale, inputs)
         except Exception as e:  # any failure: every rank must still reach the agreement
             problem = str(e) if isinstance(e, AttnError) else f"{type(e).__name__}: {e}"
-        self._agree(problem, digest, q, lay)
+        self._agree(problem, digest, q, lay or self._pending)
         self._last = lay
         out, lse = _CPAttention.apply(q, k, v, lay, scale, self)
         return (out, lse) if return_lse else out
@@ -162,7 +164,7 @@ class ContextParallel:
             raise AttnError(f"q, k, v must share one float dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
         if not (q.device == k.device == v.device):
             raise AttnError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-        lay = self._layout_for(self._only_length(), q.shape[0], inputs)
+        lay = self._pending = self._layout_for(self._only_length(), q.shape[0], inputs)
         for name, t in (("q", q), ("k", k), ("v", v)):
             if t.shape[2] != lay.local_n:
                 raise AttnError(f"rank {self.rank}: {name} has {t.shape[2]} tokens but this rank's shard "
