@@ -339,6 +339,17 @@ class _Layout:
                        torch.from_numpy(send_index), [len(t) for t in sends], recv_splits,
                        torch.from_numpy(kv_index), len(own), phases, tokens, {})
 
+    def phases_on(self, dev) -> dict:
+        """``phases`` with their index and bias tensors on ``dev`` (moved once per device)."""
+        if dev.type == "cpu":
+            return self.phases
+        key = str(dev)
+        if key not in self._dev:
+            move = lambda ph: _Phase(ph.slots.to(dev), ph.bias_id.to(dev), ph.bias.to(dev),  # noqa: E731
+                                     ph.row_any.to(dev), ph.chunks)
+            self._dev[key] = {k: (lo, hi, [move(ph) for ph in phs]) for k, (lo, hi, phs) in self.phases.items()}
+        return self._dev[key]
+
     def q_tiles(self) -> int:
         return len(self.q_index) // self.sharding.block_m
 
@@ -536,7 +547,7 @@ class _CPAttention(torch.autograd.Function):
         own_src = torch.cat([kv_local, zero.expand(max(len(recv), 0) + 1, -1)], 0)
         kb_own, vb_own = buffer(own_src.index_select(0, kv_index[:own_rows]))
         results = {}
-        for (b, gi), (lo, hi, phases) in lay.phases.items():
+        for (b, gi), (lo, hi, phases) in lay.phases_on(dev).items():
             items = range(B) if len(lay.plans) == 1 else [b]
             lo, hi, kv_map = _heads(lo, hi, Hq, Hkv, dev)
             for bb in items:
@@ -549,7 +560,7 @@ class _CPAttention(torch.autograd.Function):
         kb, vb = buffer(full_src.index_select(0, kv_index))
         out_k = torch.zeros((B, Hq, T * bm, D), dtype=torch.float32, device=dev)
         lse_k = torch.full((B, Hq, T * bm), float("-inf"), dtype=torch.float32, device=dev)
-        for (b, gi), (lo, hi, phases) in lay.phases.items():
+        for (b, gi), (lo, hi, phases) in lay.phases_on(dev).items():
             items = range(B) if len(lay.plans) == 1 else [b]
             lo, hi, kv_map = _heads(lo, hi, Hq, Hkv, dev)
             for bb in items:
@@ -557,9 +568,8 @@ class _CPAttention(torch.autograd.Function):
                 o1, l1 = results[(bb, gi)]
                 o2, l2 = _attend_phase(phases[1], qk, kb[bb].index_select(0, kv_map),
                                        vb[bb].index_select(0, kv_map), scale, bm, bn)
-                ninf = torch.tensor(float("-inf"))
-                l1 = torch.where(phases[0].row_any.to(dev), l1, ninf)
-                l2 = torch.where(phases[1].row_any.to(dev), l2, ninf)
+                l1 = l1.masked_fill(~phases[0].row_any, float("-inf"))
+                l2 = l2.masked_fill(~phases[1].row_any, float("-inf"))
                 lse = torch.logaddexp(l1, l2)
                 safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
                 w1 = torch.exp(l1 - safe).unsqueeze(-1)
@@ -604,7 +614,7 @@ class _CPAttention(torch.autograd.Function):
         own_rows = lay.own_tiles * bn
         # Remote tiles first: their dK/dV go back to the owners while the own tiles are done.
         for phase in (1, 0):
-            for (b, gi), (lo, hi, phases) in lay.phases.items():
+            for (b, gi), (lo, hi, phases) in lay.phases_on(dev).items():
                 items = range(B) if len(lay.plans) == 1 else [b]
                 lo, hi, kv_map = _heads(lo, hi, Hq, Hkv, dev)
                 for bb in items:
