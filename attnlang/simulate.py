@@ -725,8 +725,21 @@ def simulate_ranks(plan: Plan, ranks: int, target: "str | Target" = "h100", *, r
     # Receiving one key tile of one head (K and V) in units of one full tile of one head: what the
     # sharding trades against compute (TileCost.comm).
     tile_s = report.forward.dense_s / max(report.tiles["dense"], 1) / batch
-    bw = (tgt.interconnect_gbs or 0.0) * 1e9
+    link = tgt.interconnect_gbs or _packaged_interconnect(tgt.name)
+    bw = (link or 0.0) * 1e9
     comm = (plan.block_n * 2 * head_dim * DTYPE_BYTES[dtype] * kv / heads / bw) / tile_s if bw else TileCost.comm
     sh = shard(plan, ranks, heads=heads, cost=TileCost(partial=1 + tgt.forward.mask_cost, comm=comm))
     return rank_report(sh, report.forward.time_s, report.backward.time_s, kv_heads=kv, head_dim=head_dim,
-                       batch=batch, dtype_bytes=DTYPE_BYTES[dtype], interconnect_gbs=tgt.interconnect_gbs)
+                       batch=batch, dtype_bytes=DTYPE_BYTES[dtype], interconnect_gbs=link)
+
+
+def _packaged_interconnect(name: str) -> float | None:
+    """The packaged profile's interconnect figure, for a user profile without one (a profile
+    written by ``attnlang calibrate`` measures the machine, not its links)."""
+    from attnlang.targets import PACKAGED
+
+    path = PACKAGED / f"{name}.json"
+    try:
+        return float(json.loads(path.read_text(encoding="utf-8"))["interconnect_gbs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

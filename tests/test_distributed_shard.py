@@ -147,3 +147,18 @@ def test_cli_simulate_ranks():
     assert doc["ranks"]["ranks"] == 3 and len(doc["ranks"]["forward_bytes"]) == 3
     bad = subprocess.run(base + ["--ranks", "0"], capture_output=True, text=True)
     assert bad.returncode != 0 and "--ranks 0 must be a positive integer" in bad.stderr + bad.stdout
+
+
+def test_simulate_ranks_falls_back_to_packaged_interconnect(tmp_path):
+    import json
+
+    from attnlang.simulate import simulate_ranks
+    from attnlang.targets import PACKAGED, load_target
+
+    doc = json.loads((PACKAGED / "cpu.json").read_text())
+    del doc["interconnect_gbs"]  # as `attnlang calibrate` writes it
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps(doc))
+    assert load_target(str(path)).interconnect_gbs is None
+    r = simulate_ranks(make_plan(causal & sliding(256), tokens=4096), 2, str(path), head_dim=64)
+    assert r.interconnect_gbs == 0.5
