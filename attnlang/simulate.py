@@ -702,10 +702,11 @@ __all__ = ["COMPONENTS", "Direction", "PassWork", "pass_work", "Report", "SCHEMA
 
 def simulate_ranks(plan: Plan, ranks: int, target: "str | Target" = "h100", *, report: Report | None = None,
                    dtype: str | None = None, head_dim: int = 128, batch: int = 1, heads: int | None = None,
-                   kv_heads: int | None = None):
+                   kv_heads: int | None = None, content: Mapping[Any, np.ndarray] | None = None):
     """Context parallelism over ``ranks`` ranks (``attnlang simulate --ranks``): per-rank work and
     imbalance, bytes moved against a K/V all-gather, and the step time at the target's
-    interconnect bandwidth (:mod:`attnlang.distributed.report`).
+    interconnect bandwidth (:mod:`attnlang.distributed.report`). Routed plans: pass the
+    ``content`` they were made with (or a ``report``).
 
     >>> from attnlang import make_plan, causal, sliding
     >>> r = simulate_ranks(make_plan(causal & sliding(4096), tokens=1 << 16), 8)
@@ -718,7 +719,8 @@ def simulate_ranks(plan: Plan, ranks: int, target: "str | Target" = "h100", *, r
     tgt = load_target(target)
     dtype = dtype or ("bf16" if tgt.kind == "gpu" else "fp32")
     heads = heads if heads is not None else (plan.pattern.heads or 8)
-    report = report or simulate_plan(plan, tgt, dtype=dtype, head_dim=head_dim, batch=batch, heads=heads)
+    report = report or simulate_plan(plan, tgt, dtype=dtype, head_dim=head_dim, batch=batch, heads=heads,
+                                     content=content)
     if not isinstance(ranks, int) or isinstance(ranks, bool) or ranks < 1:
         raise AttnError(f"ranks = {ranks!r} must be a positive integer")
     kv = kv_heads or heads
@@ -728,7 +730,13 @@ def simulate_ranks(plan: Plan, ranks: int, target: "str | Target" = "h100", *, r
     link = tgt.interconnect_gbs or _packaged_interconnect(tgt.name)
     bw = (link or 0.0) * 1e9
     comm = (plan.block_n * 2 * head_dim * DTYPE_BYTES[dtype] * kv / heads / bw) / tile_s if bw else TileCost.comm
-    sh = shard(plan, ranks, heads=heads, cost=TileCost(partial=1 + tgt.forward.mask_cost, comm=comm))
+    unit, routed = None, plan.pattern.reads_content and plan.levels is None
+    if routed:  # units hold whole key blocks and query groups, as ContextParallel shards them
+        from attnlang.routing import routes
+
+        unit = math.lcm(*(math.lcm(r.block[0], r.query_block[0]) for r in routes(plan.pattern)))
+    sh = shard(plan, ranks, heads=heads, cost=TileCost(partial=1 + tgt.forward.mask_cost, comm=comm),
+               unit=unit, routed=routed)
     return rank_report(sh, report.forward.time_s, report.backward.time_s, kv_heads=kv, head_dim=head_dim,
                        batch=batch, dtype_bytes=DTYPE_BYTES[dtype], interconnect_gbs=link)
 

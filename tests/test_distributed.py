@@ -38,6 +38,7 @@ def _cases(world: int):
     packed = "pattern p(N) { tokens n[N]\n input doc: ids[N]\n attend causal & same(doc) }"
     by_head = ("pattern bh(N) { tokens n[N]\n heads 2\n input len: length\n"
                " attend by head {\n 0..1: causal & sliding(24) & valid(len)\n 1..2: causal & valid(len)\n } }")
+    moba = "pattern m(N = 384) { tokens n[N]\n attend moba(size = 48, top = 3) }"
     bigbird = "pattern bb(N = 320) { tokens n[N]\n attend bigbird(block = 16, r = 2, seed = 3) }"
     return [
         ("causal", dict(spec=causal, tokens=272), {}, (1, 2, 272, 8)),  # 17 tiles: uneven shards
@@ -47,6 +48,7 @@ def _cases(world: int):
         ("bigbird", dict(spec=bigbird), {}, (1, 2, 320, 8)),
         ("gqa causal", dict(spec=causal & sliding(64), tokens=256), {}, (1, 4, 256, 8)),
         ("by head, padding", dict(spec=by_head, N=192), {"len": torch.tensor([150])}, (1, 2, 192, 8)),
+        ("moba", dict(spec=moba), {}, (2, 2, 384, 8)),
     ]
 
 
@@ -93,7 +95,8 @@ def _run_case(name, kw, inputs, shape, rank, world):
     finally:
         dist.all_to_all_single = real
     # Bytes counted from the sharding = bytes the collectives moved (forward K/V, backward dK/dV).
-    m = cp.sharding(N, **inputs).recv_tokens() * (B * hk * D * 2 * 4)
+    sh = cp.routed_sharding if name == "moba" else cp.sharding(N, **inputs)
+    m = sh.recv_tokens() * (B * hk * D * 2 * 4)
     assert moved == [(int(m[:, rank].sum()), int(m[rank].sum())), (int(m[rank].sum()), int(m[:, rank].sum()))], \
         f"{name}: moved {moved}, sharding says {m.tolist()}"
     torch.testing.assert_close(y, out.detach(), **TOL, msg=lambda m: f"{name}: output: {m}")
@@ -130,13 +133,13 @@ def _errors(rank, world):
     except AttnError as e:
         if "disagree" not in str(e):
             out.append(f"mismatched patterns: unclear message {e}")
-    moba = "pattern m { tokens n[256]\n attend moba(size = 32, top = 2) }"
+    vmoba = "pattern m { tokens n[256]\n attend route(block = 32, top = 2, scope = head) }"
     try:
-        ContextParallel(moba).shard(torch.randn(1, 1, 256, 4))
-        out.append("routed: no error")
+        ContextParallel(vmoba).shard(torch.randn(1, 1, 256, 4))
+        out.append("routed scope = head: no error")
     except AttnError as e:
-        if "route" not in str(e):
-            out.append(f"routed: unclear message {e}")
+        if "scope = head" not in str(e):
+            out.append(f"routed scope = head: unclear message {e}")
     # After errors the group still works (no rank is left inside a collective).
     cp(cp.shard(x), cp.shard(x), cp.shard(x))
     return out

@@ -106,6 +106,19 @@ def test_zigzag_falls_out_for_causal_and_bands_stay_contiguous():
     assert (b["forward"] <= b["all_gather"]).all() and b["forward"].max() <= b["all_gather"].max()
 
 
+def test_routed_shards_whole_blocks():
+    from attnlang import parse
+    from attnlang.simulate import sample_content, simulate_ranks
+
+    moba = parse("pattern m { tokens n[4096]\n attend moba(size = 256, top = 3) }").instantiate("m", {})
+    content = sample_content(moba, 1, 16)
+    plan = plan_pattern(moba, content=content)
+    sh = shard(plan, 3, unit=256, routed=True)
+    assert sh.unit == 256 and sh.local_sizes().sum() == 4096
+    r = simulate_ranks(plan, 3, "h100", heads=1, content=content)
+    assert r.ranks == 3 and "512" not in r.layout and "units of 256" in r.layout
+
+
 def test_routed_and_too_many_ranks_are_refused():
     from attnlang import parse
 
@@ -113,7 +126,7 @@ def test_routed_and_too_many_ranks_are_refused():
     from attnlang.simulate import sample_content
 
     plan = plan_pattern(moba, content=sample_content(moba, 1, 16))
-    with pytest.raises(AttnError, match="route"):
+    with pytest.raises(AttnError, match="reads Q/K"):
         shard(plan, 2)
     with pytest.raises(AttnError, match="exceeds the 4 units"):
         shard(make_plan(causal, tokens=256, block_m=64, block_n=64), 5)

@@ -77,6 +77,8 @@ class ContextParallel:
         self._layouts: dict[tuple, _Layout] = {}
         self._last: _Layout | None = None
         self._pending: _Layout | None = None  # this call's layout, known before its checks fail
+        # Routed patterns: the latest call's sharding (same ownership, this call's receive lists).
+        self.routed_sharding: Sharding | None = None
         self.stats: dict[str, int] = {"forward_bytes": 0, "backward_bytes": 0}  # sent by this rank
 
     # -- the public three -------------------------------------------------------------------
@@ -117,6 +119,9 @@ class ContextParallel:
             problem = str(e) if isinstance(e, AttnError) else f"{type(e).__name__}: {e}"
         self._agree(problem, digest, q, lay or self._pending)
         self._last = lay
+        if lay.pattern.reads_content:  # this call's selection decides the tiles and the exchange
+            lay = self._routed_layout(lay, q, k, scale, inputs)
+            self.routed_sharding = lay.sharding
         out, lse = _CPAttention.apply(q, k, v, lay, scale, self)
         return (out, lse) if return_lse else out
 
@@ -137,9 +142,7 @@ class ContextParallel:
     def _layout_for(self, n: int, batch: int, inputs: Mapping[str, Any]) -> "_Layout":
         pattern = self._compiled.pattern_for(n)
         if pattern.reads_content:
-            raise AttnError(f"pattern '{pattern.name}' reads Q/K (route/pyramid); context parallelism "
-                            "supports static and runtime-input patterns only",
-                            hint="run routed patterns with attnlang.compile on one device per sequence")
+            _routed_check(pattern)
         declared = [i.name for i in pattern.inputs]
         if declared and not inputs:
             if self._last is not None and self._last.pattern is pattern:
@@ -182,6 +185,61 @@ class ContextParallel:
             digest.update(name.encode() + t.numpy().tobytes())
         return lay, call.scale, digest.digest()
 
+    def _routed_layout(self, lay: "_Layout", q, k, scale: float, inputs) -> "_Layout":
+        """Route this call: pooled K of every key block from its owner (an all_reduce of a small
+        ``[B, Hkv, blocks, D]`` tensor), selection for this rank's own query groups, plans for its
+        own query tiles, then one all_gather of every rank's needed key tiles: the exchange."""
+        from dataclasses import replace
+
+        from attnlang.planner import make_plan
+        from attnlang.routing import block_ids, eligibility, group_ids, routes, select
+
+        pattern, sh = lay.pattern, lay.sharding
+        B, Hq, Hkv = q.shape[0], q.shape[1], k.shape[1]
+        dev = q.device
+        mine = torch.from_numpy(lay.tokens[self.rank]).to(dev)
+        kv_of = torch.arange(Hq, device=dev) // (Hq // Hkv)
+        items = lay.item_inputs if len(lay.item_inputs) == B else lay.item_inputs * B
+        contents, plans = [], []
+        with torch.no_grad():
+            for b in range(B):
+                content = {}
+                for r in routes(pattern):
+                    G, nb = r.groups(pattern.layout), r.blocks(pattern.layout)
+                    kid = torch.from_numpy(block_ids(r, pattern.layout)).to(dev)[mine]
+                    gid_np = group_ids(r, pattern.layout)[lay.tokens[self.rank]]
+                    kmean = _segment_mean(k[b], kid, nb)  # blocks this rank owns, zeros elsewhere
+                    dist.all_reduce(kmean, group=self.group)  # each block has one owner: exact
+                    self.stats["routing_bytes"] = self.stats.get("routing_bytes", 0) + kmean.numel() * 4
+                    my_groups = np.unique(gid_np)
+                    local_gid = np.searchsorted(my_groups, gid_np)
+                    qmean = _segment_mean(q[b], torch.from_numpy(local_gid).to(dev), len(my_groups))
+                    scores = np.einsum("hgd,hbd->hgb", qmean.cpu().numpy(), kmean[kv_of].cpu().numpy()
+                                       ).astype(np.float32) * np.float32(scale)
+                    elig = eligibility(r, pattern.layout)[my_groups][None]
+                    sel = np.zeros((Hq, G, nb), dtype=bool)
+                    sel[:, my_groups] = select(r, scores, elig)
+                    content[r] = sel
+                contents.append(content)
+                plans.append(make_plan(pattern, inputs=items[b] or None, block_m=sh.block_m, block_n=sh.block_n,
+                                       content=content))
+        # Needed key tiles of this rank's query tiles (its rows are all it routed), then everyone's.
+        my_q = sh.q_tiles_of(self.rank)
+        need = np.zeros(sh.kv_tiles, dtype=np.uint8)
+        for plan in plans:
+            for gi in range(len(plan.groups)):
+                fq, fk, pq, pk = tile_rows(plan, gi)
+                rows = np.isin(np.concatenate([fq, pq]), my_q)
+                need[np.concatenate([fk, pk])[rows]] = 1
+        got = [torch.zeros(sh.kv_tiles, dtype=torch.uint8) for _ in range(self.world_size)]
+        dist.all_gather(got, torch.from_numpy(need), group=self.group)
+        owner = sh.kv_owner()
+        needs = [g.numpy().astype(bool) for g in got]
+        recv = tuple(tuple(np.nonzero(needs[r] & (owner == s) & (r != s))[0] for s in range(self.world_size))
+                     for r in range(self.world_size))
+        return _Layout.from_sharding(pattern, replace(sh, recv=recv), tuple(plans), items, self.rank, Hq,
+                                     contents)
+
     def _agree(self, problem: str | None, digest: bytes, q, lay) -> None:
         """One all_gather of every rank's verdict and digest; the same AttnError on every rank."""
         rec = torch.zeros(RECORD, dtype=torch.int64)
@@ -213,6 +271,52 @@ class ContextParallel:
                             f"scale or runtime inputs (groups that agree: {parts})",
                             hint="every rank must build ContextParallel with the same spec and call it "
                                  "with the same inputs and shapes")
+
+
+def _routed_check(pattern: Pattern) -> None:
+    """Routed patterns run when every route is one ContextParallel can split exactly."""
+    from attnlang.pattern import Pyramid
+    from attnlang.routing import routes
+
+    why = None
+    if isinstance(pattern.attend, Pyramid):
+        why = "pyramid(...) patterns"
+    elif pattern.layout.rank != 1:
+        why = "routes on multi-dimensional layouts"
+    else:
+        for r in routes(pattern):
+            if r.scope != "query":
+                why = "route(..., scope = head)"
+            elif r.permute is not None:
+                why = "route(..., permute_keys = importance(...))"
+    if why:
+        raise AttnError(f"pattern '{pattern.name}': context parallelism does not run {why} yet",
+                        hint="run it with attnlang.compile on one device per sequence; 1-D routes with "
+                             "scope = query (MoBA) are supported")
+
+
+def _routed_static(pattern: Pattern):
+    """``(content, unit)`` for sharding a routed pattern: a seeded representative selection
+    (every rank draws the same) for the costs, and units that hold whole key blocks and query
+    groups, so each block's pooled K has one owner."""
+    import math
+
+    from attnlang.routing import routes
+    from attnlang.simulate import sample_content
+
+    unit = 1
+    for r in routes(pattern):
+        unit = math.lcm(unit, r.block[0], r.query_block[0])
+    return sample_content(pattern, 1, 16), unit
+
+
+def _segment_mean(x: torch.Tensor, ids: torch.Tensor, count: int) -> torch.Tensor:
+    """Mean of ``x [H, n, D]`` over tokens sharing an id: fp32 ``[H, count, D]``, the same
+    operations as the single-process routing stage (so a block owner's mean is bit-identical)."""
+    H, _, D = x.shape
+    out = torch.zeros((H, count, D), dtype=torch.float32, device=x.device).index_add_(1, ids, x.float())
+    num = torch.bincount(ids, minlength=count).clamp_min(1).to(torch.float32)
+    return out / num[None, :, None]
 
 
 def _check_4d(name: str, t: Any) -> None:
@@ -285,16 +389,28 @@ class _Layout:
     phases: dict  # (item, group) -> (lo, hi, [own _Phase, remote _Phase])
     tokens: list  # per rank: token indices of its part
     _dev: dict
+    item_inputs: tuple = ()  # per batch item runtime inputs (numpy), or one shared entry
 
     @staticmethod
     def build(pattern, items, world_size, rank, blocks, cost) -> "_Layout":
         from attnlang.planner import make_plan
 
         bm, bn = blocks
-        first = make_plan(pattern, inputs=items[0] or None, block_m=bm, block_n=bn)
-        plans = (first,) + tuple(make_plan(pattern, inputs=it, block_m=first.block_m, block_n=first.block_n)
-                                 for it in items[1:])
-        sh = shard(plans, world_size, heads=pattern.heads, cost=cost)
+        content, unit = None, None
+        if pattern.reads_content:  # routed: ownership from a representative selection (below)
+            content, unit = _routed_static(pattern)
+        first = make_plan(pattern, inputs=items[0] or None, block_m=bm, block_n=bn, content=content)
+        plans = (first,) + tuple(make_plan(pattern, inputs=it, block_m=first.block_m, block_n=first.block_n,
+                                           content=content) for it in items[1:])
+        sh = shard(plans, world_size, heads=pattern.heads, cost=cost, unit=unit, routed=content is not None)
+        return _Layout.from_sharding(pattern, sh, plans, items, rank, pattern.heads or 1,
+                                     None if content is None else (content,) * len(plans))
+
+    @staticmethod
+    def from_sharding(pattern, sh: Sharding, plans, items, rank, heads, contents) -> "_Layout":
+        """The layout of ``rank`` for a sharding and the plans (per batch item) it runs;
+        ``contents``: per batch item routing content (routed patterns), else None."""
+        world_size = sh.world_size
         bm, bn = sh.block_m, sh.block_n
         tokens = [sh.tokens(r) for r in range(world_size)]
         mine = tokens[rank]
@@ -329,15 +445,15 @@ class _Layout:
         q_local = np.full(sh.q_tiles, -1, dtype=np.int64)
         q_local[my_q] = np.arange(len(my_q))
         phases = {}
-        heads = pattern.heads or 1
         for b, plan in enumerate(plans):
             for gi, lo, hi in group_heads(plan, heads):
                 g = plan.groups[gi]
-                phases[(b, gi)] = (g.lo, g.hi, _phases(plan, gi, items[b], sh, rank, q_local, my_q,
-                                                        buf_of, kv_owner))
+                content = contents[b] if contents is not None else {}
+                phases[(b, gi)] = (g.lo, g.hi, _phases(plan, gi, items[b if len(items) > 1 else 0], sh, rank,
+                                                        q_local, my_q, buf_of, kv_owner, content))
         return _Layout(pattern, sh, rank, plans, len(mine), torch.from_numpy(q_index), torch.from_numpy(q_rows),
                        torch.from_numpy(send_index), [len(t) for t in sends], recv_splits,
-                       torch.from_numpy(kv_index), len(own), phases, tokens, {})
+                       torch.from_numpy(kv_index), len(own), phases, tokens, {}, tuple(items))
 
     def phases_on(self, dev) -> dict:
         """``phases`` with their index and bias tensors on ``dev`` (moved once per device)."""
@@ -357,14 +473,14 @@ class _Layout:
         return len(self.kv_index) // self.sharding.block_n
 
 
-def _phases(plan, gi, inputs, sh: Sharding, rank, q_local, my_q, buf_of, kv_owner) -> list[_Phase]:
+def _phases(plan, gi, inputs, sh: Sharding, rank, q_local, my_q, buf_of, kv_owner, content) -> list[_Phase]:
     from attnlang.runtime.tiles import partial_masks
 
     fq, fk, pq, pk = tile_rows(plan, gi)
     bm, bn = sh.block_m, sh.block_n
     T = len(my_q)
     expr = plan.pattern.expr_for_head(plan.groups[gi].lo)
-    env = Env(plan.pattern.layout, dict(inputs), plan.groups[gi].lo, {})
+    env = Env(plan.pattern.layout, dict(inputs), plan.groups[gi].lo, content)
     out = []
     for own in (True, False):
         sel_f = (q_local[fq] >= 0) & ((kv_owner[fk] == rank) == own)

@@ -27,6 +27,7 @@ returns a :class:`Sharding`:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -180,12 +181,15 @@ class Sharding:
 # --------------------------------------------------------------------------------------------
 
 def shard(plan: Plan | Sequence[Plan], world_size: int, *, heads: int | None = None,
-          cost: TileCost = TileCost(), segments: Sequence[int] = SEGMENTS) -> Sharding:
+          cost: TileCost = TileCost(), segments: Sequence[int] = SEGMENTS, unit: int | None = None,
+          routed: bool = False) -> Sharding:
     """Assign a plan's query tiles to ``world_size`` ranks (see the module docstring).
 
     ``plan`` may be one plan per batch item (runtime inputs): they must share tiles and order,
     and their costs add up. ``heads`` weights head groups by their head counts (default: one
-    head per group, or the pattern's ``heads``). O(units + visited tiles).
+    head per group, or the pattern's ``heads``). ``unit`` (a multiple of both tile sizes) makes
+    units longer than ``max(block_m, block_n)``; ``routed`` accepts a routed plan made from a
+    representative selection (ContextParallel routes each call itself). O(units + visited tiles).
     """
     plans = [plan] if isinstance(plan, Plan) else list(plan)
     if not plans:
@@ -193,11 +197,13 @@ def shard(plan: Plan | Sequence[Plan], world_size: int, *, heads: int | None = N
     p0 = plans[0]
     if not isinstance(world_size, (int, np.integer)) or isinstance(world_size, bool) or world_size < 1:
         raise AttnError(f"world_size = {world_size!r} must be a positive integer")
-    if p0.pattern.reads_content or p0.levels is not None:
-        raise AttnError(f"pattern '{p0.pattern.name}' reads Q/K (route/pyramid): its tiles are only known "
-                        "per call, and context parallelism does not route yet",
-                        hint="run routed patterns on one device per sequence (attnlang.compile), or "
-                             "shard with a static pattern")
+    if p0.levels is not None:
+        raise AttnError(f"pattern '{p0.pattern.name}' is a pyramid(...) pattern: context parallelism does not "
+                        "run pooled pyramids yet", hint="run it with attnlang.compile on one device per sequence")
+    if p0.pattern.reads_content and not routed:
+        raise AttnError(f"pattern '{p0.pattern.name}' reads Q/K (route): its tiles are only known per call",
+                        hint="shard a plan made from representative content with routed=True and units that "
+                             "hold whole route blocks (unit=); ContextParallel routes every call itself")
     for p in plans[1:]:
         same = (p.block_m, p.block_n, p.n_kernel) == (p0.block_m, p0.block_n, p0.n_kernel) and (
             (p.order is None and p0.order is None) or
@@ -206,7 +212,8 @@ def shard(plan: Plan | Sequence[Plan], world_size: int, *, heads: int | None = N
             raise AttnError("the batch items' plans differ in tiles or token order; plan them with the "
                             "same block_m / block_n")
     bm, bn = p0.block_m, p0.block_n
-    unit = max(bm, bn)
+    base = max(bm, bn)
+    unit = base if unit is None else math.lcm(base, int(unit))
     units = -(-p0.n_kernel // unit)
     if world_size > units:
         raise AttnError(f"world size {world_size} exceeds the {units} units of {unit} tokens of "
