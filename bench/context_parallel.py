@@ -84,6 +84,17 @@ def communication() -> None:
           f"{ring_fwd} ({b['forward'].max() / ring_fwd:.3f} and {b['forward'].mean() / ring_fwd:.3f} of ring); "
           f"forward + backward max {2 * b['forward'].max()} vs ring {2 * ring_fwd * 2} "
           f"(ring re-sends K/V in the backward besides dK/dV)")
+    from attnlang import parse
+    from attnlang.simulate import sample_content
+
+    moba = parse("pattern m { tokens n[32768]\n attend moba(size = 512, top = 3) }").instantiate("m", {})
+    plan = make_plan(moba, content=sample_content(moba, 1, 64))
+    sh = shard(plan, 4, unit=512, routed=True)
+    b = sh.bytes_moved(1)
+    print(f"* MoBA (block 512, top 3), N = 32768, 4 ranks, one head of seeded Gaussian Q/K "
+          f"({sh.describe()}): largest forward receive {b['forward'].max() / b['all_gather'].max():.3f} "
+          f"of a K/V all-gather: each token routes on its own, so a 64-query tile reads the union of "
+          f"its queries' blocks")
     print()
 
 
