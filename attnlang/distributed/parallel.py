@@ -23,6 +23,10 @@ A call, on every rank:
    computed; owners add the partials in a fixed order (own, then rank 0, 1, ...):
    deterministic.
 
+Routed patterns (1-D ``route`` with ``scope = query``: MoBA) own whole key blocks per rank; each
+call all-reduces the pooled K (one owner per block), selects for this rank's own query groups,
+and all-gathers bitmaps of the needed key tiles, which become that call's receive lists.
+
 The attention math per chunk of query tiles is the plan-driven executor's: gathered key tiles,
 an additive ``0 / -inf`` bias on partial tiles (the IR's ``allowed`` on the tile's tokens), fp32
 softmax; the backward recomputes probabilities from the saved log-sum-exp.
