@@ -698,3 +698,56 @@ def _share(part: float, total: float) -> str:
 
 __all__ = ["COMPONENTS", "Direction", "PassWork", "pass_work", "Report", "SCHEMA", "SweepPoint", "parse_sweep",
            "sample_content", "simulate", "simulate_plan", "sweep"]
+
+
+def simulate_ranks(plan: Plan, ranks: int, target: "str | Target" = "h100", *, report: Report | None = None,
+                   dtype: str | None = None, head_dim: int = 128, batch: int = 1, heads: int | None = None,
+                   kv_heads: int | None = None, content: Mapping[Any, np.ndarray] | None = None):
+    """Context parallelism over ``ranks`` ranks (``attnlang simulate --ranks``): per-rank work and
+    imbalance, bytes moved against a K/V all-gather, and the step time at the target's
+    interconnect bandwidth (:mod:`attnlang.distributed.report`). Routed plans: pass the
+    ``content`` they were made with (or a ``report``).
+
+    >>> from attnlang import make_plan, causal, sliding
+    >>> r = simulate_ranks(make_plan(causal & sliding(4096), tokens=1 << 16), 8)
+    >>> r.imbalance < 1.05, max(r.forward_bytes) < max(r.all_gather_bytes) / 4
+    (True, True)
+    """
+    from attnlang.distributed.report import rank_report
+    from attnlang.distributed.shard import TileCost, shard
+
+    tgt = load_target(target)
+    dtype = dtype or ("bf16" if tgt.kind == "gpu" else "fp32")
+    heads = heads if heads is not None else (plan.pattern.heads or 8)
+    report = report or simulate_plan(plan, tgt, dtype=dtype, head_dim=head_dim, batch=batch, heads=heads,
+                                     content=content)
+    if not isinstance(ranks, int) or isinstance(ranks, bool) or ranks < 1:
+        raise AttnError(f"ranks = {ranks!r} must be a positive integer")
+    kv = kv_heads or heads
+    # Receiving one key tile of one head (K and V) in units of one full tile of one head: what the
+    # sharding trades against compute (TileCost.comm).
+    tile_s = report.forward.dense_s / max(report.tiles["dense"], 1) / batch
+    link = tgt.interconnect_gbs or _packaged_interconnect(tgt.name)
+    bw = (link or 0.0) * 1e9
+    comm = (plan.block_n * 2 * head_dim * DTYPE_BYTES[dtype] * kv / heads / bw) / tile_s if bw else TileCost.comm
+    unit, routed = None, plan.pattern.reads_content and plan.levels is None
+    if routed:  # units hold whole key blocks and query groups, as ContextParallel shards them
+        from attnlang.routing import routes
+
+        unit = math.lcm(*(math.lcm(r.block[0], r.query_block[0]) for r in routes(plan.pattern)))
+    sh = shard(plan, ranks, heads=heads, cost=TileCost(partial=1 + tgt.forward.mask_cost, comm=comm),
+               unit=unit, routed=routed)
+    return rank_report(sh, report.forward.time_s, report.backward.time_s, kv_heads=kv, head_dim=head_dim,
+                       batch=batch, dtype_bytes=DTYPE_BYTES[dtype], interconnect_gbs=link)
+
+
+def _packaged_interconnect(name: str) -> float | None:
+    """The packaged profile's interconnect figure, for a user profile without one (a profile
+    written by ``attnlang calibrate`` measures the machine, not its links)."""
+    from attnlang.targets import PACKAGED
+
+    path = PACKAGED / f"{name}.json"
+    try:
+        return float(json.loads(path.read_text(encoding="utf-8"))["interconnect_gbs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-m", type=int, metavar="M", help="query tile size in tokens")
     p.add_argument("--block-n", type=int, metavar="N", help="key tile size in tokens")
     p.add_argument("--sweep", metavar="K=LO..HI", help="sweep a parameter, doubling: e.g. N=1k..1M")
+    p.add_argument("--ranks", type=int, metavar="R",
+                   help="context parallelism over R ranks: per-rank work, bytes moved, step time")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--md", action="store_true", help="print Markdown")
     out.add_argument("--json", action="store_true", help="print JSON")
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from attnlang.targets import load_target
 
     for flag, v in (("--block-m", args.block_m), ("--block-n", args.block_n), ("--head-dim", args.head_dim),
-                    ("--batch", args.batch), ("--heads", args.heads)):
+                    ("--batch", args.batch), ("--heads", args.heads), ("--ranks", args.ranks)):
         if v is not None and v < 1:
             raise AttnError(f"{flag} {v} must be a positive integer")
     target = load_target(args.target)
@@ -61,6 +63,11 @@ def run(args: argparse.Namespace) -> int:
     plan = make_plan(pattern, inputs=inputs, block_m=args.block_m, block_n=args.block_n, content=content)
     kw = dict(dtype=args.dtype, head_dim=args.head_dim, batch=args.batch, heads=args.heads)
     report = simulate_plan(plan, target, inputs=inputs, content=content, **kw)
+    ranks = None
+    if args.ranks is not None:
+        from attnlang.simulate import simulate_ranks
+
+        ranks = simulate_ranks(plan, args.ranks, target, report=report, **kw)
     points = None
     if sweep_spec is not None:
         name, values = sweep_spec
@@ -71,16 +78,23 @@ def run(args: argparse.Namespace) -> int:
         doc = report.to_dict() if points is None else {
             "schema": "attnlang.sweep/1", "parameter": sweep_spec[0], "report": report.to_dict(),
             "points": [_finite_point(p) for p in points]}
+        if ranks is not None:
+            doc["ranks"] = ranks.to_dict()
         print(json.dumps(doc, indent=1))
     elif args.png:
         write_png(args.png, report, plan, pattern, inputs, points, sweep_spec[0] if sweep_spec else None)
         print(f"wrote {args.png}")
     elif args.md:
         print(report.to_markdown())
+        if ranks is not None:
+            print(ranks.to_markdown())
         if points is not None:
             print(sweep_markdown(sweep_spec[0], points))
     else:
         print(report)
+        if ranks is not None:
+            print()
+            print(ranks)
         if points is not None:
             print()
             print(sweep_table(sweep_spec[0], points))

@@ -17,6 +17,9 @@ Schema (every field required unless marked optional; times in nanoseconds)::
     cores           int    optional, informational (cpu)
     tflops          {dtype: float}   peak tensor throughput (gpu) / measured matmul rate (cpu)
     bandwidth_gbs   float  memory bandwidth (token permutation passes)
+    interconnect_gbs      float  optional: device-to-device bandwidth, each way, per device
+                           (NVLink; gloo loopback for cpu): context-parallel step times
+    interconnect_source   string optional: where that figure comes from
     head_dim        int    head dim at which efficiency and tile costs were measured
     index_read_ns   float  cost of reading one index-table entry (tabulated plans only)
     forward, backward      {efficiency: dense kernel's fraction of tflops,
@@ -96,6 +99,7 @@ class Target:
     cores: int | None = None
     executor: Executor = Executor()
     calibration: Mapping[str, Any] | None = None
+    interconnect_gbs: float | None = None  # device-to-device GB/s each way (context parallelism)
 
     def peak(self, dtype: str) -> float:
         """FLOP/s for ``dtype``; AttnError naming the supported ones otherwise."""
@@ -171,7 +175,7 @@ def target_from_dict(doc: Any, path: str = "<dict>") -> Target:
         problems.append(f"'units' = {doc['units']!r} must be a positive integer")
     if "head_dim" in doc and not (isinstance(doc["head_dim"], int) and doc["head_dim"] >= 1):
         problems.append(f"'head_dim' = {doc['head_dim']!r} must be a positive integer")
-    for f in ("bandwidth_gbs", "index_read_ns"):
+    for f in ("bandwidth_gbs", "index_read_ns") + (("interconnect_gbs",) if "interconnect_gbs" in doc else ()):
         if f in doc and not _nonneg(doc[f]):
             problems.append(f"'{f}' = {doc[f]!r} must be a non-negative number")
     tf = doc.get("tflops")
@@ -196,7 +200,8 @@ def target_from_dict(doc: Any, path: str = "<dict>") -> Target:
     return Target(str(doc["name"]), doc["kind"], str(doc["description"]), str(doc["source"]), doc["units"],
                   {str(k): float(v) for k, v in doc["tflops"].items()}, float(doc["bandwidth_gbs"]),
                   doc["head_dim"], float(doc["index_read_ns"]), costs(doc["forward"]), costs(doc["backward"]),
-                  path, doc.get("cores"), Executor(**ex), doc.get("calibration"))
+                  path, doc.get("cores"), Executor(**ex), doc.get("calibration"),
+                  float(doc["interconnect_gbs"]) if "interconnect_gbs" in doc else None)
 
 
 def _nonneg(v: Any) -> bool:
