@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from attnlang import AttnError, Pattern, causal, make_plan, neighborhood, sliding
 from attnlang.distributed import shard
 from attnlang.planner import make_plan as plan_pattern
-from tests.strategies import patterns
+from strategies import patterns
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
