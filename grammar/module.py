@@ -174,7 +174,7 @@ class Module:
             raise AttnError(_dedupe(ev.out))
 
     def format(self) -> str:
-        """Canonical text of the file (comments dropped); ``load(m.format()) == m``."""
+        """Canonical text of the file, comments kept; ``load(m.format()) == m``."""
         return format_file(self.file)
 
 
