@@ -431,6 +431,8 @@ class Evaluator:
             ok = v
         elif kind == "int_or_inf" and (_is_int(v) or v == INF):
             ok = v
+        elif kind == "side" and ((_is_int(v) and v >= 0) or v == INF):
+            ok = v
         elif kind == "float" and _is_num(v):
             ok = float(v)
         elif kind == "per_axis_int" and (_is_int(v) or (isinstance(v, tuple) and v and all(map(_is_int, v)))):
@@ -802,6 +804,47 @@ def _schedule(ev: Evaluator, stmt: A.Schedule, env: Env, layout: Layout | None,
             ev.error(f"schedule tile {key} = {show(v)} has {len(vals)} entries but the layout "
                      f"{layout.to_attn()} has {layout.rank} axes", arg.value.span,
                      "give one tile size per axis")
-        else:
+        elif _tile_ok(ev, key, v, vals, arg.value.span, layout):
             tile[key] = tuple(vals)
+    q, kv = tile.get("q"), tile.get("kv")
+    if q and kv and len(q) == len(kv) > 1 and not (all(b % a == 0 for a, b in zip(q, kv))
+                                                   or all(a % b == 0 for a, b in zip(q, kv))):
+        ev.error(f"schedule tile boxes q = {show(q)} and kv = {show(kv)} do not nest", call.span,
+                 "one box must divide the other on every axis, e.g. q = kv")
     return order
+
+
+def _tile_ok(ev: Evaluator, key: str, v: Any, vals: tuple[int, ...], span: Span | None,
+             layout: Layout | None) -> bool:
+    """The planner's tile rule, at the line: a tile holds a power of two in 16..256 tokens (the
+    kernels' tl.dot blocks); a box's extents may be anything whose product is one."""
+    from attnlang.planner import BLOCK_SIZES
+
+    size = math.prod(vals)
+    if size in BLOCK_SIZES:
+        return True
+    valid = ", ".join(map(str, BLOCK_SIZES))
+    if len(vals) == 1:
+        ev.error(f"schedule tile {key} = {show(v)} is not a supported tile size", span,
+                 f"valid: a power of two in {valid} tokens (the kernels run power-of-two tiles)")
+    else:
+        ev.error(f"schedule tile {key} = {show(v)} holds {size} tokens; a tile box must hold a "
+                 f"power of two in {BLOCK_SIZES[0]}..{BLOCK_SIZES[-1]}", span,
+                 f"e.g. {show(_pow2_box(vals, layout, BLOCK_SIZES))} (the kernels run power-of-two "
+                 "tiles; a box of another volume is not supported yet)")
+    return False
+
+
+def _pow2_box(vals: tuple[int, ...], layout: Layout | None, sizes: tuple[int, ...]) -> tuple[int, ...]:
+    """The nearest box with a supported volume: extents rounded down to powers of two, then the
+    largest halved / the smallest doubled (within its axis) until the volume fits."""
+    box = [1 << (max(1, x).bit_length() - 1) for x in vals]
+    lens = layout.sizes if layout is not None and layout.rank == len(vals) else (10 ** 9,) * len(vals)
+    while math.prod(box) > sizes[-1]:
+        i = max(range(len(box)), key=lambda a: box[a])
+        box[i] //= 2
+    while math.prod(box) < sizes[0]:
+        room = [a for a in range(len(box)) if box[a] * 2 <= lens[a]] or list(range(len(box)))
+        i = min(room, key=lambda a: box[a])
+        box[i] *= 2
+    return tuple(box)
