@@ -21,6 +21,6 @@ left-associative operators (``a & b & c ...``, ``1 + 2 + 3 ...``) is one level h
 redundant parentheses count nothing."""
 
 MAX_EVAL_DEPTH = 150
-"""Deepest evaluation: expression levels plus macro expansions and constants that refer to
-constants, counted together (a chain of ``let``s written in file order costs one level each
-way; a macro that calls a macro that calls ... costs one level per call)."""
+"""Deepest evaluation: expression levels plus macro expansions, counted together (a macro that
+calls a macro that calls ... costs one level per call). Constants that refer to constants cost
+nothing: their dependencies are evaluated first, in a loop."""
