@@ -51,11 +51,11 @@ def _read(spec: str | os.PathLike) -> tuple[str, str]:
             raise AttnError(f"no such file: {spec}") from None
         except OSError as e:
             raise AttnError(f"cannot read {spec}: {e}") from None
-        return decode(data, str(spec)), str(spec)
+        return _decode(data, str(spec)), str(spec)
     return spec, "<string>"
 
 
-def decode(data: bytes, name: str) -> str:
+def _decode(data: bytes, name: str) -> str:
     """``.attn`` bytes as text (UTF-8, a byte order mark allowed); bytes that are not UTF-8 are
     an AttnError at their line and column."""
     from attnlang.errors import Diagnostic, Source, Span

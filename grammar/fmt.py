@@ -149,11 +149,11 @@ class _Comments:
     def __init__(self, comments, source):
         self.items = sorted(comments, key=lambda c: (c.span.line, c.span.col))
         self.i = 0
-        self.source = source
+        self.lines = source.text.split("\n") if source is not None else []  # as the lexer counts
 
     def trailing(self, c: A.Comment) -> bool:
         """True if code precedes the comment on its line."""
-        text = self.source.line(c.span.line) if self.source is not None else ""
+        text = self.lines[c.span.line - 1] if c.span.line <= len(self.lines) else ""
         return bool(text[:c.span.col - 1].strip())
 
     def until(self, line: int) -> list[A.Comment]:

@@ -275,3 +275,10 @@ def test_plan_counts_per_head_and_simulate_counts_all_heads(capsys):
     first, second = out.splitlines()[:2]
     assert first.endswith("batch 1, 32 query heads") and "H = " not in first
     assert "visited 3032 of 8192 tiles" in second and second.endswith("all 32 heads together")
+
+
+def test_caret_is_on_the_lexer_line_with_form_feeds():
+    """Lines end at \\n as the lexer counts them (str.splitlines also split at \\f)."""
+    with pytest.raises(AttnError) as e:
+        load("let a = 1\x0c\nlet b = slidng\n", "x.attn")
+    assert str(e.value).splitlines()[1] == "    let b = slidng"
