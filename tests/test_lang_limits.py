@@ -168,9 +168,9 @@ def test_issue_huge_literals_are_located_errors_not_value_errors(digits):
 
 def test_issue_squaring_chain_stops_fast():
     text = "let a0 = 3\n" + "".join(f"let a{i + 1} = a{i} * a{i}\n" for i in range(27))
-    start = time.perf_counter()
+    start = time.process_time()
     err = check(text)
-    assert time.perf_counter() - start < 2
+    assert time.process_time() - start < 2
     assert err is not None and "out of range" in str(err)
 
 
@@ -192,9 +192,9 @@ def test_float_literal_overflow_is_an_error():
 
 def test_issue_grid_hint_is_lazy():
     """grid(7) on h[7 * 2**24] built every divisor of 117M for a hint nobody reads (10 s)."""
-    start = time.perf_counter()
+    start = time.process_time()
     assert check(pattern("grid(7)").replace("n[16]", "h[117440512]")) is None
-    assert time.perf_counter() - start < 2
+    assert time.process_time() - start < 2
     err = check(pattern("grid(5)").replace("n[16]", "h[117440512]"))  # the hint, when it is wanted
     assert err is not None and "e.g. 1, 2, 4, 7, 8" in str(err)
 
@@ -202,9 +202,9 @@ def test_issue_grid_hint_is_lazy():
 def test_issue_long_list_literal_is_fast():
     """200,000 items took 8.5 s (seven parser reductions per item)."""
     text = "let v = [" + ", ".join(str(i % 97) for i in range(200_000)) + "]\n"
-    start = time.perf_counter()
+    start = time.process_time()
     assert check(text) is None
-    assert time.perf_counter() - start < 4
+    assert time.process_time() - start < 4
 
 
 @settings(max_examples=40)
