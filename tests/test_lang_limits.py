@@ -71,7 +71,7 @@ def test_parentheses_alone_are_free():
     assert check(f"let v = {'(' * 5000}1{')' * 5000}\n") is None
 
 
-@settings(max_examples=20)
+@settings(max_examples=12)
 @given(st.sampled_from(["&", "|", "-"]), st.integers(1, 5000))
 def test_flat_pattern_chains_of_any_length(op, n):
     text = pattern(f" {op} ".join(["causal"] + ["sliding(2)"] * (n - 1)))
@@ -99,7 +99,7 @@ def test_issue_chain_of_490_terms_works():
         assert check(text) is None
 
 
-@settings(max_examples=20)
+@settings(max_examples=10)
 @given(st.integers(1, 5000), st.booleans())
 def test_let_chains_of_any_length_in_any_order(n, forward):
     if forward:  # each refers to the one before
