@@ -23,8 +23,10 @@ class Source:
     text: str = field(repr=False)
 
     def line(self, lineno: int) -> str:
-        lines = self.text.splitlines()
-        return lines[lineno - 1] if 0 < lineno <= len(lines) else ""
+        # lines end at "\n" only, as the lexer counts them (str.splitlines also splits at \f,
+        # \v, \x1c, \u2028, ..., which would put the caret under another line)
+        lines = self.text.split("\n")
+        return lines[lineno - 1].rstrip("\r") if 0 < lineno <= len(lines) else ""
 
 
 @dataclass(frozen=True)

@@ -654,10 +654,10 @@ class Grid(Expr):
         G = _per_axis(self, "size", self.size, layout, out)
         if len(out) == n0:
             for a, L in enumerate(layout.sizes):
-                ok = 1 <= G[a] <= L and L % G[a] == 0
-                _check(ok, out, self,
-                       f"grid size {G[a]} does not divide axis {layout.names[a]} of size {L}",
-                       f"valid: a divisor of {L}, e.g. {', '.join(str(x) for x in _divisors(L)[:8])}")
+                if not (1 <= G[a] <= L and L % G[a] == 0):  # the hint costs sqrt(L): only on error
+                    _check(False, out, self,
+                           f"grid size {G[a]} does not divide axis {layout.names[a]} of size {L}",
+                           f"valid: a divisor of {L}, e.g. {', '.join(str(x) for x in _divisors(L)[:8])}")
         return replace(self, size=G)
 
     def to_attn(self):
@@ -665,7 +665,9 @@ class Grid(Expr):
 
 
 def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """Divisors of ``n`` in increasing order, in O(sqrt n) steps."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
 
 
 @dataclass(frozen=True)
@@ -1313,9 +1315,12 @@ def _bind_by_head(attend: ByHead, heads: int | None, layout: Layout, out: list[D
                                   f"ranges must cover 0..{heads} exactly once"))
         covered = max(covered, b.hi)
     if covered != heads and heads:
-        out.append(Diagnostic(
-            f"head ranges cover 0..{covered} but the pattern has heads {heads}", attend.span,
-            f"ranges must cover 0..{heads} exactly once"))
+        # point at the range to change, not at `attend by head {`
+        past = [b for b in branches if b.hi > heads]
+        where = (past[0] if past else branches[-1]).span if branches else None
+        message = (f"head range {past[0].lo}..{past[0].hi} goes past the pattern's {heads} heads" if past
+                   else f"heads {covered}..{heads} are not covered by any branch")
+        out.append(Diagnostic(message, where or attend.span, f"ranges must cover 0..{heads} exactly once"))
     # Canonical head order: every consumer may rely on branches sorted by their first head (the
     # Triton head switch tests `h < hi` in turn; a file may list the ranges in any order).
     bound = tuple(replace(b, expr=b.expr.bind(layout, out)) for b in branches)
@@ -1331,14 +1336,26 @@ none = Empty()
 causal = Causal()
 
 
+def _window_side(call: str, v: Any) -> Any:
+    """A window side as the user passed it to ``call``: refused now, in the user's own words
+    (``sliding r``, not the ``window before`` it becomes), unless a non-negative integer or inf."""
+    if v == INF or (isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0):
+        return v
+    what = ("is a string; write the number without quotes" if isinstance(v, str) else
+            "is negative" if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and v < 0
+            else f"is a {type(v).__name__}")
+    raise AttnError(f"{call} = {v!r} {what}",
+                    hint="valid: a non-negative integer number of tokens, or math.inf (unbounded)")
+
+
 def window(before: int | float = INF, after: int | float = INF) -> Expr:
     """``window(before=b, after=f)``: keys with ``-b <= k - q <= f`` (flat order)."""
-    return Window(before, after)
+    return Window(_window_side("window before", before), _window_side("window after", after))
 
 
 def sliding(r: int) -> Expr:
     """``sliding(r) == window(before=r, after=r)``; ``causal & sliding(r)`` sees ``r + 1`` keys."""
-    return Window(r, r)
+    return Window(_window_side("sliding r", r), _window_side("sliding r", r))
 
 
 def neighborhood(window: PerAxis, dilation: PerAxis = 1, stride: PerAxis = 1,

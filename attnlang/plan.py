@@ -362,7 +362,7 @@ class Plan:
         for g in self.groups:
             head = g.lo
             s = self.stats(head)
-            who = "all heads" if g.hi is None else f"heads {g.lo}..{g.hi}"
+            who = "every head" if g.hi is None else f"each of heads {g.lo}..{g.hi}"  # counts are per head
             line = (f"{who}: visited {s['visited']} of {self.q_tiles * self.kv_tiles} tiles "
                     f"({s['full']} full, {s['partial']} partial), tile bound {s['tile_bound']:.2f}x")
             if "flop_bound" in s:

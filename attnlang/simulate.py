@@ -132,11 +132,12 @@ class Report:
     def _header(self) -> list[str]:
         t = self.tiles
         out = [f"{self.pattern} on {self.target} ({self.target_description}), {self.dtype}, "
-               f"D = {self.head_dim}, B = {self.batch}, H = {self.heads}",
+               f"D = {self.head_dim}, batch {self.batch}, {self.heads} query heads",
+               # counts are totals over the query heads (`attnlang plan` prints them per head)
                f"N = {self.n}, tiles {self.block_m} x {self.block_n}, {self.order} order, "
                f"{'analytic' if self.analytic else 'tabulated'} plan: visited {t['visited']} of "
-               f"{t['dense']} tiles ({t['full']} full, {t['partial']} partial)",
-               f"allowed pairs {self.allowed_pairs} (density {self.density:.4g})"]
+               f"{t['dense']} tiles ({t['full']} full, {t['partial']} partial), all {self.heads} heads together",
+               f"allowed pairs {self.allowed_pairs} over all heads (density {self.density:.4g})"]
         if self.closed_form:
             cf = self.closed_form
             out.append(f"closed form: pairs = {cf['pairs']}   [{cf['symbols']}]")

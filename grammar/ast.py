@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Union
 
-from attnlang.errors import Span
+from attnlang.errors import Source, Span
 
 
 def _span():
@@ -102,14 +102,37 @@ class Call:
     func_span: Span | None = _span()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class BinOp:
-    """``left op right`` with op one of ``| & - + * // %``."""
+    """``left op right`` with op one of ``| & - + * // %``.
+
+    Equality and hashing walk the left spine in a loop: a flat chain ``a & b & c ...`` of
+    thousands of terms is a left-deep tree, which the generated recursive methods cannot compare.
+    """
 
     op: str
     left: "Expr"
     right: "Expr"
     span: Span | None = _span()
+
+    def spine(self) -> tuple[list["BinOp"], "Expr"]:
+        """The operators of the left-deep chain from this one down, and the leftmost operand."""
+        ops, e = [], self
+        while isinstance(e, BinOp):
+            ops.append(e)
+            e = e.left
+        return ops, e
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, BinOp):
+            return NotImplemented
+        (xs, x0), (ys, y0) = self.spine(), other.spine()
+        return (len(xs) == len(ys) and all(a.op == b.op and a.right == b.right for a, b in zip(xs, ys))
+                and x0 == y0)
+
+    def __hash__(self) -> int:
+        ops, first = self.spine()
+        return hash((first, tuple((b.op, b.right) for b in ops)))
 
 
 @dataclass(frozen=True)
@@ -255,8 +278,18 @@ Item = Union[Let, Def, PatternDecl]
 
 
 @dataclass(frozen=True)
+class Comment:
+    """A ``# ...`` comment (kept for the formatter; no part of the meaning)."""
+
+    text: str
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
 class File:
-    """A whole ``.attn`` file: its items in order."""
+    """A whole ``.attn`` file: its items in order, and its comments (for ``attnlang fmt``)."""
 
     items: tuple[Item, ...]
     span: Span | None = _span()
+    comments: tuple[Comment, ...] = field(default=(), compare=False, repr=False)
+    source: Source | None = field(default=None, compare=False, repr=False)

@@ -19,6 +19,7 @@ import numpy as np
 
 from attnlang.errors import Diagnostic, Span, did_you_mean
 from attnlang.grammar import ast as A
+from attnlang.grammar.limits import MAX_EVAL_DEPTH, MAX_INT
 from attnlang.grammar.prims import BUILTINS, KINDS, NAME_KINDS, PRIMITIVES, REQUIRED, Primitive
 from attnlang.pattern import Pyramid
 from attnlang.pattern import (
@@ -105,6 +106,11 @@ def _expr_text(e: Expr) -> str:
         return type(e).__name__.lower()
 
 
+def _magnitude(v: int) -> str:
+    digits = len(str(abs(v))) if abs(v).bit_length() < 4000 else int(abs(v).bit_length() * 0.30103)
+    return f"about 10**{digits - 1}"
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -119,8 +125,13 @@ def from_python(v: Any) -> Any:
     if isinstance(v, (bool, np.bool_)):
         return bool(v)
     if isinstance(v, (int, np.integer)):
+        if not -MAX_INT <= int(v) <= MAX_INT:
+            raise ValueError(f"{v} is out of range: integers are limited to 2**62 = {MAX_INT}"
+                             " (write inf for an unbounded window)")
         return int(v)
     if isinstance(v, (float, np.floating)):
+        if math.isnan(v):
+            raise ValueError("nan is not a number attnlang accepts")
         return float(v)
     if isinstance(v, tuple):
         return tuple(from_python(x) for x in v)
@@ -226,6 +237,8 @@ class Evaluator:
     def __init__(self, out: list[Diagnostic] | None = None):
         self.out: list[Diagnostic] = out if out is not None else []
         self._consts: dict[tuple[int, str], Any] = {}
+        self.depth = 0  # evaluations in progress (bounded by MAX_EVAL_DEPTH)
+        self._prefetching = False
 
     def error(self, message: str, span: Span | None, hint: str | None = None) -> Any:
         self.out.append(Diagnostic(message, span, hint))
@@ -261,9 +274,49 @@ class Evaluator:
             chain = " -> ".join(s.split()[-1] for s in env.stack[env.stack.index(f"let {let.name}"):])
             return self.error(f"'{let.name}' is defined in terms of itself ({chain} -> {let.name})",
                               let.name_span)
+        if not self._prefetching:
+            self._prefetch(module, let, env)
         value = self.eval(let.value, Env(module, {}, None, env.stack + (f"let {let.name}",)))
         self._consts[key] = value
         return value
+
+    def _prefetch(self, module: "Module", let: A.Let, env: Env) -> None:
+        """Evaluate the constants ``let`` depends on first, dependencies before dependents, so
+        a chain of thousands of ``let``s costs no evaluation depth. A cycle is left to the
+        evaluation, which reports it."""
+        order: list[tuple["Module", A.Let]] = []
+        state: dict[tuple[int, str], bool] = {}  # False: on the DFS path, True: finished
+        stack = [(module, let, iter(self._let_deps(module, let)))]
+        state[(id(module), let.name)] = False
+        while stack:
+            m, l, deps = stack[-1]
+            for dm, dl in deps:
+                k = (id(dm), dl.name)
+                if k in self._consts or state.get(k) is True:
+                    continue
+                if k in state:  # a cycle
+                    return
+                state[k] = False
+                stack.append((dm, dl, iter(self._let_deps(dm, dl))))
+                break
+            else:
+                stack.pop()
+                state[(id(m), l.name)] = True
+                order.append((m, l))
+        self._prefetching = True
+        try:
+            for m, l in order[:-1]:  # the last one is `let` itself
+                self.constant(m, l, env)
+        finally:
+            self._prefetching = False
+
+    def _let_deps(self, module: "Module", let: A.Let):
+        from attnlang.grammar.module import walk
+        for node in walk(let.value):
+            if isinstance(node, A.Name):
+                m, decl = self.lookup_global(module, node.id)
+                if isinstance(decl, A.Let):
+                    yield m, decl
 
     def name(self, node: A.Name, env: Env) -> Any:
         if node.id in env.locals:
@@ -378,6 +431,8 @@ class Evaluator:
             ok = v
         elif kind == "int_or_inf" and (_is_int(v) or v == INF):
             ok = v
+        elif kind == "side" and ((_is_int(v) and v >= 0) or v == INF):
+            ok = v
         elif kind == "float" and _is_num(v):
             ok = float(v)
         elif kind == "per_axis_int" and (_is_int(v) or (isinstance(v, tuple) and v and all(map(_is_int, v)))):
@@ -423,6 +478,20 @@ class Evaluator:
             return node.value
         if isinstance(node, A.InfLit):
             return INF
+        # Macro expansions and constants nest evaluations; a bounded depth keeps the Python stack
+        # bounded whatever the file (limits.MAX_EVAL_DEPTH), with the place it was exceeded.
+        if self.depth >= MAX_EVAL_DEPTH:
+            return self.error(f"evaluation nested too deeply (more than {MAX_EVAL_DEPTH} levels of "
+                              "expressions, macro expansions and constants)", node.span,
+                              "a macro that calls itself through a long chain of macros? "
+                              "flatten the chain or name intermediate values with `let`")
+        self.depth += 1
+        try:
+            return self._eval(node, env)
+        finally:
+            self.depth -= 1
+
+    def _eval(self, node: A.Expr, env: Env) -> Any:
         if isinstance(node, A.Name):
             return self.name(node, env)
         if isinstance(node, A.Call):
@@ -473,16 +542,22 @@ class Evaluator:
                 return not_(v, span=node.span)
             return self.error(f"'~' complements a pattern, got {describe(v)}", node.operand.span)
         if _is_num(v):
-            return -v
+            return -v  # |v| <= MAX_INT already, so -v is too
         if isinstance(v, tuple) and all(map(_is_num, v)):
             return tuple(-x for x in v)
         return self.error(f"'-' negates a number, got {describe(v)}", node.operand.span,
                           "to remove keys from a pattern write `a - b`")
 
     def binop(self, node: A.BinOp, env: Env) -> Any:
-        a, b = self.eval(node.left, env), self.eval(node.right, env)
-        if a is ERR or b is ERR:
-            return ERR
+        # A left-deep chain `a & b & c ...` is folded in a loop, however long.
+        ops, first = node.spine()
+        acc = self.eval(first, env)
+        for n in reversed(ops):
+            b = self.eval(n.right, env)
+            acc = ERR if acc is ERR or b is ERR else self._binop(n, acc, b)
+        return acc
+
+    def _binop(self, node: A.BinOp, a: Any, b: Any) -> Any:
         op = node.op
         if isinstance(a, Pyramid) or isinstance(b, Pyramid):
             return self.error(PYRAMID_ALONE, node.span, PYRAMID_HINT)
@@ -517,15 +592,27 @@ class Evaluator:
         if op in ("//", "%") and b == 0:
             return self.error(f"division by zero: the right side of '{op}' is 0", node.right.span,
                               "a size expression needs a non-zero divisor")
-        if op == "+":
-            return a + b
-        if op == "-":
-            return a - b
-        if op == "*":
-            return a * b
-        if INF in (a, b) or -INF in (a, b):
+        if op in ("//", "%") and (INF in (a, b) or -INF in (a, b)):
             return self.error(f"'{op}' is undefined for inf", node.span)
-        return a // b if op == "//" else a % b
+        v = a + b if op == "+" else a - b if op == "-" else a * b if op == "*" else \
+            a // b if op == "//" else a % b
+        if isinstance(v, float) and math.isinf(v) and not (math.isinf(a) or math.isinf(b)):
+            return self.error(f"float result of '{op}' overflows", node.span)
+        return self.bounded(v, node)
+
+    def bounded(self, v: Any, node: A.BinOp) -> Any:
+        """An arithmetic result, refused (located) when it leaves the language's numbers:
+        integers beyond MAX_INT (so `let` chains cannot build huge numbers slowly), or a float
+        that overflows or is undefined (``inf - inf``)."""
+        if _is_int(v):
+            if -MAX_INT <= v <= MAX_INT:
+                return v
+            return self.error(f"integer result of '{node.op}' is out of range ({_magnitude(v)})", node.span,
+                              f"integers are limited to 2**62 = {MAX_INT}; write inf for an "
+                              "unbounded window")
+        if math.isnan(v):
+            return self.error(f"'{node.op}' is undefined here (inf {node.op} inf)", node.span)
+        return v
 
 
 # --- patterns -------------------------------------------------------------------------------
@@ -717,6 +804,47 @@ def _schedule(ev: Evaluator, stmt: A.Schedule, env: Env, layout: Layout | None,
             ev.error(f"schedule tile {key} = {show(v)} has {len(vals)} entries but the layout "
                      f"{layout.to_attn()} has {layout.rank} axes", arg.value.span,
                      "give one tile size per axis")
-        else:
+        elif _tile_ok(ev, key, v, vals, arg.value.span, layout):
             tile[key] = tuple(vals)
+    q, kv = tile.get("q"), tile.get("kv")
+    if q and kv and len(q) == len(kv) > 1 and not (all(b % a == 0 for a, b in zip(q, kv))
+                                                   or all(a % b == 0 for a, b in zip(q, kv))):
+        ev.error(f"schedule tile boxes q = {show(q)} and kv = {show(kv)} do not nest", call.span,
+                 "one box must divide the other on every axis, e.g. q = kv")
     return order
+
+
+def _tile_ok(ev: Evaluator, key: str, v: Any, vals: tuple[int, ...], span: Span | None,
+             layout: Layout | None) -> bool:
+    """The planner's tile rule, at the line: a tile holds a power of two in 16..256 tokens (the
+    kernels' tl.dot blocks); a box's extents may be anything whose product is one."""
+    from attnlang.planner import BLOCK_SIZES
+
+    size = math.prod(vals)
+    if size in BLOCK_SIZES:
+        return True
+    valid = ", ".join(map(str, BLOCK_SIZES))
+    if len(vals) == 1:
+        ev.error(f"schedule tile {key} = {show(v)} is not a supported tile size", span,
+                 f"valid: a power of two in {valid} tokens (the kernels run power-of-two tiles)")
+    else:
+        ev.error(f"schedule tile {key} = {show(v)} holds {size} tokens; a tile box must hold a "
+                 f"power of two in {BLOCK_SIZES[0]}..{BLOCK_SIZES[-1]}", span,
+                 f"e.g. {show(_pow2_box(vals, layout, BLOCK_SIZES))} (the kernels run power-of-two "
+                 "tiles; a box of another volume is not supported yet)")
+    return False
+
+
+def _pow2_box(vals: tuple[int, ...], layout: Layout | None, sizes: tuple[int, ...]) -> tuple[int, ...]:
+    """The nearest box with a supported volume: extents rounded down to powers of two, then the
+    largest halved / the smallest doubled (within its axis) until the volume fits."""
+    box = [1 << (max(1, x).bit_length() - 1) for x in vals]
+    lens = layout.sizes if layout is not None and layout.rank == len(vals) else (10 ** 9,) * len(vals)
+    while math.prod(box) > sizes[-1]:
+        i = max(range(len(box)), key=lambda a: box[a])
+        box[i] //= 2
+    while math.prod(box) < sizes[0]:
+        room = [a for a in range(len(box)) if box[a] * 2 <= lens[a]] or list(range(len(box)))
+        i = min(room, key=lambda a: box[a])
+        box[i] *= 2
+    return tuple(box)

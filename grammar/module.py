@@ -123,6 +123,8 @@ class Module:
             except TypeError as e:
                 out.append(Diagnostic(f"parameter {k} = {e} is not an attnlang value", decl.name_span,
                                       "valid: integers, booleans, floats, tuples, lists, ranges"))
+            except ValueError as e:
+                out.append(Diagnostic(f"parameter {k} = {e}", decl.name_span))
         if out:
             raise AttnError(out)
         return given
@@ -172,7 +174,7 @@ class Module:
             raise AttnError(_dedupe(ev.out))
 
     def format(self) -> str:
-        """Canonical text of the file (comments dropped); ``load(m.format()) == m``."""
+        """Canonical text of the file, comments kept; ``load(m.format()) == m``."""
         return format_file(self.file)
 
 
@@ -204,25 +206,27 @@ def _dedupe(diags: list[Diagnostic]) -> list[Diagnostic]:
 
 # --- static checks (no values needed) ---------------------------------------------------------
 
-def _walk(e: A.Expr):
-    yield e
-    if isinstance(e, A.Call):
-        for a in e.args:
-            yield from _walk(a.value)
-    elif isinstance(e, (A.TupleLit, A.ListLit)):
-        for x in e.items:
-            yield from _walk(x)
-    elif isinstance(e, A.Index):
-        yield from _walk(e.target)
-        yield from _walk(e.index)
-    elif isinstance(e, A.BinOp):
-        yield from _walk(e.left)
-        yield from _walk(e.right)
-    elif isinstance(e, A.UnaryOp):
-        yield from _walk(e.operand)
-    elif isinstance(e, A.RangeExpr):
-        yield from _walk(e.lo)
-        yield from _walk(e.hi)
+def walk(e: A.Expr):
+    """Every node of an expression, in source order (pre-order), without recursion."""
+    stack = [e]
+    while stack:
+        e = stack.pop()
+        yield e
+        if isinstance(e, A.Call):
+            stack.extend(a.value for a in reversed(e.args))
+        elif isinstance(e, (A.TupleLit, A.ListLit)):
+            stack.extend(reversed(e.items))
+        elif isinstance(e, A.Index):
+            stack += (e.index, e.target)
+        elif isinstance(e, A.BinOp):
+            stack += (e.right, e.left)
+        elif isinstance(e, A.UnaryOp):
+            stack.append(e.operand)
+        elif isinstance(e, A.RangeExpr):
+            stack += (e.hi, e.lo)
+
+
+_walk = walk
 
 
 def _walk_pattern(decl: A.PatternDecl):

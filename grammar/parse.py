@@ -11,14 +11,17 @@ expression", an unclosed bracket "expected ')' to close '(' opened at 3:14".
 from __future__ import annotations
 
 import functools
+import math
+import re
 from pathlib import Path
 from typing import Any
 
-from lark import Lark, Token, Transformer, v_args
-from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
+from lark import Lark, Token, Tree
+from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
 from attnlang.errors import AttnError, Diagnostic, Source, Span, did_you_mean
 from attnlang.grammar import ast as A
+from attnlang.grammar.limits import MAX_INT, MAX_INT_DIGITS, MAX_NESTING
 
 _GRAMMAR = Path(__file__).with_name("attnlang.lark")
 _OPEN = {"LPAR": "RPAR", "LSQB": "RSQB"}
@@ -33,6 +36,11 @@ class _Brackets:
         self.stack: list[Token] = []
         self.before: list[Token] = []  # open brackets before the token last handed out
         self.prev: Token | None = None  # the token handed out before that one
+        self.comments: list[Token] = []  # '#' comments of the text being parsed
+
+    def comment(self, tok: Token) -> Token:
+        self.comments.append(tok)
+        return tok
 
     def process(self, stream):
         self.stack, self.before, self.prev = [], [], None
@@ -52,8 +60,10 @@ class _Brackets:
 @functools.lru_cache(maxsize=1)
 def _parser() -> tuple[Lark, _Brackets]:
     post = _Brackets()
+    # Comments are ignored by the grammar but kept by this callback for the formatter.
     lark = Lark(_GRAMMAR.read_text(), parser="lalr", lexer="contextual", postlex=post,
-                propagate_positions=True, maybe_placeholders=True)
+                propagate_positions=True, maybe_placeholders=True,
+                lexer_callbacks={"COMMENT": post.comment})
     return lark, post
 
 
@@ -65,12 +75,11 @@ def _span(source: Source, obj: Any) -> Span | None:
     return Span(source, obj.line, obj.column, obj.end_line, obj.end_column)
 
 
-@v_args(meta=True)
-class _ToAst(Transformer):
-    """Builds the frozen AST; every node gets the Span of the text it came from."""
+class _ToAst:
+    """Builds the frozen AST; every node gets the Span of the text it came from. Each method is
+    named after a rule (or alias) of the grammar and takes ``(meta, children)``."""
 
     def __init__(self, source: Source):
-        super().__init__()
         self.src = source
 
     def _s(self, x):
@@ -161,10 +170,30 @@ class _ToAst(Transformer):
         return A.Name(str(c[0]), self._s(c[0]))
 
     def int_lit(self, meta, c):
-        return A.IntLit(int(c[0]), self._s(c[0]))
+        return A.IntLit(_int(c[0], self._s(c[0])), self._s(c[0]))
+
+    def int_list_lit(self, meta, c):
+        """A long list of integer literals, lexed as one token: ``[0, 1, 2, ...]`` of thousands
+        of items parses in linear time instead of seven parser reductions per item."""
+        tok, out, whole = c[0], [], self._s(c[0])
+        line, base = tok.line, tok.column - 1  # column offset of the token's first line
+        for seg in str(tok).split("\n"):
+            for m in _DIGITS.finditer(seg):
+                digits = m.group()
+                if len(digits) > 18:  # maybe out of range: say exactly where
+                    col = base + m.start() + 1
+                    _int(digits, Span(self.src, line, col, line, col + len(digits)))
+                # items share the list's span: no diagnostic points into a literal list item
+                out.append(A.IntLit(int(digits), whole))
+            line, base = line + 1, 0
+        return A.ListLit(tuple(out), self._s(tok))
 
     def float_lit(self, meta, c):
-        return A.FloatLit(float(c[0]), self._s(c[0]))
+        v = float(c[0])
+        if not math.isfinite(v):
+            raise AttnError(Diagnostic(f"float literal {c[0]} is out of range", self._s(c[0]),
+                                       "write inf for an unbounded value"))
+        return A.FloatLit(v, self._s(c[0]))
 
     def true_lit(self, meta, c):
         return A.BoolLit(True, self._s(c[0]))
@@ -182,22 +211,78 @@ class _ToAst(Transformer):
         return A.ListLit(tuple(x for x in c if x is not None), self._s(meta))
 
 
-# `def` is a Python keyword: lark calls the callback named after the rule.
+# `def` is a Python keyword: the callback is looked up by the rule's name.
 setattr(_ToAst, "def", _ToAst.def_)
+
+_DIGITS = re.compile(r"\d+")
+
+
+def _int(text: str, span: Span | None) -> int:
+    """An integer literal, refused beyond MAX_INT before Python's int() can choke on it."""
+    digits = text.lstrip("0") or "0"
+    if len(digits) <= MAX_INT_DIGITS:
+        v = int(digits)
+        if v <= MAX_INT:
+            return v
+    shown = text if len(text) <= 30 else f"{text[:12]}...{text[-6:]} ({len(digits)} digits)"
+    raise AttnError(Diagnostic(f"integer literal {shown} is out of range", span,
+                               f"integers are limited to 2**62 = {MAX_INT}; write inf for an "
+                               "unbounded window"))
+
+
+# Expression rules: each opens one nesting level (see limits.MAX_NESTING) ...
+_LEVEL = {"not_op", "neg_op", "index", "call", "tuple_lit", "list_lit", "range_expr",
+          "or_op", "and_op", "sub_op", "add_op", "mul_op", "floordiv_op", "mod_op"}
+# ... except the left operand of a binary operator that is itself one: a left-associative chain
+# `a & b & c` is one level however long (generated code writes long flat chains).
+_BINOPS = {"or_op", "and_op", "sub_op", "add_op", "mul_op", "floordiv_op", "mod_op"}
+
+
+def _build(tree: Tree, tx: _ToAst) -> Any:
+    """Post-order transform with an explicit stack (no recursion: any depth of tree), refusing
+    expressions nested deeper than MAX_NESTING at the first node past the limit."""
+    done: list[Any] = []
+    stack = [(tree, iter(tree.children), [], 0)]
+    while stack:
+        t, it, kids, depth = stack[-1]
+        for child in it:
+            if isinstance(child, Tree):
+                d = depth
+                if child.data in _LEVEL and not (t.data in _BINOPS and child.data in _BINOPS
+                                                 and child is t.children[0]):
+                    d += 1
+                    if d > MAX_NESTING:
+                        raise AttnError(Diagnostic(
+                            f"expression nested too deeply (more than {MAX_NESTING} levels)",
+                            _span(tx.src, child.meta),
+                            "name inner parts with `let` or split the expression; a flat chain "
+                            "like `a & b & c` may be any length"))
+                stack.append((child, iter(child.children), [], d))
+                break
+            kids.append(child)
+        else:
+            stack.pop()
+            value = getattr(tx, str(t.data))(t.meta, kids)
+            (stack[-1][2] if stack else done).append(value)
+    return done[0]
 
 
 def parse_file(text: str, name: str = "<string>") -> A.File:
     """Parse ``.attn`` text into an :class:`~attnlang.grammar.ast.File`; raise :class:`AttnError`
     with a named syntax error (position, source line, caret) on bad input."""
+    if text.startswith("\ufeff"):  # a UTF-8 byte order mark some editors write
+        text = text[1:]
     source = Source(name, text)
     lark, post = _parser()
+    post.comments = []
     try:
         tree = lark.parse(text if text.endswith("\n") else text + "\n")
-        return _ToAst(source).transform(tree)
     except UnexpectedInput as e:
         raise AttnError(_describe(e, source, post, lark)) from None
-    except VisitError as e:  # a transformer bug, not a user error: keep the cause visible
-        raise e.orig_exc
+    f = _build(tree, _ToAst(source))
+    comments = tuple(A.Comment(str(c).rstrip(), Span(source, c.line, c.column, c.line, c.column + len(c)))
+                     for c in post.comments)
+    return A.File(f.items, f.span, comments, source)
 
 
 def parse_expr(text: str, name: str = "<value>") -> A.Expr:

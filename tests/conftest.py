@@ -17,6 +17,14 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 def pytest_addoption(parser):
     parser.addoption("--update-golden", action="store_true", default=False,
                      help="rewrite golden files under tests/golden/ instead of comparing")
+    parser.addoption("--fuzz", action="store_true", default=False,
+                     help="run the parser/checker fuzz tests with 100,000 examples (default: a few thousand)")
+
+
+def pytest_configure(config):
+    # read by tests/test_fuzz_lang.py when it is imported (after this hook)
+    if config.getoption("--fuzz"):
+        os.environ["ATTNLANG_FUZZ"] = "1"
 
 
 @pytest.fixture

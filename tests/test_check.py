@@ -138,15 +138,15 @@ def test_heads_inputs_by_head_and_schedule():
         0..1: causal & same(doc)
         1..4: valid(len)
     }
-    schedule tile(q = 8, kv = 4)
+    schedule tile(q = 32, kv = 16)
     schedule order(natural)
 }
 """
     p = load(src).instantiate()
     assert p.heads == 4 and [(i.name, i.kind) for i in p.inputs] == [("doc", "ids"), ("len", "length")]
-    assert (p.schedule.tile_q, p.schedule.tile_kv, p.schedule.order) == ((8,), (4,), "natural")
+    assert (p.schedule.tile_q, p.schedule.tile_kv, p.schedule.order) == ((32,), (16,), "natural")
     built = Pattern.create({(0, 1): causal & same("doc"), (1, 4): valid("len")}, 16, name="p", heads=4,
-                           inputs={"doc": "ids", "len": "length"}, tile_q=8, tile_kv=4, order="natural",
+                           inputs={"doc": "ids", "len": "length"}, tile_q=32, tile_kv=16, order="natural",
                            params={"N": 16})
     assert p == built
     doc = np.repeat([0, 1], 8)

@@ -102,7 +102,8 @@ def test_check_reports_every_error_of_every_file(tmp_path):
     (["show", "examples/padding.attn", "--set", "N=8", "--input", "len=9"], "0..8"),
     (["plan", "examples/swa.attn", "--order", "mortn"], "did you mean 'morton'"),
     (["plan", "examples/swa.attn", "--block-m", "0"], "--block-m"),
-    (["fmt", "examples/swa.attn", "examples/swin.attn"], "--check"),
+    (["plan", "examples/swa.attn", "--block-m", "384"], "--block-m 384 is not a supported tile size"),
+    (["show", "examples/swin.attn"], "choose one with -p NAME"),
 ])
 def test_bad_input_is_a_diagnostic_not_a_traceback(args, words):
     res = attnlang(*args)
@@ -161,22 +162,31 @@ def test_show_png(tmp_path):
 
 def test_fmt_prints_check_and_write(tmp_path):
     messy = tmp_path / "messy.attn"
-    messy.write_text("# a comment\npattern   p(N=64) { tokens n[N]\n attend causal&sliding( 4 ) }\n")
+    messy.write_text("# a comment\npattern   p(N=64) { tokens n[N]\n attend causal&sliding( 4 ) }  # end\n")
     res = attnlang("fmt", messy)
     assert res.returncode == 0, res.stderr
     canonical = res.stdout
     assert "causal & sliding(4)" in canonical
+    assert canonical.startswith("# a comment\n") and canonical.endswith("sliding(4)  # end\n}\n")
 
     assert attnlang("fmt", "--check", messy).returncode == 1
     res = attnlang("fmt", "--write", messy)
-    assert res.returncode == 1 and "--drop-comments" in res.stderr
-    assert messy.read_text().startswith("# a comment")
-
-    res = attnlang("fmt", "--write", "--drop-comments", messy)
     assert res.returncode == 0, res.stderr
     assert messy.read_text() == canonical
     assert attnlang("fmt", "--check", messy).returncode == 0
     assert attnlang("check", messy).returncode == 0
+
+
+def test_fmt_several_files_prints_each(tmp_path):
+    """`fmt FILE FILE` prints both (the help promised FILE [FILE ...] but it was refused)."""
+    res = attnlang("fmt", "examples/swa.attn", "examples/swin.attn")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == (ROOT / "examples/swa.attn").read_text() + (ROOT / "examples/swin.attn").read_text()
+
+
+def test_fmt_check_passes_on_every_example():
+    res = attnlang("fmt", "--check", *EXAMPLES)
+    assert res.returncode == 0, res.stderr
 
 
 # --- plan -----------------------------------------------------------------------------------

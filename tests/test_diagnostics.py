@@ -58,7 +58,7 @@ CASES = [
     ("missing argument", body("attend block(shift = 1)"), 3, 12, ["block needs a value for 'size'"]),
     ("macro arity", "def f(r) = sliding(r)\n" + body("attend f()"), 4, 12, ["macro f needs a value for 'r'"]),
     # types
-    ("float to int", body("attend sliding(2.5)"), 3, 20, ["sliding r must be an integer or inf", "float 2.5"]),
+    ("float to int", body("attend sliding(2.5)"), 3, 20, ["sliding r must be a non-negative integer or inf", "float 2.5"]),
     ("pattern and int", body("attend causal & 4"), 3, 21, ["'&' combines two patterns", "integer 4"]),
     ("attend an int", body("attend 3 + 4"), 3, 12, ["attend needs a pattern expression", "integer 7"]),
     ("bool per axis", body("attend neighborhood(window = 3, causal = 1)"), 3, 46, ["causal must be a boolean"]),
@@ -76,8 +76,11 @@ CASES = [
      ["head range 1..4 overlaps"]),
     ("heads gap", body("heads 4", "attend by head {", "    0..2: causal", "    3..4: full", "}"), 6, 9,
      ["heads 2..3 are not covered"]),
-    ("heads short", body("heads 4", "attend by head {", "    0..2: causal", "}"), 4, 5,
-     ["cover 0..2 but the pattern has heads 4"]),
+    # the caret is on the range to change, not on `attend by head {`
+    ("heads short", body("heads 4", "attend by head {", "    0..2: causal", "}"), 5, 9,
+     ["heads 2..4 are not covered"]),
+    ("heads past", body("heads 4", "attend by head {", "    0..2: causal", "    2..6: full", "}"), 6, 9,
+     ["head range 2..6 goes past the pattern's 4 heads"]),
     ("by head without heads", body("attend by head {", "    0..2: causal", "}"), 3, 5, ["needs a `heads n` line"]),
     ("division by zero", "let Z = 0\n" + body("attend full", tokens="n[16 // Z]"), 3, 20, ["division by zero"]),
     ("bad axis size", body("attend full", tokens="n[0]"), 2, 14, ["axis n has size 0", "positive integer"]),
@@ -92,7 +95,7 @@ CASES = [
     ("error inside a macro", "def f(r) = sliding(r) & grid(r)\n" + body("attend f(3)", tokens="n[10]"), 1, 25,
      ["grid size 3 does not divide axis n of size 10"]),
     ("type error inside a macro", "def f(r) = sliding(r)\n" + body("attend f(0.5)"), 1, 20,
-     ["sliding r must be an integer or inf", "in macro 'f' expanded at f.attn:4:12"]),
+     ["sliding r must be a non-negative integer or inf", "in macro 'f' expanded at f.attn:4:12"]),
 ]
 
 

@@ -25,7 +25,8 @@ def by_head_patterns(draw):
     bounds = [0, *cuts, 8]
     branches = {(lo, hi): draw(exprs(layout, max_leaves=3)) for lo, hi in zip(bounds, bounds[1:])}
     return Pattern.create(branches, layout, name="mixed", heads=8,
-                          tile_q=draw(st.none() | st.just(layout.sizes)),
+                          # a tile the planner runs (check refuses others at the line)
+                          tile_q=draw(st.none() | st.sampled_from([(16,), (64,), (256,)])),
                           order=draw(st.none() | st.sampled_from(["natural", "tiled", "morton"])))
 
 

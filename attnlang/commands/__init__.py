@@ -6,6 +6,7 @@ A command module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run
 from __future__ import annotations
 
 import argparse
+import re
 from typing import Any
 
 from attnlang.errors import AttnError
@@ -22,12 +23,20 @@ def add_spec_arguments(p: argparse.ArgumentParser, many: bool = False) -> None:
                    help="override a pattern parameter, e.g. --set N=4096 --set window=(3,7,7)")
 
 
+_SIZE = re.compile(r"(\d{1,12})([kKmM])")
+_UNITS = {"k": 1 << 10, "K": 1 << 10, "m": 1 << 20, "M": 1 << 20}
+
+
 def parse_value(text: str) -> Any:
     """A ``--set`` value in .attn syntax: ``4096``, ``(3, 7, 7)``, ``true``, ``inf``, ``0..4``,
-    ``2 * 128``, ``[1, 2]``, ``0.25``; a bare identifier (an axis name) is passed as text."""
+    ``2 * 128``, ``[1, 2]``, ``0.25``, or a size with a unit as ``--sweep`` takes it (``4k`` =
+    4096, ``1M`` = 1024**2); a bare identifier (an axis name) is passed as text."""
     from attnlang.grammar import parse_value as parse_attn_value
 
     src = text.strip()
+    m = _SIZE.fullmatch(src)
+    if m:  # 4k = 4096, 1M = 1024**2: the sizes --sweep takes
+        return int(m.group(1)) * _UNITS[m.group(2)]
     try:
         return parse_attn_value(src)
     except AttnError as e:
@@ -35,6 +44,26 @@ def parse_value(text: str) -> Any:
             return src
         raise AttnError(f"--set value {text!r} is not an .attn value ({e.diagnostics[0].message})",
                         hint="examples: --set N=4096  --set window=(3,7,7)  --set causal=true") from None
+
+
+def resolve_pattern(args: argparse.Namespace) -> Any:
+    """The pattern ``FILE [-p NAME] [--set K=V]...`` names, bound (as ``attnlang.resolve``), with
+    command-line wording when the file has no pattern or several."""
+    import pathlib
+
+    from attnlang.api import parse
+
+    module = parse(pathlib.Path(args.file))
+    names = module.names
+    if args.pattern is None and len(names) != 1:
+        if not names:
+            raise AttnError(f"{args.file} defines no pattern: nothing to {args.command}",
+                            hint="an empty file, or one of only let/def lines, is valid (`attnlang "
+                                 "check` accepts it and says it has no pattern), but show, plan, "
+                                 "simulate and compile need a `pattern NAME { tokens ...; attend ... }`")
+        raise AttnError(f"{args.file} defines {len(names)} patterns; choose one with -p NAME",
+                        hint=f"patterns: {', '.join(names)}")
+    return module.instantiate(args.pattern, spec_params(args))
 
 
 def spec_params(args: argparse.Namespace) -> dict[str, Any]:
@@ -45,6 +74,17 @@ def spec_params(args: argparse.Namespace) -> dict[str, Any]:
             raise AttnError(f"--set {item!r} must look like NAME=VALUE", hint="e.g. --set N=4096")
         out[key.strip()] = parse_value(value)
     return out
+
+
+def check_tile_flags(args: argparse.Namespace) -> None:
+    """``--block-m`` / ``--block-n``: refused here, naming the flag, when the planner cannot run them."""
+    from attnlang.planner import BLOCK_SIZES
+
+    for flag, v in (("--block-m", getattr(args, "block_m", None)), ("--block-n", getattr(args, "block_n", None))):
+        if v is not None and v not in BLOCK_SIZES:
+            raise AttnError(f"{flag} {v} is not a supported tile size",
+                            hint=f"valid: {', '.join(map(str, BLOCK_SIZES))} tokens (the kernels run "
+                                 "power-of-two tiles), e.g. {flag} 64".replace("{flag}", flag))
 
 
 def add_input_arguments(p: argparse.ArgumentParser) -> None:

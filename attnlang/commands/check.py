@@ -1,7 +1,10 @@
 """``attnlang check FILE...``: parse and validate files; print every error, or one summary line.
 
     $ attnlang check examples/*.attn
-    14 files, 21 patterns ok
+    21 files, 31 patterns ok
+
+A file without a pattern (empty, or only ``let``/``def`` lines) is valid; the summary names it
+("x.attn defines no pattern"), and ``show``/``plan``/``simulate``/``compile`` refuse it.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from attnlang.api import _read
     from attnlang.grammar import load
 
-    failed, patterns = 0, 0
+    failed, patterns, empty = 0, 0, []
     # Check every file before failing so one run reports all problems of all files.
     for path in args.files:
         try:
@@ -36,10 +39,14 @@ def run(args: argparse.Namespace) -> int:
             print(e.render(), file=sys.stderr)
             continue
         patterns += len(module.names)
+        if not module.names:
+            empty.append(path)
     files = len(args.files)
     if failed:
         print(f"{failed} of {files} file{'s' if files != 1 else ''} failed", file=sys.stderr)
         return 1
-    print(f"{files} file{'s' if files != 1 else ''}, {patterns} pattern{'s' if patterns != 1 else ''} ok")
+    # A file without a pattern is valid, but nothing can be shown, planned or compiled from it.
+    note = f" ({', '.join(empty)} define{'s' * (len(empty) == 1)} no pattern)" if empty else ""
+    print(f"{files} file{'s' if files != 1 else ''}, {patterns} pattern{'s' if patterns != 1 else ''} ok{note}")
     return 0
 

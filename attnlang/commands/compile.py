@@ -17,7 +17,7 @@ import os
 import pathlib
 import tempfile
 
-from attnlang.commands import add_spec_arguments, spec_params
+from attnlang.commands import add_spec_arguments, check_tile_flags, resolve_pattern
 from attnlang.errors import AttnError
 from attnlang.pattern import ORDERS
 
@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from attnlang.api import make_plan, resolve
+    from attnlang.api import make_plan
     from attnlang.codegen.module import (
         check_dtype, check_head_dim, check_target, generate_module, module_name, module_plan,
     )
@@ -55,10 +55,11 @@ def run(args: argparse.Namespace) -> int:
 
         raise AttnError(f"unknown --order '{args.order}'{did_you_mean(args.order, ORDERS)}",
                         hint=f"valid orders: {', '.join(ORDERS)}")
+    check_tile_flags(args)
     out = pathlib.Path(args.out)
     _check_writable(out)
 
-    pattern = resolve(pathlib.Path(args.file), args.pattern, **spec_params(args))
+    pattern = resolve_pattern(args)
     if pattern.reads_content:
         raise AttnError(f"pattern '{pattern.name}' reads Q/K content (route/pyramid): its tiles are chosen "
                         "per call by attnlang's routing stage and planner, which a standalone module "

@@ -11,10 +11,10 @@ sizes (a 115k-token video latent) plan in well under a second. ``--json`` prints
 from __future__ import annotations
 
 import argparse
-import pathlib
 
 from attnlang.commands import (
-    add_input_arguments, add_spec_arguments, sample_content, spec_inputs, spec_params,
+    add_input_arguments, add_spec_arguments, check_tile_flags, resolve_pattern, sample_content,
+    spec_inputs,
 )
 from attnlang.errors import AttnError
 from attnlang.pattern import ORDERS
@@ -33,17 +33,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from attnlang.api import make_plan, resolve
+    from attnlang.api import make_plan
 
-    for flag, v in (("--block-m", args.block_m), ("--block-n", args.block_n)):
-        if v is not None and v < 1:
-            raise AttnError(f"{flag} {v} must be a positive number of tokens", hint=f"e.g. {flag} 64")
+    check_tile_flags(args)
     if args.order is not None and args.order not in ORDERS:
         from attnlang.errors import did_you_mean
 
         raise AttnError(f"unknown --order '{args.order}'{did_you_mean(args.order, ORDERS)}",
                         hint=f"valid orders: {', '.join(ORDERS)}")
-    pattern = resolve(pathlib.Path(args.file), args.pattern, **spec_params(args))
+    pattern = resolve_pattern(args)
     plan = make_plan(pattern, inputs=spec_inputs(args, pattern), block_m=args.block_m,
                      block_n=args.block_n, order=args.order, content=sample_content(pattern))
     print(plan.to_json() if args.json else plan)

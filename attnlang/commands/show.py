@@ -16,14 +16,13 @@ never evaluates the N x N mask.
 from __future__ import annotations
 
 import argparse
-import pathlib
 import sys
 from typing import Mapping
 
 import numpy as np
 
 from attnlang.commands import (
-    add_input_arguments, add_spec_arguments, sample_content, spec_inputs, spec_params,
+    add_input_arguments, add_spec_arguments, resolve_pattern, sample_content, spec_inputs,
 )
 from attnlang.errors import AttnError
 from attnlang.pattern import Env, Pattern, Pyramid
@@ -47,9 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from attnlang.api import resolve
-
-    pattern = resolve(pathlib.Path(args.file), args.pattern, **spec_params(args))
+    
+    pattern = resolve_pattern(args)
     if isinstance(pattern.attend, Pyramid):
         raise AttnError(f"'{pattern.name}' is a pooled pyramid, not a mask: `show` draws masks",
                         hint=f"use `attnlang plan {args.file} -p {pattern.name}` to see its tiles")

@@ -15,7 +15,9 @@ import json
 import pathlib
 import sys
 
-from attnlang.commands import add_input_arguments, add_spec_arguments, spec_inputs, spec_params
+from attnlang.commands import (
+    add_input_arguments, add_spec_arguments, check_tile_flags, resolve_pattern, spec_inputs, spec_params,
+)
 from attnlang.errors import AttnError
 
 NAME = "simulate"
@@ -31,7 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", metavar="D", help="bf16 / fp16 / fp8 / fp32 (default: bf16 on GPUs, fp32 on cpu)")
     p.add_argument("--head-dim", type=int, default=128, metavar="D", help="head dimension (default 128)")
     p.add_argument("--batch", type=int, default=1, metavar="B", help="batch size (default 1)")
-    p.add_argument("--heads", type=int, metavar="H", help="query heads (default: the pattern's, else 8)")
+    p.add_argument("--heads", type=int, metavar="HEADS",
+                   help="query head count (default: the pattern's `heads`, else 8); tile counts are "
+                        "totals over these heads")
     p.add_argument("--block-m", type=int, metavar="M", help="query tile size in tokens")
     p.add_argument("--block-n", type=int, metavar="N", help="key tile size in tokens")
     p.add_argument("--sweep", metavar="K=LO..HI", help="sweep a parameter, doubling: e.g. N=1k..1M")
@@ -44,19 +48,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from attnlang.api import make_plan, resolve
+    from attnlang.api import make_plan
     from attnlang.simulate import parse_sweep, sample_content, simulate_plan, sweep
     from attnlang.targets import load_target
 
-    for flag, v in (("--block-m", args.block_m), ("--block-n", args.block_n), ("--head-dim", args.head_dim),
-                    ("--batch", args.batch), ("--heads", args.heads), ("--ranks", args.ranks)):
+    for flag, v in (("--head-dim", args.head_dim), ("--batch", args.batch), ("--heads", args.heads),
+                    ("--ranks", args.ranks)):
         if v is not None and v < 1:
             raise AttnError(f"{flag} {v} must be a positive integer")
+    check_tile_flags(args)
     target = load_target(args.target)
     sweep_spec = parse_sweep(args.sweep) if args.sweep else None
     params = spec_params(args)
     path = pathlib.Path(args.file)
-    pattern = resolve(path, args.pattern, **params)
+    pattern = resolve_pattern(args)
     inputs = spec_inputs(args, pattern)
     # Patterns that read Q/K are planned for seeded Gaussian Q/K (the report notes it).
     content = sample_content(pattern, args.heads or pattern.heads or 8, args.head_dim)
@@ -190,7 +195,7 @@ def write_png(out: str, report, plan, pattern, inputs, points, sweep_name: str |
         right.set_xticks(x, names)
         right.legend()
     right.set_ylabel("speedup over dense")
-    right.set_title(f"{report.target}, {report.dtype}, D = {report.head_dim}, H = {report.heads}")
+    right.set_title(f"{report.target}, {report.dtype}, D = {report.head_dim}, {report.heads} heads")
     fig.tight_layout()
     try:
         fig.savefig(out, dpi=110)
