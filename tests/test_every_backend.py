@@ -159,10 +159,20 @@ def test_standalone_module_keeps_ids_at_full_width():
 
 def test_issue_examples_of_huge_windows():
     n = 16
-    for e in (f"window(before = 0, after = {2**63 - 1})", f"causal & sliding({2**63})",
-              f"window(before = {10**30})", f"causal & sliding({2**31})", f"sliding({2**31 - 1})"):
+    # In .attn text, literals past 2**62 are refused where they are written (the checker's integer
+    # bound); below it, a window wider than the axis means `inf` on every backend.
+    for e in (f"window(before = 0, after = {2**62})", f"causal & sliding({2**62 - 1})",
+              f"causal & sliding({2**31})", f"sliding({2**31 - 1})"):
         assert_every_backend_matches(f"pattern p {{ tokens n[{n}]\n attend {e} }}", n)
+    for e in (f"window(before = 0, after = {2**63 - 1})", f"causal & sliding({2**63})",
+              f"window(before = {10**30})"):
+        with pytest.raises(AttnError) as err:
+            attnlang.compile(f"pattern p {{ tokens n[{n}]\n attend {e} }}", backend="reference")
+        assert "<string>:2:" in str(err.value) and "2**62" in str(err.value)
+    # Python builders bypass the checker: they are clamped at bind, never wrapped.
     assert_every_backend_matches(causal & attnlang.sliding(2**63), n, tokens=n)
+    assert_every_backend_matches(attnlang.window(before=0, after=2**63 - 1), n, tokens=n)
+    assert_every_backend_matches(attnlang.window(before=10**30), n, tokens=n)
 
 
 def test_binding_stores_canonical_values():
@@ -196,19 +206,23 @@ def _run_or_located(spec, n, text: bool, **kw):
 @given(st.integers(4, 20).flatmap(lambda n: st.tuples(st.just(n), extreme_primitives(n))),
        st.sampled_from(["{}", "causal & {}", "~{}"]), st.booleans())
 @settings(max_examples=60)
-@example((16, (attnlang.sliding(2**63), f"sliding({2**63})")), "causal & {}", False)
-@example((16, (attnlang.window(0, 2**63 - 1), f"window(before = 0, after = {2**63 - 1})")), "{}", True)
-@example((16, (attnlang.block(4, 2**62), f"block(size = 4, shift = {2**62})")), "{}", True)
-@example((9, (attnlang.halo(2, 2**31), f"halo(block = 2, halo = {2**31})")), "~{}", False)
+@example((16, (lambda: attnlang.sliding(2**63), f"sliding({2**63})")), "causal & {}", False)
+@example((16, (lambda: attnlang.window(0, 2**63 - 1), f"window(before = 0, after = {2**63 - 1})")), "{}", True)
+@example((16, (lambda: attnlang.block(4, 2**62), f"block(size = 4, shift = {2**62})")), "{}", True)
+@example((9, (lambda: attnlang.halo(2, 2**31), f"halo(block = 2, halo = {2**31})")), "~{}", False)
 def test_extreme_integer_parameters_equal_reference_or_located_error(n_prim, ctx, text):
     """Huge, negative and boundary integers: the reference's answer on every backend, or an
     AttnError (located for .attn text); never another exception, never a wrong value."""
-    n, (expr, src) = n_prim
+    n, (build, src) = n_prim
     if text:
         _run_or_located(f"pattern p {{ tokens n[{n}]\n attend {ctx.format(src)} }}", n, True)
-    else:
-        e = {"{}": expr, "causal & {}": causal & expr, "~{}": ~expr}[ctx]
-        _run_or_located(e, n, False, tokens=n)
+        return
+    try:
+        expr = build()
+    except AttnError:  # a builder refusing a value (negative size) at construction is fine
+        return
+    e = {"{}": expr, "causal & {}": causal & expr, "~{}": ~expr}[ctx]
+    _run_or_located(e, n, False, tokens=n)
 
 
 def test_triton_refuses_sizes_past_its_int32_offsets():
@@ -226,9 +240,9 @@ def test_triton_refuses_sizes_past_its_int32_offsets():
     assert tb.supports(Call(Pattern.create(causal, 2**24 - 512), q, q, q, 1.0, {}, None)) is None
 
 
-@pytest.mark.parametrize("expr", [f"route(block = 4, top = {2**63})",
-                                  f"causal & route(block = 4, top = {2**63}, scope = head)",
-                                  f"route(block = 4, top = {10**30}, permute_keys = importance(segment = {2**63}))"])
+@pytest.mark.parametrize("expr", [f"route(block = 4, top = {2**62})",  # the language's largest integer
+                                  f"causal & route(block = 4, top = {2**62}, scope = head)",
+                                  f"route(block = 4, top = {2**62}, permute_keys = importance(segment = {2**62}))"])
 def test_routed_counts_past_the_layout(expr):
     """`top` and the PBS segment used to overflow in the routing stage (even the reference)."""
     assert_every_backend_matches(f"pattern p {{ tokens n[32]\n attend {expr} }}", 32,
@@ -236,13 +250,19 @@ def test_routed_counts_past_the_layout(expr):
 
 
 def test_cli_plans_huge_parameters_and_compiles_by_head_in_head_order(tmp_path, capsys):
-    """`window(before = 10**30)` once made the CLI print "internal error"; `attnlang compile`
-    wrote the out-of-order head switch of item 1."""
+    """`window(before = 10**30)` once made the CLI print "internal error" (now a located error:
+    the language's integers stop at 2**62; the largest one plans as a window of `inf`);
+    `attnlang compile` wrote the out-of-order head switch of item 1."""
     from attnlang.cli import main
 
     f = tmp_path / "p.attn"
-    f.write_text(f"pattern w {{\n    tokens n[64]\n    attend causal & window(before = {10**30}) "
-                 f"| block(size = 8, shift = {-(2**63)})\n}}\n"
+    big = tmp_path / "big.attn"
+    big.write_text(f"pattern w {{\n    tokens n[64]\n    attend causal & window(before = {10**30})\n}}\n")
+    assert main(["check", str(big)]) == 1
+    err = capsys.readouterr().err
+    assert "big.attn:3:" in err and "2**62" in err and "internal error" not in err
+    f.write_text(f"pattern w {{\n    tokens n[64]\n    attend causal & window(before = {2**62}) "
+                 f"| block(size = 8, shift = {-(2**62)})\n}}\n"
                  "pattern h {\n    tokens n[8]\n    heads 4\n    attend by head {\n"
                  "        2..4: full\n        0..2: causal\n    }\n}\n")
     for cmd in (["check"], ["plan", "-p", "w"], ["simulate", "-p", "w"]):
