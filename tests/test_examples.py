@@ -222,12 +222,13 @@ def test_quickstart_runs():
 def test_readme_opens_with_the_two_commands_ci_runs():
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```sh\n(.*?)\n```", readme, flags=re.S)
-    setup = "python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && pip install -e '.[dev]'"
+    venv = "python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0"
     assert readme.index("```sh") < 40, "README must open with the commands"
-    assert blocks[0].startswith(setup) and "attnlang plan examples/" in blocks[0]
+    # The main job installs only what it needs (no Triton, no test tools); the tests, [dev].
+    assert blocks[0].startswith(venv + " && pip install -e '.[torch]'") and "attnlang plan examples/" in blocks[0]
     assert "python examples/quickstart.py" in blocks[0]
-    assert blocks[1] == setup + " && pytest"
+    assert blocks[1] == venv + " && pip install -e '.[dev]' && pytest"
     ci = (ROOT / ".ci" / "run").read_text()
     assert "set -euo pipefail" in ci and (ROOT / ".ci" / "run").stat().st_mode & 0o111
-    steps = [line.strip() for line in ci.splitlines() if line.strip().startswith(("pip ", "pytest"))]
+    steps = [line.strip() for line in ci.splitlines() if line.strip().startswith(("pip install", "pytest"))]
     assert steps == ["pip install torch==2.13.0", "pip install -e '.[dev]'", "pytest"]
