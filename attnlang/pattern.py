@@ -485,23 +485,26 @@ class Random(Expr):
 
 # --- per-axis primitives ------------------------------------------------------------------
 
-def natten_window(i: np.ndarray, L: int, K: int, d: int, s: int, causal: bool):
+def natten_window(i: Any, L: int, K: int, d: int, s: int, causal: bool,
+                  minimum: Callable = np.minimum, maximum: Callable = np.maximum):
     """NATTEN/GNA window of query coordinate(s) ``i`` on one axis (LANGUAGE.md §3.1).
 
     Returns ``(group, start, end)``: the dilation group and the half-open range of in-group
-    key coordinates the query sees.
+    key coordinates the query sees. ``minimum``/``maximum`` (array, array-or-int) let another
+    array library run this one definition (the flex backend passes torch's).
     """
-    i = np.asarray(i)
+    if minimum is np.minimum:
+        i = np.asarray(i)
     g = i % d
     ip = i // d
     lg = (L - g + d - 1) // d
     if causal:
-        leader = np.minimum((ip // s) * s + s - 1, lg - 1)
-        start = np.maximum(leader - (K - 1), 0)
-        end = np.minimum(ip + 1, lg)
+        leader = minimum((ip // s) * s + s - 1, lg - 1)
+        start = maximum(leader - (K - 1), 0)
+        end = minimum(ip + 1, lg)
     else:
-        leader = np.minimum((ip // s) * s + s // 2, lg - 1)
-        start = np.clip(leader - K // 2, 0, lg - K)
+        leader = minimum((ip // s) * s + s // 2, lg - 1)
+        start = minimum(maximum(leader - K // 2, 0), lg - K)  # np.clip(x, 0, lg - K)
         end = start + K
     return g, start, end
 
