@@ -20,13 +20,13 @@ here: :func:`derive` returns ``None`` and callers count from the plan instead.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import sympy as sp
 
 from attnlang.pattern import (
-    INF, And, Axial, Block, Causal, Empty, Expr, Full, Grid, Layout, Neighborhood, Pattern, Strided,
-    Window,
+    INF, And, Axial, Block, Causal, Empty, Expr, Full, Grid, Halo, Keys, Layout, Neighborhood, Not,
+    Or, Pattern, Queries, Random, Route, Same, Strided, Valid, Window,
 )
 
 
@@ -171,47 +171,91 @@ def _set_part(ax: _Axis, part: tuple) -> None:
     ax.part = part
 
 
-def _constrain(it: Expr, layout: Layout, axes: list[_Axis], names: _Names) -> None:
-    an = layout.names
-    if isinstance(it, Full):
-        return
-    if isinstance(it, Causal):
-        if it.axis is None and layout.rank > 1:
-            raise _Unsupported("flat causal with per-axis primitives")
-        _window(axes[0 if it.axis is None else an.index(it.axis)], None, 0)
-    elif isinstance(it, Window):
-        if layout.rank > 1:
-            raise _Unsupported("flat window with per-axis primitives")
-        if it.before == it.after and it.before != INF:
-            r = names.sym("r", it.before)
-            _window(axes[0], r, r)
-        else:
-            _window(axes[0], None if it.before == INF else names.sym("b", it.before),
-                    None if it.after == INF else names.sym("f", it.after))
-    elif isinstance(it, Axial):
-        for i, ax in enumerate(axes):
-            if an[i] != it.axis:
-                _window(ax, 0, 0)
-    elif isinstance(it, Block):
-        for i, ax in enumerate(axes):
-            o = it.shift[i] % it.size[i]
-            _set_part(ax, ("block", names.sym("S", it.size[i], an[i]),
-                           names.sym("o", o, an[i]) if o else sp.Integer(0)))
-    elif isinstance(it, Strided):
-        for i, ax in enumerate(axes):
-            _set_part(ax, ("strided", names.sym("s", it.step[i], an[i])))
-    elif isinstance(it, Grid):
-        for i, ax in enumerate(axes):
-            # grid(G) == strided(L / G) with L % G == 0 (checked when the pattern was bound).
-            _set_part(ax, ("strided", ax.size / names.sym("G", it.size[i], an[i])))
-    elif isinstance(it, Neighborhood):
-        for i, ax in enumerate(axes):
-            if it.causal[i] and it.stride[i] != 1:
-                raise _Unsupported("causal neighborhood with stride > 1")
-            _set_part(ax, ("nbr", names.sym("K", it.window[i], an[i]), names.sym("d", it.dilation[i], an[i]),
-                           bool(it.causal[i])))
+def _constrain_causal(it: Causal, layout: Layout, axes: list[_Axis], names: _Names) -> None:
+    if it.axis is None and layout.rank > 1:
+        raise _Unsupported("flat causal with per-axis primitives")
+    _window(axes[0 if it.axis is None else layout.index(it.axis)], None, 0)
+
+
+def _constrain_window(it: Window, layout: Layout, axes: list[_Axis], names: _Names) -> None:
+    if layout.rank > 1:
+        raise _Unsupported("flat window with per-axis primitives")
+    if it.before == it.after and it.before != INF:
+        r = names.sym("r", it.before)
+        _window(axes[0], r, r)
     else:
+        _window(axes[0], None if it.before == INF else names.sym("b", it.before),
+                None if it.after == INF else names.sym("f", it.after))
+
+
+def _constrain_axial(it: Axial, layout: Layout, axes: list[_Axis], names: _Names) -> None:
+    for i, ax in enumerate(axes):
+        if layout.names[i] != it.axis:
+            _window(ax, 0, 0)
+
+
+def _constrain_block(it: Block, layout: Layout, axes: list[_Axis], names: _Names) -> None:
+    an = layout.names
+    for i, ax in enumerate(axes):
+        o = it.shift[i] % it.size[i]
+        _set_part(ax, ("block", names.sym("S", it.size[i], an[i]),
+                       names.sym("o", o, an[i]) if o else sp.Integer(0)))
+
+
+def _constrain_strided(it: Strided, layout: Layout, axes: list[_Axis], names: _Names) -> None:
+    for i, ax in enumerate(axes):
+        _set_part(ax, ("strided", names.sym("s", it.step[i], layout.names[i])))
+
+
+def _constrain_grid(it: Grid, layout: Layout, axes: list[_Axis], names: _Names) -> None:
+    for i, ax in enumerate(axes):
+        # grid(G) == strided(L / G) with L % G == 0 (checked when the pattern was bound).
+        _set_part(ax, ("strided", ax.size / names.sym("G", it.size[i], layout.names[i])))
+
+
+def _constrain_neighborhood(it: Neighborhood, layout: Layout, axes: list[_Axis], names: _Names) -> None:
+    an = layout.names
+    for i, ax in enumerate(axes):
+        if it.causal[i] and it.stride[i] != 1:
+            raise _Unsupported("causal neighborhood with stride > 1")
+        _set_part(ax, ("nbr", names.sym("K", it.window[i], an[i]), names.sym("d", it.dilation[i], an[i]),
+                       bool(it.causal[i])))
+
+
+# The closed-form table: how each conjunct of a supported conjunction constrains the axes.
+# A node type missing here has no closed form (``derive`` returns None); CONSTRAIN_LEAVES_OUT
+# names those on purpose and says why.
+CONSTRAIN: dict[type, Callable[[Any, Layout, list[_Axis], _Names], None]] = {
+    Full: lambda it, layout, axes, names: None,
+    Causal: _constrain_causal,
+    Window: _constrain_window,
+    Axial: _constrain_axial,
+    Block: _constrain_block,
+    Strided: _constrain_strided,
+    Grid: _constrain_grid,
+    Neighborhood: _constrain_neighborhood,
+}
+
+CONSTRAIN_LEAVES_OUT: dict[type, str] = {
+    Empty: "zero pairs: _derive answers before constraining",
+    And: "the conjunction _derive itself splits into conjuncts",
+    Or: "a union does not factorise over the axes",
+    Not: "a complement does not factorise over the axes",
+    Halo: "overlapping halos at the axis ends: no single window count (not derived yet)",
+    Keys: "depends on the listed indices, not on sizes alone",
+    Queries: "depends on the listed indices, not on sizes alone",
+    Random: "depends on the drawn blocks, not on sizes alone",
+    Same: "depends on runtime ids",
+    Valid: "depends on a runtime length",
+    Route: "depends on Q/K content",
+}
+
+
+def _constrain(it: Expr, layout: Layout, axes: list[_Axis], names: _Names) -> None:
+    rule = CONSTRAIN.get(type(it))
+    if rule is None:
         raise _Unsupported(type(it).__name__)
+    rule(it, layout, axes, names)
 
 
 def _axis_pairs(ax: _Axis) -> sp.Expr:
@@ -254,4 +298,4 @@ def _tiles(axes: list[_Axis]) -> sp.Expr | None:
     return None
 
 
-__all__ = ["ClosedForm", "derive", "window_count"]
+__all__ = ["ClosedForm", "derive", "window_count", "CONSTRAIN", "CONSTRAIN_LEAVES_OUT"]

@@ -19,13 +19,27 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from attnlang.pattern import Pattern
 
-EMPTY, PARTIAL, FULL = 0, 1, 2
+class TileClass(IntEnum):
+    """What a (query tile, key tile) pair is: stored as int8 in class arrays, so members are ints.
+
+    ``UNKNOWN`` is the planner's fourth value for what its interval rules cannot decide (settled
+    per element before a plan is built); a :class:`Plan` only ever holds the first three.
+    """
+
+    EMPTY = 0  # no allowed pair: skipped
+    PARTIAL = 1  # some allowed pairs: visited with the mask
+    FULL = 2  # every pair allowed: visited without the mask
+    UNKNOWN = 3
+
+
+EMPTY, PARTIAL, FULL, UNKNOWN = TileClass
 
 
 @dataclass(frozen=True, eq=False)

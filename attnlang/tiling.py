@@ -20,14 +20,27 @@ Combinators use three-valued logic (:func:`and3`, :func:`or3`, :func:`not3`) wit
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Callable
 
 import numpy as np
 
 from attnlang.pattern import (
-    Axial, Block, Causal, Env, Expr, Grid, Halo, Layout, Neighborhood, Points, Strided, natten_window,
+    And, Axial, Block, Causal, Empty, Env, Expr, Full, Grid, Halo, Keys, Layout, Neighborhood, Not,
+    Or, Points, Queries, Random, Route, Same, Strided, Valid, Window, natten_window,
 )
+from attnlang.plan import EMPTY, FULL, PARTIAL, UNKNOWN
 
-EMPTY, PARTIAL, FULL, UNKNOWN = 0, 1, 2, 3
+
+class AxisKind(str, Enum):
+    """What a 1-D predicate (:class:`AxisPred`) is; ``str`` so logs and reprs stay readable."""
+
+    CAUSAL = "causal"  # k <= q
+    EQ = "eq"  # k == q (axial, on the other axes)
+    BLOCK = "block"
+    HALO = "halo"
+    STRIDED = "strided"  # strided and grid
+    NBHD = "nbhd"  # NATTEN neighborhood
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,7 +124,7 @@ class AxisPred:
     """One primitive restricted to one axis: ``ir`` is the equivalent 1-D IR node (its
     ``allowed`` is the semantics); ``ir is None`` means equality (``axial`` on other axes)."""
 
-    kind: str  # causal | eq | block | halo | strided | nbhd
+    kind: AxisKind
     L: int
     ir: Expr | None
     args: tuple = ()
@@ -126,27 +139,27 @@ class AxisPred:
     def classify(self, qg, qlo, qhi, kg, klo, khi, dil: int) -> np.ndarray:
         qmn, qmx, kmn, kmx = qg + dil * qlo, qg + dil * qhi, kg + dil * klo, kg + dil * khi
         shape = np.broadcast_shapes(np.shape(qg), np.shape(kg))
-        if self.kind == "causal":  # min/max decide k <= q on any sets
+        if self.kind is AxisKind.CAUSAL:  # min/max decide k <= q on any sets
             return np.where(kmn > qmx, EMPTY, np.where(kmx <= qmn, FULL, PARTIAL)).astype(np.int8)
-        if self.kind == "eq":
+        if self.kind is AxisKind.EQ:
             apart = (qg != kg) | (khi < qlo) | (qhi < klo)
             point = (qlo == qhi) & (klo == khi)
             return np.where(apart, EMPTY, np.where(point, FULL, PARTIAL)).astype(np.int8)
-        if self.kind == "nbhd" and self.args[1] == dil:
+        if self.kind is AxisKind.NBHD and self.args[1] == dil:
             return self._nbhd_grouped(qg, qlo, qhi, kg, klo, khi)
         if dil != 1:  # other predicates on a dilation-grouped axis: settled per element
             return np.full(shape, UNKNOWN, dtype=np.int8)
         ql, qh, kl, kh = np.broadcast_arrays(qmn, qmx, kmn, kmx)
-        if self.kind == "block":
+        if self.kind is AxisKind.BLOCK:
             S, o = self.args
             qa, qb, ka, kb = (ql - o) // S, (qh - o) // S, (kl - o) // S, (kh - o) // S
             empty = (kb < qa) | (qb < ka)
             full = (qa == qb) & (ka == kb) & (qa == ka)
-        elif self.kind == "halo":
+        elif self.kind is AxisKind.HALO:
             B, h = self.args
             empty = (kh < (ql // B) * B - h) | (kl > (qh // B) * B + B + h - 1)
             full = (kl >= (qh // B) * B - h) & (kh <= (ql // B) * B + B + h - 1)
-        elif self.kind == "strided":
+        elif self.kind is AxisKind.STRIDED:
             (s,) = self.args
             la, lb = np.minimum(qh - ql + 1, s), np.minimum(kh - kl + 1, s)
             meet = ((kl - ql) % s < la) | ((ql - kl) % s < lb)
@@ -186,17 +199,17 @@ class AxisPred:
     # -- key reach of a range of queries (a superset of the keys it may see) ------------------
     def reach(self, qmn: np.ndarray, qmx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         L = self.L
-        if self.kind == "causal":
+        if self.kind is AxisKind.CAUSAL:
             lo, hi = np.zeros_like(qmn), qmx
-        elif self.kind == "eq":
+        elif self.kind is AxisKind.EQ:
             lo, hi = qmn, qmx
-        elif self.kind == "block":
+        elif self.kind is AxisKind.BLOCK:
             S, o = self.args
             lo, hi = ((qmn - o) // S) * S + o, ((qmx - o) // S) * S + o + S - 1
-        elif self.kind == "halo":
+        elif self.kind is AxisKind.HALO:
             B, h = self.args
             lo, hi = (qmn // B) * B - h, (qmx // B) * B + B + h - 1
-        elif self.kind == "strided":
+        elif self.kind is AxisKind.STRIDED:
             lo, hi = np.zeros_like(qmn), np.full_like(qmx, L - 1)
         else:
             d = self.args[1]
@@ -216,38 +229,89 @@ class AxisPred:
         return s_lo, e_hi - 1
 
 
+# The tile-rule table: one entry per per-axis primitive, keyed by node type. Each entry appends
+# the node's 1-D predicates to ``out[axis]`` (an axis left empty holds everywhere) or returns
+# False when this node is not per-axis (flat ``causal``). Flat and content primitives are planned
+# from their own terms in the planner; ``FACTOR_LEAVES_OUT`` names them and says why.
+
+def _factor_causal(node: Causal, layout: Layout, out: list) -> bool:
+    if node.axis is None:
+        return False  # flat order: a band (see Band), not a per-axis predicate
+    a = layout.index(node.axis)
+    out[a].append(AxisPred(AxisKind.CAUSAL, layout.sizes[a], Causal("x")))
+    return True
+
+
+def _factor_neighborhood(node: Neighborhood, layout: Layout, out: list) -> bool:
+    for a, L in enumerate(layout.sizes):
+        args = (node.window[a], node.dilation[a], node.stride[a], node.causal[a])
+        ir = Neighborhood((args[0],), (args[1],), (args[2],), (args[3],))
+        out[a].append(AxisPred(AxisKind.NBHD, L, ir, args))
+    return True
+
+
+def _factor_block(node: Block, layout: Layout, out: list) -> bool:
+    for a, L in enumerate(layout.sizes):
+        S, o = node.size[a], node.shift[a]
+        if S < L or o % S:  # block(L) with an aligned shift holds on the whole axis
+            out[a].append(AxisPred(AxisKind.BLOCK, L, Block((S,), (o,)), (S, o)))
+    return True
+
+
+def _factor_steps(steps: tuple[int, ...], layout: Layout, out: list) -> bool:
+    for a, L in enumerate(layout.sizes):
+        if steps[a] > 1:
+            out[a].append(AxisPred(AxisKind.STRIDED, L, Strided((steps[a],)), (steps[a],)))
+    return True
+
+
+def _factor_halo(node: Halo, layout: Layout, out: list) -> bool:
+    for a, L in enumerate(layout.sizes):
+        B, h = node.block[a], node.halo[a]
+        out[a].append(AxisPred(AxisKind.HALO, L, Halo((B,), (h,)), (B, h)))
+    return True
+
+
+def _factor_axial(node: Axial, layout: Layout, out: list) -> bool:
+    ax = layout.index(node.axis)
+    for a, L in enumerate(layout.sizes):
+        if a != ax:
+            out[a].append(AxisPred(AxisKind.EQ, L, None))
+    return True
+
+
+FACTOR: dict[type, Callable[[Any, Layout, list], bool]] = {
+    Causal: _factor_causal,
+    Neighborhood: _factor_neighborhood,
+    Block: _factor_block,
+    Strided: lambda node, layout, out: _factor_steps(node.step, layout, out),
+    Grid: lambda node, layout, out: _factor_steps(node.steps(layout), layout, out),  # strided(L / G)
+    Halo: _factor_halo,
+    Axial: _factor_axial,
+}
+
+FACTOR_LEAVES_OUT: dict[type, str] = {
+    Full: "a constant: the planner's `full` term",
+    Empty: "a constant: the planner's `none` term",
+    Window: "a flat band lo <= k - q <= hi, classified by band_class",
+    Keys: "a flat key range or list: the planner's selection term",
+    Queries: "a flat query range or list: the planner's selection term",
+    Random: "a table of flat blocks: the planner's join term",
+    Same: "a runtime input: the planner's join term per call",
+    Valid: "a runtime input: the planner's selection term per call",
+    Route: "reads Q/K: planned per call from the routing selection",
+    And: "a combinator: three-valued and3 in the planner",
+    Or: "a combinator: three-valued or3 in the planner",
+    Not: "a combinator: three-valued not3 in the planner",
+}
+
+
 def factor(node: Expr, layout: Layout) -> tuple[tuple[AxisPred, ...], ...] | None:
-    """A per-axis primitive as one tuple of 1-D predicates per axis (``()`` = all allowed)."""
-    rank, sizes, names = layout.rank, layout.sizes, layout.names
-    out: list[list[AxisPred]] = [[] for _ in range(rank)]
-    if isinstance(node, Causal) and node.axis is not None:
-        a = layout.index(node.axis)
-        out[a].append(AxisPred("causal", sizes[a], Causal("x")))
-    elif isinstance(node, Neighborhood):
-        for a, L in enumerate(sizes):
-            args = (node.window[a], node.dilation[a], node.stride[a], node.causal[a])
-            ir = Neighborhood((args[0],), (args[1],), (args[2],), (args[3],))
-            out[a].append(AxisPred("nbhd", L, ir, args))
-    elif isinstance(node, Block):
-        for a, L in enumerate(sizes):
-            S, o = node.size[a], node.shift[a]
-            if S < L or o % S:  # block(L) with an aligned shift holds on the whole axis
-                out[a].append(AxisPred("block", L, Block((S,), (o,)), (S, o)))
-    elif isinstance(node, (Strided, Grid)):
-        steps = node.steps(layout) if isinstance(node, Grid) else node.step
-        for a, L in enumerate(sizes):
-            if steps[a] > 1:
-                out[a].append(AxisPred("strided", L, Strided((steps[a],)), (steps[a],)))
-    elif isinstance(node, Halo):
-        for a, L in enumerate(sizes):
-            B, h = node.block[a], node.halo[a]
-            out[a].append(AxisPred("halo", L, Halo((B,), (h,)), (B, h)))
-    elif isinstance(node, Axial):
-        ax = names.index(node.axis)
-        for a, L in enumerate(sizes):
-            if a != ax:
-                out[a].append(AxisPred("eq", L, None))
-    else:
+    """A per-axis primitive as one tuple of 1-D predicates per axis (``()`` = all allowed), or
+    ``None`` when ``node`` is not per-axis (see :data:`FACTOR` and :data:`FACTOR_LEAVES_OUT`)."""
+    rule = FACTOR.get(type(node))
+    out: list[list[AxisPred]] = [[] for _ in range(layout.rank)]
+    if rule is None or not rule(node, layout, out):
         return None
     return tuple(tuple(p) for p in out)
 
@@ -285,5 +349,5 @@ def _axis_elements(preds, qg, qlo, qhi, kg, klo, khi, dil, chunk):
     return out
 
 
-__all__ = ["EMPTY", "PARTIAL", "FULL", "UNKNOWN", "and3", "or3", "not3", "union_class", "Band",
+__all__ = ["EMPTY", "PARTIAL", "FULL", "UNKNOWN", "AxisKind", "FACTOR", "FACTOR_LEAVES_OUT", "and3", "or3", "not3", "union_class", "Band",
            "band_class", "AxisPred", "factor", "axis_class"]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -37,7 +38,7 @@ import torch
 from attnlang.errors import AttnError
 from attnlang.pattern import (
     And, Axial, Block, Causal, Empty, Expr, Full, Grid, Halo, Keys, Layout, Neighborhood, Not, Or,
-    Queries, Random, Range, Same, Strided, Valid, Window,
+    Queries, Random, Range, Route, Same, Strided, Valid, Window, natten_window,
 )
 from attnlang.plan import Plan
 from attnlang.runtime.call import Call
@@ -64,20 +65,12 @@ def _coords(layout: Layout, x: torch.Tensor) -> list[torch.Tensor]:
     return out[::-1]
 
 
-def _natten(i: torch.Tensor, L: int, K: int, d: int, s: int, causal: bool):
-    """Torch twin of :func:`attnlang.pattern.natten_window`."""
-    g = i % d
-    ip = i // d
-    lg = (L - g + d - 1) // d
-    if causal:
-        leader = torch.minimum((ip // s) * s + s - 1, lg - 1)
-        start = torch.clamp(leader - (K - 1), min=0)
-        end = torch.minimum(ip + 1, lg)
-    else:
-        leader = torch.minimum((ip // s) * s + s // 2, lg - 1)
-        start = torch.maximum(torch.minimum(leader - K // 2, lg - K), torch.zeros_like(lg))
-        end = start + K
-    return g, start, end
+def _tmin(a: torch.Tensor, b: torch.Tensor | int) -> torch.Tensor:
+    return torch.clamp(a, max=b) if isinstance(b, int) else torch.minimum(a, b)
+
+
+def _tmax(a: torch.Tensor, b: torch.Tensor | int) -> torch.Tensor:
+    return torch.clamp(a, min=b) if isinstance(b, int) else torch.maximum(a, b)
 
 
 def _in_sel(sel, x: torch.Tensor) -> torch.Tensor:
@@ -90,102 +83,162 @@ def _in_sel(sel, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def predicate(expr: Expr, layout: Layout, inputs: Mapping[str, torch.Tensor], device) -> Callable:
-    """``fn(b, q_tok, k_tok) -> bool tensor``: the IR's ``allowed`` in torch ops.
+@dataclass(frozen=True)
+class _Ctx:
+    """What a mask_mod rule may read: the layout, batched runtime inputs, the device, and
+    ``go`` to build a child's predicate (combinators)."""
 
-    ``inputs`` holds runtime inputs batched as ``ids [B, N]`` / ``length [B]`` tensors.
-    """
-    def go(e: Expr):
-        if isinstance(e, Full):
-            return lambda b, q, k: (q >= 0) | True
-        if isinstance(e, Empty):
-            return lambda b, q, k: (q < 0) & False
-        if isinstance(e, Causal):
-            if e.axis is None:
-                return lambda b, q, k: k <= q
-            a = layout.index(e.axis)
-            return lambda b, q, k: _coords(layout, k)[a] <= _coords(layout, q)[a]
-        if isinstance(e, Window):
-            lo, hi = e.before, e.after
-
-            def win(b, q, k):
-                d = k - q
-                ok = (d >= -lo) if lo != float("inf") else (d == d)
-                return ok & (d <= hi) if hi != float("inf") else ok
-            return win
-        if isinstance(e, Keys):
-            return lambda b, q, k: _in_sel(e.sel, k) & (q == q)
-        if isinstance(e, Queries):
-            return lambda b, q, k: _in_sel(e.sel, q) & (k == k)
-        if isinstance(e, Random):
-            table = torch.from_numpy(e.table(layout)).to(device)
-            return lambda b, q, k: table[q // e.block, k // e.block]
-        if isinstance(e, Neighborhood):
-            def nbhd(b, q, k):
-                qc, kc = _coords(layout, q), _coords(layout, k)
-                ok = None
-                for a, L in enumerate(layout.sizes):
-                    K, d, s, c = e.window[a], e.dilation[a], e.stride[a], e.causal[a]
-                    g, start, end = _natten(qc[a], L, K, d, s, c)
-                    kp = kc[a] // d
-                    here = (kc[a] % d == g) & (kp >= start) & (kp < end)
-                    ok = here if ok is None else ok & here
-                return ok
-            return nbhd
-        if isinstance(e, (Block, Strided, Grid, Axial, Halo)):
-            return _per_axis(e, layout)
-        if isinstance(e, Same):
-            ids = inputs[e.input]
-            if ids.shape[0] == 1:  # one row for every batch item (to_block_mask with ids [N])
-                return lambda b, q, k: ids[0, q] == ids[0, k]
-            return lambda b, q, k: ids[b, q] == ids[b, k]
-        if isinstance(e, Valid):
-            # Per-token flags [B, N] rather than the length [B]: Inductor's CPU template cannot
-            # lower a captured scalar-per-batch buffer read as n[b] (measured: LoweringException).
-            n = inputs[e.input]
-            ok = torch.arange(layout.n, device=n.device)[None, :] < n[:, None]
-            if ok.shape[0] == 1:  # one length for every batch item
-                return lambda b, q, k: ok[0, q] & ok[0, k]
-            return lambda b, q, k: ok[b, q] & ok[b, k]
-        if isinstance(e, And) or isinstance(e, Or):
-            fs = [go(it) for it in e.items]
-            both = isinstance(e, And)
-
-            def comb(b, q, k):
-                out = fs[0](b, q, k)
-                for f in fs[1:]:
-                    out = (out & f(b, q, k)) if both else (out | f(b, q, k))
-                return out
-            return comb
-        if isinstance(e, Not):
-            f = go(e.item)
-            return lambda b, q, k: ~f(b, q, k)
-        raise AttnError(f"the flex backend cannot express '{e.to_attn()}' as a mask_mod yet; "
-                        "use backend='torch' for this pattern")
-
-    return go(expr)
+    layout: Layout
+    inputs: Mapping[str, torch.Tensor]
+    device: Any
+    go: Callable[[Expr], Callable]
 
 
-def _per_axis(e: Expr, layout: Layout) -> Callable:
+def _all_axes(layout: Layout, per_axis: Callable[[int, list, list], torch.Tensor]) -> Callable:
+    """``fn(b, q, k)``: the AND over axes of ``per_axis(a, q_coords, k_coords)``."""
     def f(b, q, k):
         qc, kc = _coords(layout, q), _coords(layout, k)
         ok = None
         for a in range(layout.rank):
-            if isinstance(e, Block):
-                S, o = e.size[a], e.shift[a]
-                here = torch.div(qc[a] - o, S, rounding_mode="floor") == torch.div(kc[a] - o, S, rounding_mode="floor")
-            elif isinstance(e, (Strided, Grid)):
-                st = e.step[a] if isinstance(e, Strided) else e.steps(layout)[a]
-                here = qc[a] % st == kc[a] % st
-            elif isinstance(e, Axial):
-                here = (qc[a] == kc[a]) | (a == layout.index(e.axis))
-            else:
-                B, h = e.block[a], e.halo[a]
-                lo = (qc[a] // B) * B - h
-                here = (kc[a] >= lo) & (kc[a] < lo + B + 2 * h)
+            here = per_axis(a, qc, kc)
             ok = here if ok is None else ok & here
         return ok
     return f
+
+
+def _mm_causal(e: Causal, c: _Ctx) -> Callable:
+    if e.axis is None:
+        return lambda b, q, k: k <= q
+    a, layout = c.layout.index(e.axis), c.layout
+    return lambda b, q, k: _coords(layout, k)[a] <= _coords(layout, q)[a]
+
+
+def _mm_window(e: Window, c: _Ctx) -> Callable:
+    lo, hi = e.before, e.after
+
+    def win(b, q, k):
+        d = k - q
+        ok = (d >= -lo) if lo != float("inf") else (d == d)
+        return ok & (d <= hi) if hi != float("inf") else ok
+    return win
+
+
+def _mm_random(e: Random, c: _Ctx) -> Callable:
+    table = torch.from_numpy(e.table(c.layout)).to(c.device)
+    return lambda b, q, k: table[q // e.block, k // e.block]
+
+
+def _mm_neighborhood(e: Neighborhood, c: _Ctx) -> Callable:
+    sizes = c.layout.sizes
+
+    def axis(a, qc, kc):
+        K, d, s, causal = e.window[a], e.dilation[a], e.stride[a], e.causal[a]
+        # The one definition of the window (attnlang.pattern.natten_window), in torch ops.
+        g, start, end = natten_window(qc[a], sizes[a], K, d, s, causal, minimum=_tmin, maximum=_tmax)
+        kp = kc[a] // d
+        return (kc[a] % d == g) & (kp >= start) & (kp < end)
+    return _all_axes(c.layout, axis)
+
+
+def _mm_block(e: Block, c: _Ctx) -> Callable:
+    def axis(a, qc, kc):
+        S, o = e.size[a], e.shift[a]
+        return torch.div(qc[a] - o, S, rounding_mode="floor") == torch.div(kc[a] - o, S, rounding_mode="floor")
+    return _all_axes(c.layout, axis)
+
+
+def _mm_steps(steps: tuple[int, ...], c: _Ctx) -> Callable:
+    return _all_axes(c.layout, lambda a, qc, kc: qc[a] % steps[a] == kc[a] % steps[a])
+
+
+def _mm_axial(e: Axial, c: _Ctx) -> Callable:
+    ax = c.layout.index(e.axis)
+    return _all_axes(c.layout, lambda a, qc, kc: (qc[a] == kc[a]) | (a == ax))
+
+
+def _mm_halo(e: Halo, c: _Ctx) -> Callable:
+    def axis(a, qc, kc):
+        B, h = e.block[a], e.halo[a]
+        lo = (qc[a] // B) * B - h
+        return (kc[a] >= lo) & (kc[a] < lo + B + 2 * h)
+    return _all_axes(c.layout, axis)
+
+
+def _mm_same(e: Same, c: _Ctx) -> Callable:
+    ids = c.inputs[e.input]
+    if ids.shape[0] == 1:  # one row for every batch item (to_block_mask with ids [N])
+        return lambda b, q, k: ids[0, q] == ids[0, k]
+    return lambda b, q, k: ids[b, q] == ids[b, k]
+
+
+def _mm_valid(e: Valid, c: _Ctx) -> Callable:
+    # Per-token flags [B, N] rather than the length [B]: Inductor's CPU template cannot
+    # lower a captured scalar-per-batch buffer read as n[b] (measured: LoweringException).
+    n = c.inputs[e.input]
+    ok = torch.arange(c.layout.n, device=n.device)[None, :] < n[:, None]
+    if ok.shape[0] == 1:  # one length for every batch item
+        return lambda b, q, k: ok[0, q] & ok[0, k]
+    return lambda b, q, k: ok[b, q] & ok[b, k]
+
+
+def _mm_items(e: And | Or, c: _Ctx) -> Callable:
+    fs = [c.go(it) for it in e.items]
+    both = isinstance(e, And)
+
+    def comb(b, q, k):
+        out = fs[0](b, q, k)
+        for f in fs[1:]:
+            out = (out & f(b, q, k)) if both else (out | f(b, q, k))
+        return out
+    return comb
+
+
+def _mm_not(e: Not, c: _Ctx) -> Callable:
+    f = c.go(e.item)
+    return lambda b, q, k: ~f(b, q, k)
+
+
+# The flex mask_mod table: node type -> rule building ``fn(b, q_tok, k_tok) -> bool tensor``
+# from torch ops that mirror the node's ``allowed``.
+MASK_MOD: dict[type, Callable[[Any, _Ctx], Callable]] = {
+    Full: lambda e, c: lambda b, q, k: (q >= 0) | True,
+    Empty: lambda e, c: lambda b, q, k: (q < 0) & False,
+    Causal: _mm_causal,
+    Window: _mm_window,
+    Keys: lambda e, c: lambda b, q, k: _in_sel(e.sel, k) & (q == q),
+    Queries: lambda e, c: lambda b, q, k: _in_sel(e.sel, q) & (k == k),
+    Random: _mm_random,
+    Neighborhood: _mm_neighborhood,
+    Block: _mm_block,
+    Strided: lambda e, c: _mm_steps(e.step, c),
+    Grid: lambda e, c: _mm_steps(e.steps(c.layout), c),  # strided(L / G)
+    Axial: _mm_axial,
+    Halo: _mm_halo,
+    Same: _mm_same,
+    Valid: _mm_valid,
+    And: _mm_items,
+    Or: _mm_items,
+    Not: _mm_not,
+}
+MASK_MOD_LEAVES_OUT: dict[type, str] = {
+    Route: "reads Q/K per call: supports() refuses it before a mask_mod is built",
+}
+
+
+def predicate(expr: Expr, layout: Layout, inputs: Mapping[str, torch.Tensor], device) -> Callable:
+    """``fn(b, q_tok, k_tok) -> bool tensor``: the IR's ``allowed`` in torch ops (:data:`MASK_MOD`).
+
+    ``inputs`` holds runtime inputs batched as ``ids [B, N]`` / ``length [B]`` tensors.
+    """
+    def go(e: Expr) -> Callable:
+        rule = MASK_MOD.get(type(e))
+        if rule is None:
+            raise AttnError(f"the flex backend cannot express '{e.to_attn()}' as a mask_mod yet; "
+                            "use backend='torch' for this pattern")
+        return rule(e, ctx)
+
+    ctx = _Ctx(layout, inputs, device, go)
+    return go(expr)
 
 
 def mask_mod(plan: Plan, head_group_of: torch.Tensor | None, inputs: Mapping[str, torch.Tensor],

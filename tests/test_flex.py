@@ -5,6 +5,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import attnlang
@@ -110,3 +112,23 @@ def test_flex_reuses_the_block_mask_of_a_static_plan(monkeypatch):
     with torch.no_grad():
         for doc in (torch.tensor([0] * 20 + [1] * 44), torch.tensor([0] * 50 + [1] * 14)):
             torch.testing.assert_close(fd(q, k, v, doc=doc), ref(q, k, v, doc=doc), atol=1e-5, rtol=1e-5)
+
+
+@given(st.data())
+def test_flex_runs_the_one_natten_window(data):
+    """The flex mask_mod calls ``natten_window`` with torch's min/max: same windows as numpy."""
+    import numpy as np
+
+    from attnlang.pattern import natten_window
+    from attnlang.runtime.flex import _tmax, _tmin
+
+    L = data.draw(st.integers(2, 40))
+    d = data.draw(st.integers(1, L // 2))
+    K = data.draw(st.integers(2, L // d))
+    s = data.draw(st.integers(1, K))
+    c = data.draw(st.booleans())
+    i = np.arange(L)
+    want = natten_window(i, L, K, d, s, c)
+    got = natten_window(torch.arange(L), L, K, d, s, c, minimum=_tmin, maximum=_tmax)
+    for w, g in zip(want, got):
+        assert np.array_equal(w, g.numpy())
