@@ -141,7 +141,7 @@ class _Compiler:
     # -- nodes ------------------------------------------------------------------------------
     def expr(self, e: Expr) -> str:
         rule = TRITON.get(type(e))
-        if rule is None:  # tests/test_tables.py keeps TRITON complete: only a new, unlisted node
+        if rule is None:  # tests/ir/test_tables.py keeps TRITON complete: only a new, unlisted node
             raise NotImplementedError(
                 f"the triton backend cannot compile '{e.to_attn()}' ({type(e).__name__}): add it to "
                 "attnlang.codegen.predicate.TRITON, or use backend='torch' or backend='reference'")

@@ -4,7 +4,14 @@ import sys
 import pytest
 from hypothesis import HealthCheck, settings
 
-sys.path.insert(0, os.path.dirname(__file__))
+# Tests live in one folder per stage (language, ir, plan, content, codegen, runtime, simulator,
+# e2e). `strategies.py` sits here, and a few test modules share helpers across stages
+# (`from test_backends import ...`), so this folder and every stage folder are importable.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _HERE)
+for _stage in sorted(os.listdir(_HERE)):
+    if os.path.isdir(os.path.join(_HERE, _stage)) and _stage not in ("golden", "__pycache__"):
+        sys.path.append(os.path.join(_HERE, _stage))
 
 # Bounded example counts keep the whole suite well under 15 minutes on 2 cores.
 settings.register_profile("default", max_examples=40, deadline=None,
@@ -22,7 +29,7 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    # read by tests/test_fuzz_lang.py when it is imported (after this hook)
+    # read by tests/language/test_fuzz_lang.py when it is imported (after this hook)
     if config.getoption("--fuzz"):
         os.environ["ATTNLANG_FUZZ"] = "1"
 

@@ -1,5 +1,5 @@
 """The primitive list: every node type of the Pattern IR, the list each consumer's table is
-checked against (tests/test_tables.py).
+checked against (tests/ir/test_tables.py).
 
 A consumer of the IR keeps one table keyed by node type (see docs/_arch_tables.md for the list)
 and, next to it, a ``*_LEAVES_OUT`` mapping naming the node types it deliberately does not

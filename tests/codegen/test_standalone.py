@@ -20,7 +20,7 @@ from attnlang.cli import main
 from attnlang.runtime import reference
 from attnlang.runtime.call import check_call
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 
 RUNNER = r"""

@@ -19,7 +19,7 @@ from attnlang.runtime import reference  # noqa: E402
 from attnlang.runtime import triton as triton_backend  # noqa: E402
 from attnlang.runtime import triton_routing  # noqa: E402
 from attnlang.runtime.call import check_call  # noqa: E402
-from test_route import planted, routed  # noqa: E402
+from test_route_family import planted, routed  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 SCALE = 0.3

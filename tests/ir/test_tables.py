@@ -164,7 +164,7 @@ def _plan_matches_oracle(p: Pattern) -> None:
 
 
 def test_every_static_node_plans_exactly():
-    # Route is planned per call from Q/K (tests/test_routing.py, tests/test_route.py).
+    # Route is planned per call from Q/K (tests/content/test_routing_stage.py, tests/content/test_route_family.py).
     for t, e in _samples([t for t in NODES if t is not Route]):
         _plan_matches_oracle(_pattern(e))
 

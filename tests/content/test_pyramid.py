@@ -228,7 +228,7 @@ def test_pyramid_has_no_mask_and_other_backends_refuse():
     q = torch.randn(1, 1, 64, 8)
     with pytest.raises(AttnError, match="backend='torch'"):
         attnlang.compile(p, backend="flex")(q, q, q)
-    # triton runs pyramids over full / causal among (tests/test_triton_pyramid.py); any other
+    # triton runs pyramids over full / causal among (tests/runtime/test_triton_pyramid.py); any other
     # among is refused, whether or not this session interprets Triton on the CPU (the Triton
     # test modules set TRITON_INTERPRET=1 for the whole session; unsetting it here would make
     # later kernels compile instead of interpret)

@@ -302,7 +302,7 @@ def test_triton_and_flex_refuse_with_a_reason():
     p = Pattern.create(route(8, top=1), tokens=32)
     q = torch.randn(1, 1, 32, 8)
     call = check_call(p, q, q, q, None, {}, None)
-    # triton runs route (tests/test_triton_interp.py); on CPU only under TRITON_INTERPRET=1
+    # triton runs route (tests/runtime/test_triton_interp.py); on CPU only under TRITON_INTERPRET=1
     assert triton.supports(call) is None or "TRITON_INTERPRET" in triton.supports(call)
     assert "backend='torch'" in flex.supports(call)
 

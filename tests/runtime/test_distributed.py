@@ -191,7 +191,7 @@ def test_example_runs_under_torchrun():
     import pathlib
     import subprocess
 
-    root = pathlib.Path(__file__).resolve().parents[1]
+    root = pathlib.Path(__file__).resolve().parents[2]
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
                           "--master-port", str(_free_port()), str(root / "examples" / "context_parallel.py"),
                           "1024"], capture_output=True, text=True, timeout=300, cwd=root)

@@ -17,7 +17,7 @@ from attnlang.simulate import COMPONENTS, SCHEMA, parse_sweep, simulate, simulat
 from attnlang.targets import known_targets, load_target, target_from_dict
 from strategies import exprs, patterns
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TARGETS = ("h100", "h200", "b200", "a100", "cpu")
 
 

@@ -32,7 +32,7 @@ from attnlang.plan import Plan, TileRange
 from attnlang.planner import make_plan
 from strategies import patterns
 
-GOLDEN = pathlib.Path(__file__).parent / "golden" / "kernels"
+GOLDEN = pathlib.Path(__file__).parents[1] / "golden" / "kernels"
 
 
 # -- a NumPy stand-in for triton.language with C integer semantics ----------------------------

@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 from attnlang.pattern import Pattern, block, causal, full, route, sliding
 from attnlang.routing import _eligibility_dense, block_ids, eligibility, pattern_content, routes
 from attnlang.runtime.routing import pattern_content as torch_content
-from test_route import planted, routed
+from test_route_family import planted, routed
 
 
 @settings(max_examples=40, deadline=None)

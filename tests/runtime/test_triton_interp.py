@@ -23,7 +23,7 @@ from attnlang.runtime import reference  # noqa: E402
 from attnlang.runtime import triton as triton_backend  # noqa: E402
 from attnlang.runtime.call import check_call  # noqa: E402
 from strategies import patterns  # noqa: E402
-from test_route import routed as st_routed  # noqa: E402
+from test_route_family import routed as st_routed  # noqa: E402
 from test_triton_routing import clear_margins  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -324,7 +324,7 @@ def test_lse_gradient_static():
 
 
 def test_pyramid_refused_with_reason():
-    # pyramid(...) runs on its own kernels (tests/test_triton_pyramid.py) for among = full,
+    # pyramid(...) runs on its own kernels (tests/runtime/test_triton_pyramid.py) for among = full,
     # causal or causal(axis); any other among is refused with the reason.
     from attnlang.pattern import pyramid
 

@@ -8,7 +8,7 @@ from attnlang.grammar import load
 from attnlang.pattern import Pattern, Same, Valid, and_, or_
 from strategies import exprs, layouts, patterns
 
-GOLDEN = Path(__file__).parent / "golden" / "fmt"
+GOLDEN = Path(__file__).parents[1] / "golden" / "fmt"
 
 
 @given(patterns())

@@ -13,7 +13,7 @@ import attnlang
 from attnlang import AttnError, causal, sliding
 from attnlang.pattern import Pattern
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 SWA = ROOT / "examples" / "swa.attn"
 TEXT = """
 pattern local(N = 32, r = 3) {

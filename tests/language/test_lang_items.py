@@ -13,7 +13,7 @@ import attnlang
 from attnlang.errors import AttnError
 from attnlang.grammar import load
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.attn"))
 
 
