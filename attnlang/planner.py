@@ -28,6 +28,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from attnlang.errors import AttnError
+from attnlang.inputs import check_inputs
 from attnlang.order import Ordering, TileSet, rcm_order
 from attnlang.pattern import (
     INF, And, Causal, Empty, Env, Expr, Full, Indices, Keys, Layout, Neighborhood, Not, Or, Pattern,
@@ -784,32 +785,17 @@ def _csr(qt: np.ndarray, kt: np.ndarray, rows: int, cols: int) -> BlockTable:
 # Inputs
 # --------------------------------------------------------------------------------------------
 
+# Checked once, at make_plan, by attnlang.inputs (ids [N] and a 0-d length, int64); these only read.
 def _ids(inputs: Mapping[str, np.ndarray], name: str, n: int) -> np.ndarray:
-    ids = np.asarray(inputs[name])
-    if ids.size != n or ids.ndim > 2 or not np.issubdtype(ids.dtype, np.integer):
-        raise AttnError(f"runtime input '{name}' has shape {ids.shape} and dtype {ids.dtype}",
-                        hint=f"give one batch item's ids: an integer array of shape [{n}]")
-    return ids.reshape(-1).astype(np.int64)
+    return np.asarray(inputs[name]).reshape(-1).astype(np.int64)
 
 
 def _length(inputs: Mapping[str, np.ndarray], name: str, n: int) -> int:
-    v = np.asarray(inputs[name])
-    if v.size != 1 or not np.issubdtype(v.dtype, np.integer):
-        raise AttnError(f"runtime input '{name}' = {v!r} is not one length",
-                        hint=f"give one batch item's length: an integer between 0 and {n}")
-    return int(v.reshape(()))
+    return int(np.asarray(inputs[name]).reshape(()))
 
 
 def _check_inputs(pattern: Pattern, inputs: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
-    got = {k: np.asarray(v) for k, v in (inputs or {}).items()}
-    missing = [i.name for i in pattern.inputs if i.name not in got]
-    if missing:
-        raise AttnError(
-            f"pattern '{pattern.name}' needs runtime input(s) {', '.join(missing)} to be planned",
-            hint="pass inputs={" + ", ".join(f"'{m}': ..." for m in missing) + "} (one batch item)")
-    for i in pattern.inputs:
-        (_ids if i.kind == "ids" else _length)(got, i.name, pattern.n)
-    return got
+    return check_inputs(pattern, inputs, item=True)
 
 
 # --------------------------------------------------------------------------------------------
