@@ -110,7 +110,7 @@ class Report:
         for key in ("forward", "backward"):
             d[key]["gaps"] = getattr(self, key).gaps()
         d["schema"] = SCHEMA
-        return _finite(d)
+        return json_safe(d)
 
     def to_json(self) -> str:
         """JSON, schema ``attnlang.report/1`` (see ``docs/simulator.md``)."""
@@ -118,10 +118,11 @@ class Report:
 
     def _rows(self) -> list[tuple[str, str, str]]:
         f, b = self.forward, self.backward
-        rows = [(name, _x(getattr(f, attr)), _x(getattr(b, attr))) for name, attr in (
+        rows = [(name, format_speedup(getattr(f, attr)), format_speedup(getattr(b, attr))) for name, attr in (
             ("FLOP bound", "flop_bound"), ("tile bound", "tile_bound"),
             ("schedule bound", "schedule_bound"), ("predicted speedup", "predicted"))]
-        rows += [("dense time", _t(f.dense_s), _t(b.dense_s)), ("predicted time", _t(f.time_s), _t(b.time_s))]
+        rows += [("dense time", format_time(f.dense_s), format_time(b.dense_s)),
+                 ("predicted time", format_time(f.time_s), format_time(b.time_s))]
         for c in COMPONENTS:
             rows.append((f"  {c}", _share(f.breakdown_s[c], f.time_s), _share(b.breakdown_s[c], b.time_s)))
         for o in f.overheads_s:
@@ -151,7 +152,7 @@ class Report:
         w1 = max(len(r[1]) for r in rows)
         body = [f"{a:<{w0}}  {b:>{w1}}  {c:>10}" for a, b, c in rows]
         body.insert(1, "-" * len(body[0]))
-        gaps = "; ".join(f"{k} {_x(v)}" for k, v in self.forward.gaps().items())
+        gaps = "; ".join(f"{k} {format_speedup(v)}" for k, v in self.forward.gaps().items())
         return "\n".join(self._header() + [""] + body + ["", f"forward gaps: {gaps}"]
                          + [f"note: {n}" for n in self.notes])
 
@@ -672,21 +673,24 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b else math.inf
 
 
-def _finite(x: Any) -> Any:
+def json_safe(x: Any) -> Any:
+    """``x`` with infinite and NaN floats as ``None`` (JSON has neither), in nested dicts/lists."""
     if isinstance(x, float):
         return None if math.isinf(x) or math.isnan(x) else x
     if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
+        return {k: json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
+        return [json_safe(v) for v in x]
     return x
 
 
-def _x(v: float) -> str:
+def format_speedup(v: float) -> str:
+    """A speedup as a report shows it: ``2.50x``, or ``inf``."""
     return "inf" if math.isinf(v) else f"{v:.2f}x"
 
 
-def _t(s: float) -> str:
+def format_time(s: float) -> str:
+    """Seconds with a readable unit: ``1.5 ms``, ``320 us``."""
     for unit, f in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
         if s >= f:
             return f"{s / f:.3g} {unit}"
@@ -697,8 +701,8 @@ def _share(part: float, total: float) -> str:
     return f"{100 * part / total:.1f}%" if total else "-"
 
 
-__all__ = ["COMPONENTS", "Direction", "PassWork", "pass_work", "Report", "SCHEMA", "SweepPoint", "parse_sweep",
-           "sample_content", "simulate", "simulate_plan", "sweep"]
+__all__ = ["COMPONENTS", "Direction", "PassWork", "pass_work", "Report", "SCHEMA", "SweepPoint", "format_speedup",
+           "format_time", "json_safe", "parse_sweep", "sample_content", "simulate", "simulate_plan", "sweep"]
 
 
 def simulate_ranks(plan: Plan, ranks: int, target: "str | Target" = "h100", *, report: Report | None = None,
