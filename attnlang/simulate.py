@@ -205,9 +205,13 @@ def _plan_of(spec, pattern, inputs, tokens, block_m, block_n, params, content, h
     return make_plan(p, inputs=inputs, block_m=block_m, block_n=block_n, content=content), content
 
 
-def sample_content(pattern: Any, heads: int, head_dim: int = 128, seed: int = 0) -> dict | None:
+SAMPLE_HEAD_DIM = 128  # the head dim of sampled Q/K, unless a caller names its own
+
+
+def sample_content(pattern: Any, heads: int, head_dim: int = SAMPLE_HEAD_DIM, seed: int = 0) -> dict | None:
     """Routing decisions of a pattern that reads Q/K, for seeded Gaussian Q/K of ``heads`` heads
-    (what the simulator plans with when it is given no content); None for static patterns.
+    (what the simulator plans with when it is given no content, and what the CLI's ``plan`` and
+    ``show`` show); None for static patterns. The one place content is sampled.
 
     >>> from attnlang.pattern import Pattern, route
     >>> c = sample_content(Pattern.create(route(64, top=2), 256), heads=2, head_dim=16)

@@ -144,29 +144,20 @@ def spec_inputs(args: argparse.Namespace, pattern: Any) -> dict[str, Any] | None
     return check_inputs(pattern, out, item=True)  # ranges and int64, as every entry point checks them
 
 
-def sample_content(pattern: Any, seed: int = 0, head_dim: int = 64) -> dict | None:
-    """Routing content for a pattern that reads Q/K (LANGUAGE.md §6), from seeded Gaussian Q/K.
+def sample_content(pattern: Any, seed: int = 0) -> dict | None:
+    """:func:`attnlang.simulate.sample_content` for ``plan``/``show``, saying so on stderr.
 
-    The CLI has no tensors, so ``plan``/``show`` of a routed or pyramid pattern show the
-    selection random Q/K would get, and say so on stderr; real selections come from
-    ``attnlang.compile(...)`` with real tensors. Returns None for static patterns.
+    The CLI has no tensors, so ``plan``/``show`` of a routed or pyramid pattern (LANGUAGE.md §6)
+    show the selection seeded Gaussian Q/K would get (as ``simulate`` plans with); real
+    selections come from ``attnlang.compile(...)`` with real tensors. None for static patterns.
     """
     import sys
 
-    import numpy as np
-
-    from attnlang.pattern import Pyramid
+    from attnlang.simulate import SAMPLE_HEAD_DIM
+    from attnlang.simulate import sample_content as sample
 
     if not pattern.reads_content:
         return None
-    rng = np.random.default_rng(seed)
-    shape = (pattern.heads or 1, pattern.n, head_dim)
-    q = rng.standard_normal(shape, dtype=np.float32)
-    k = rng.standard_normal(shape, dtype=np.float32)
-    if isinstance(pattern.attend, Pyramid):
-        from attnlang.pyramid import pattern_content
-    else:
-        from attnlang.routing import pattern_content
     print(f"note: '{pattern.name}' reads Q/K content; shown for random Gaussian Q/K (seed {seed}, "
-          f"D = {head_dim}); real selections depend on your tensors", file=sys.stderr)
-    return pattern_content(pattern, q, k)
+          f"D = {SAMPLE_HEAD_DIM}); real selections depend on your tensors", file=sys.stderr)
+    return sample(pattern, pattern.heads or 1, seed=seed)
