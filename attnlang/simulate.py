@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from attnlang.errors import AttnError
+from attnlang.pairs import allowed_pairs
 from attnlang.pattern import Env
 from attnlang.plan import Plan
 from attnlang.targets import PassCosts, Target, load_target
@@ -254,7 +255,7 @@ def simulate_plan(plan: Plan, target: "str | Target" = "h100", *, dtype: str | N
         raise AttnError(f"the plan of '{p.name}' was routed for {len(plan.groups)} head(s) but heads = {heads}",
                         hint="plan it with content for every head (simulate(...) does this itself)")
     head_groups = [plan.group_for_head(h) for h in range(heads)]
-    per_group = {id(g): _count_pairs(plan, g, inputs, content) for g in head_groups}
+    per_group = {id(g): allowed_pairs(plan, g, inputs, content) for g in head_groups}
     pairs = sum(per_group[id(g)] for g in head_groups)
     dense_tiles = -(-p.n // plan.block_m) * -(-p.n // plan.block_n) * heads
     full = sum(g.full.nnz for g in head_groups)
@@ -554,47 +555,6 @@ def _routing_seconds(p, tgt: Target, dtype: str, head_dim: int, batch: int, head
     return batch * heads * (nbytes / bw + flops / rate)
 
 
-def _count_pairs(plan: Plan, group, inputs: Mapping[str, Any] | None,
-                 content: Mapping[Any, np.ndarray] | None = None) -> int:
-    """Allowed pairs of one head group: from the plan when it knows, else from a closed form,
-    else full-tile areas plus the predicate evaluated on partial tiles only (O(visited work)).
-    A pyramid counts (query, pooled key) pairs from its level table: a key block seen at level
-    ``l`` is ``|block| / l`` keys (the work the pooled keys cost)."""
-    if plan.allowed_pairs is not None:
-        return int(plan.allowed_pairs[plan.groups.index(group)])
-    p = plan.pattern
-    if plan.levels is not None:
-        from attnlang.pyramid import box_ids
-
-        qsize = np.bincount(box_ids(p.layout, p.attend.query_block)[0])
-        ksize = np.bincount(box_ids(p.layout, p.attend.block)[0])
-        lv = np.asarray(plan.levels[group.lo], dtype=np.float64)
-        per = np.divide(1.0, lv, out=np.zeros_like(lv), where=lv > 0)
-        return int(round(float(qsize @ per @ ksize)))
-    if not p.inputs and not p.reads_content:
-        from attnlang.closed_form import derive
-
-        cf = derive(p, group.lo)
-        if cf is not None:
-            return cf.count()
-    order = np.arange(plan.n) if plan.order is None else np.asarray(plan.order)
-    qpos, kpos = _pad(order, plan.q_tiles * plan.block_m), _pad(order, plan.kv_tiles * plan.block_n)
-    expr = p.expr_for_head(group.lo)
-    env = Env(p.layout, {k: np.asarray(v) for k, v in (inputs or {}).items()}, group.lo, content or {})
-    total = group.full.nnz * plan.block_m * plan.block_n
-    rows = np.repeat(np.arange(group.partial.rows), group.partial.counts())
-    cols = group.partial.indices.astype(np.int64)
-    chunk = max(1, (1 << 22) // (plan.block_m * plan.block_n))
-    qoff, koff = np.arange(plan.block_m), np.arange(plan.block_n)
-    for s in range(0, len(rows), chunk):
-        qi = qpos[rows[s:s + chunk, None] * plan.block_m + qoff][:, :, None]
-        ki = kpos[cols[s:s + chunk, None] * plan.block_n + koff][:, None, :]
-        ok = (qi >= 0) & (ki >= 0)
-        allowed = expr.allowed(p.layout.points(np.maximum(qi, 0)), p.layout.points(np.maximum(ki, 0)), env)
-        total += int((allowed & ok).sum())
-    return total
-
-
 # --------------------------------------------------------------------------------------------
 # Sweeps
 # --------------------------------------------------------------------------------------------
@@ -667,11 +627,6 @@ def sweep(spec: Any, name: str, values: Sequence[int], target: "str | Target" = 
 # --------------------------------------------------------------------------------------------
 # Formatting
 # --------------------------------------------------------------------------------------------
-
-def _pad(order: np.ndarray, length: int) -> np.ndarray:
-    """Kernel position -> token index, padded with -1 (no token) to whole tiles."""
-    return np.concatenate([order, np.full(length - len(order), -1, dtype=order.dtype)])
-
 
 def _ratio(a: float, b: float) -> float:
     return a / b if b else math.inf
