@@ -1133,45 +1133,11 @@ def _analytic(term: Term, layout: Layout, ordering: Ordering, bm: int, bn: int,
     bb = _band_blocks(term)
     if bb is None:
         return None
+    from attnlang.closed_form import band_tile_range  # sympy: only when a plan asks, not at import
+
     band, blocks = bb
-    tr, funcs = _derive_tile_range(band.lo, band.hi, tuple(blocks), layout.n, bm, bn)
+    tr, funcs = band_tile_range(band.lo, band.hi, tuple(blocks), layout.n, bm, bn)
     return tr if _tilerange_matches(funcs, part, full) else None
-
-
-@functools.lru_cache(maxsize=256)
-def _derive_tile_range(band_lo: float, band_hi: float, blocks: tuple[tuple[int, int], ...],
-                       n: int, bm: int, bn: int):
-    """The sympy TileRange of a 1-D band-and-blocks conjunction, and numpy versions of it
-    (cached: deriving costs milliseconds, a serving loop plans the same shapes again)."""
-    import sympy as sp
-
-    band = Band(band_lo, band_hi)
-    qt = sp.Symbol("qt", integer=True, nonnegative=True)
-    qmin, qmax = qt * bm, sp.Min(qt * bm + bm - 1, n - 1)
-    qmax_c = qt * bm + bm - 1  # a complete query tile
-    lo_k, hi_k = [sp.Integer(0)], [sp.Integer(n - 1)]
-    flo, fhi = [sp.Integer(0)], [sp.Integer(n - 1)]
-    if band.lo != -INF:
-        lo_k.append(qmin + int(band.lo))
-        flo.append(qmax_c + int(band.lo))
-    if band.hi != INF:
-        hi_k.append(qmax + int(band.hi))
-        fhi.append(qmin + int(band.hi))
-    for S, o in blocks:
-        lo_k.append(sp.floor((qmin - o) / sp.Integer(S)) * S + o)
-        hi_k.append(sp.floor((qmax - o) / sp.Integer(S)) * S + o + S - 1)
-        flo.append(sp.floor((qmax_c - o) / sp.Integer(S)) * S + o)
-        fhi.append(sp.floor((qmin - o) / sp.Integer(S)) * S + o + S - 1)
-    # floor/ceiling are monotone, so they move inside Max/Min, where sympy's canonical forms
-    # simplify each bound (floor((64*qt - 256)/64) -> qt - 4) without a costly simplify().
-    lo = sp.Max(*(sp.floor(x / bn) for x in lo_k))
-    hi = sp.Min(*(sp.floor(x / bn) for x in hi_k)) + 1
-    full_lo = sp.Max(*(sp.ceiling(x / bn) for x in flo))
-    full_hi = sp.Min(*(sp.floor((x + 1) / bn) for x in fhi), n // bn)
-    if n % bm:
-        full_hi = sp.Piecewise((full_hi, qt < n // bm), (full_lo, True))
-    tr = TileRange(lo, hi, full_lo, full_hi)
-    return tr, tuple(sp.lambdify(qt, e, "numpy") for e in (lo, hi, full_lo, full_hi))
 
 
 def _tilerange_matches(funcs, part: BlockTable, full: BlockTable) -> bool:
