@@ -1,6 +1,6 @@
 """The Pattern IR: what each query may see, with exact semantics and no notion of tiles.
 
-An expression tree (:class:`Expr`) of primitives (LANGUAGE.md §3) combined with ``&``, ``|``,
+An expression tree (:class:`Expr`) of primitives (docs/language.md §4) combined with ``&``, ``|``,
 ``-`` and ``~``, bound to a token :class:`Layout` inside a :class:`Pattern`. Every node has
 ``allowed(q, k, env)``: a vectorised predicate over token coordinates, which *is* the meaning of
 the language. The dense reference, the planner's property tests and every backend are measured
@@ -139,7 +139,7 @@ class Env:
     layout: Layout
     inputs: Mapping[str, np.ndarray] = field(default_factory=dict)  # name -> ids [N] or length []
     head: int = 0
-    # Content decisions computed once per call from Q/K (LANGUAGE.md §6): for a Route ``r``,
+    # Content decisions computed once per call from Q/K (docs/language.md §13): for a Route ``r``,
     # ``content[r]`` is bool [Hq, query groups, key blocks]; with permute_keys also
     # ``content[(r, "perm")]`` (permuted position -> key) and ``content[(r, "pos")]`` (its
     # inverse), int [Hq, N]. See attnlang.routing.
@@ -486,7 +486,7 @@ class Random(Expr):
 # --- per-axis primitives ------------------------------------------------------------------
 
 def natten_window(i: np.ndarray, L: int, K: int, d: int, s: int, causal: bool):
-    """NATTEN/GNA window of query coordinate(s) ``i`` on one axis (LANGUAGE.md §3.1).
+    """NATTEN/GNA window of query coordinate(s) ``i`` on one axis (docs/language.md §4.1).
 
     Returns ``(group, start, end)``: the dilation group and the half-open range of in-group
     key coordinates the query sees.
@@ -762,7 +762,7 @@ class Valid(Expr):
         return f"valid({self.input})"
 
 
-# --- content-dependent primitives (LANGUAGE.md §6) ----------------------------------------
+# --- content-dependent primitives (docs/language.md §13) ----------------------------------------
 
 SCOPES = ("query", "head")
 
@@ -1043,7 +1043,7 @@ class ByHead:
 
 @dataclass(frozen=True)
 class Pyramid:
-    """PSA pooled pyramid (LANGUAGE.md §6.2): a whole ``attend``, not an Expr (it says at what
+    """PSA pooled pyramid (docs/language.md §13.2): a whole ``attend``, not an Expr (it says at what
     resolution keys are seen, not only which). Semantics and validation: :mod:`attnlang.pyramid`."""
 
     block: PerAxis
@@ -1231,7 +1231,7 @@ class Pattern:
 
     @property
     def reads_content(self) -> bool:
-        """Whether the pattern reads Q/K themselves (LANGUAGE.md §6): planned per call."""
+        """Whether the pattern reads Q/K themselves (docs/language.md §13): planned per call."""
         if isinstance(self.attend, Pyramid):
             return True
         return any(isinstance(n, Route) for _, _, e in self.exprs() for n in e.walk())
@@ -1328,7 +1328,7 @@ def _bind_by_head(attend: ByHead, heads: int | None, layout: Layout, out: list[D
 
 
 # --------------------------------------------------------------------------------------------
-# Python builders (LANGUAGE.md §3); `global_` because `global` is a Python keyword
+# Python builders (docs/language.md §4); `global_` because `global` is a Python keyword
 # --------------------------------------------------------------------------------------------
 
 full = Full()
@@ -1440,13 +1440,13 @@ def valid(input: str) -> Expr:
 def pyramid(block: PerAxis, query_block: PerAxis = 1, levels: Sequence[int] = (1, 2, 4, 8),
             keep: Sequence[float] = (), among: Expr = full) -> Pyramid:
     """PSA pooled pyramid, a whole attend: ``Pattern.create(pyramid(64, 64, keep=[.1, .1, .2, .2],
-    among=causal), tokens=4096)`` (LANGUAGE.md §6.2)."""
+    among=causal), tokens=4096)`` (docs/language.md §13.2)."""
     return Pyramid(block, tuple(keep), query_block, tuple(levels), among)
 
 
 def route(block: PerAxis, top: int | None = None, threshold: float | None = None, among: Expr = full,
           query_block: PerAxis = 1, scope: str = "query", permute_keys: int | None = None) -> Expr:
-    """Routed key blocks (LANGUAGE.md §6.1), e.g. MoBA:
+    """Routed key blocks (docs/language.md §13.1), e.g. MoBA:
     ``causal & (block(512) | route(512, top=3, among=causal))``; ``permute_keys=S`` is
     PBS-Attn's ``importance(segment = S)``."""
     return Route(block, top, threshold, among, query_block, scope, permute_keys)

@@ -10,7 +10,7 @@ For a plan and a hardware target it gives, as speedups over the dense kernel of 
    (CTAs list-scheduled in launch order); never above ``tile_bound``;
 4. ``predicted``      -- the schedule plus the overheads the plan adds outside the tile loop:
    token permutation passes, index-table reads (tabulated plans only) and, for patterns that
-   read Q/K (``route``/``pyramid``, LANGUAGE.md §6), the routing stage (pooling, block scores,
+   read Q/K (``route``/``pyramid``, docs/language.md §13), the routing stage (pooling, block scores,
    selection, key permutation, pooled key levels).
 
 >>> from attnlang import causal, sliding
@@ -519,7 +519,7 @@ def _group_layouts(plan: Plan, heads: int) -> list:
 
 
 def _routing_seconds(p, tgt: Target, dtype: str, head_dim: int, batch: int, heads: int) -> float:
-    """The routing stage of a pattern that reads Q/K (LANGUAGE.md §6), per call, forward only.
+    """The routing stage of a pattern that reads Q/K (docs/language.md §13), per call, forward only.
 
     Per batch item and query head: pooling reads Q and K once (``2 N D`` elements); the block
     scores are ``groups x blocks`` dot products of length ``D`` (``2 G nb D`` FLOPs); selection

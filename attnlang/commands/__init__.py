@@ -88,7 +88,7 @@ def check_tile_flags(args: argparse.Namespace) -> None:
 
 
 def add_input_arguments(p: argparse.ArgumentParser) -> None:
-    """Repeated ``--input NAME=VALUE`` for patterns that read runtime inputs (LANGUAGE.md §5)."""
+    """Repeated ``--input NAME=VALUE`` for patterns that read runtime inputs (docs/language.md §7)."""
     p.add_argument("--input", dest="inputs", action="append", default=[], metavar="NAME=VALUE",
                    help="a runtime input for one batch item: ids as document lengths "
                         "(--input doc=100+156) or a list of N ids; a length as an int (--input len=200)")
@@ -147,7 +147,7 @@ def spec_inputs(args: argparse.Namespace, pattern: Any) -> dict[str, Any] | None
 def sample_content(pattern: Any, seed: int = 0) -> dict | None:
     """:func:`attnlang.simulate.sample_content` for ``plan``/``show``, saying so on stderr.
 
-    The CLI has no tensors, so ``plan``/``show`` of a routed or pyramid pattern (LANGUAGE.md §6)
+    The CLI has no tensors, so ``plan``/``show`` of a routed or pyramid pattern (docs/language.md §13)
     show the selection seeded Gaussian Q/K would get (as ``simulate`` plans with); real
     selections come from ``attnlang.compile(...)`` with real tensors. None for static patterns.
     """
