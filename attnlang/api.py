@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pathlib
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -32,43 +31,12 @@ def parse(spec: str | os.PathLike) -> "Module":
     >>> m.names
     ['swa']
     """
-    from attnlang.grammar import load
+    from attnlang.grammar import load, read_source
 
     if isinstance(spec, (str, os.PathLike)):
-        text, name = _read(spec)
+        text, name = read_source(spec)
         return load(text, name)
     raise AttnError(f"parse() takes .attn text or a path, got {type(spec).__name__}")
-
-
-def _read(spec: str | os.PathLike) -> tuple[str, str]:
-    """Source text and its display name for a path or a string."""
-    if isinstance(spec, os.PathLike) or (isinstance(spec, str) and "\n" not in spec and (
-            spec.endswith(".attn") or os.path.isfile(spec))):
-        path = pathlib.Path(spec)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise AttnError(f"no such file: {spec}") from None
-        except OSError as e:
-            raise AttnError(f"cannot read {spec}: {e}") from None
-        return _decode(data, str(spec)), str(spec)
-    return spec, "<string>"
-
-
-def _decode(data: bytes, name: str) -> str:
-    """``.attn`` bytes as text (UTF-8, a byte order mark allowed); bytes that are not UTF-8 are
-    an AttnError at their line and column."""
-    from attnlang.errors import Diagnostic, Source, Span
-
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        text = data.decode("utf-8-sig", errors="replace")
-        before = data[:e.start].decode("utf-8-sig", errors="replace")
-        line = before.count("\n") + 1
-        col = len(before) - (before.rfind("\n") + 1) + 1
-        raise AttnError(Diagnostic(f"byte 0x{data[e.start]:02x} is not valid UTF-8 text", Span(
-            Source(name, text), line, col, line, col + 1), ".attn files are UTF-8 text")) from None
 
 
 def resolve(spec: Any, pattern: str | None = None, *, n: int | None = None, tokens: Any = None,

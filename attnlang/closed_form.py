@@ -16,9 +16,13 @@ sum of *window counts* over segments (blocks, residue classes, dilation groups):
 
 Other expressions (``|``, ``~``, ``keys``, ``random``, runtime inputs, ...) have no closed form
 here: :func:`derive` returns ``None`` and callers count from the plan instead.
+
+:func:`band_tile_range` gives the planner's per-query-tile key-tile ranges of 1-D bands and
+blocks (the Triton kernels' loop bounds). Every sympy expression attnlang derives lives here.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -28,6 +32,7 @@ from attnlang.pattern import (
     INF, And, Axial, Block, Causal, Empty, Expr, Full, Grid, Halo, Keys, Layout, Neighborhood, Not,
     Or, Pattern, Queries, Random, Route, Same, Strided, Valid, Window,
 )
+from attnlang.plan import TileRange
 
 
 @dataclass(frozen=True)
@@ -298,4 +303,43 @@ def _tiles(axes: list[_Axis]) -> sp.Expr | None:
     return None
 
 
-__all__ = ["ClosedForm", "derive", "window_count", "CONSTRAIN", "CONSTRAIN_LEAVES_OUT"]
+@functools.lru_cache(maxsize=256)
+def band_tile_range(band_lo: float, band_hi: float, blocks: tuple[tuple[int, int], ...],
+                    n: int, bm: int, bn: int):
+    """The key tiles of query tile ``qt`` under a 1-D band-and-blocks conjunction, for tiles of
+    ``bm`` x ``bn`` tokens in natural order, as a sympy :class:`~attnlang.plan.TileRange` (the
+    codegen's loop bounds), and numpy versions of its four bounds (the planner keeps the range
+    only where they reproduce its tables).
+
+    ``band_lo``/``band_hi`` bound ``k - q`` (``±INF``: open); each block is ``(size, shift)``.
+    Cached: deriving costs milliseconds, and a serving loop plans the same shapes again.
+    """
+    qt = sp.Symbol("qt", integer=True, nonnegative=True)
+    qmin, qmax = qt * bm, sp.Min(qt * bm + bm - 1, n - 1)
+    qmax_c = qt * bm + bm - 1  # a complete query tile
+    lo_k, hi_k = [sp.Integer(0)], [sp.Integer(n - 1)]
+    flo, fhi = [sp.Integer(0)], [sp.Integer(n - 1)]
+    if band_lo != -INF:
+        lo_k.append(qmin + int(band_lo))
+        flo.append(qmax_c + int(band_lo))
+    if band_hi != INF:
+        hi_k.append(qmax + int(band_hi))
+        fhi.append(qmin + int(band_hi))
+    for S, o in blocks:
+        lo_k.append(sp.floor((qmin - o) / sp.Integer(S)) * S + o)
+        hi_k.append(sp.floor((qmax - o) / sp.Integer(S)) * S + o + S - 1)
+        flo.append(sp.floor((qmax_c - o) / sp.Integer(S)) * S + o)
+        fhi.append(sp.floor((qmin - o) / sp.Integer(S)) * S + o + S - 1)
+    # floor/ceiling are monotone, so they move inside Max/Min, where sympy's canonical forms
+    # simplify each bound (floor((64*qt - 256)/64) -> qt - 4) without a costly simplify().
+    lo = sp.Max(*(sp.floor(x / bn) for x in lo_k))
+    hi = sp.Min(*(sp.floor(x / bn) for x in hi_k)) + 1
+    full_lo = sp.Max(*(sp.ceiling(x / bn) for x in flo))
+    full_hi = sp.Min(*(sp.floor((x + 1) / bn) for x in fhi), n // bn)
+    if n % bm:
+        full_hi = sp.Piecewise((full_hi, qt < n // bm), (full_lo, True))
+    tr = TileRange(lo, hi, full_lo, full_hi)
+    return tr, tuple(sp.lambdify(qt, e, "numpy") for e in (lo, hi, full_lo, full_hi))
+
+
+__all__ = ["ClosedForm", "band_tile_range", "derive", "window_count", "CONSTRAIN", "CONSTRAIN_LEAVES_OUT"]

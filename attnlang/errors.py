@@ -94,26 +94,6 @@ class AttnError(Exception):
         return text
 
 
-class Collector:
-    """Accumulates diagnostics so a whole file's errors are reported at once."""
-
-    def __init__(self) -> None:
-        self.diagnostics: list[Diagnostic] = []
-
-    def error(self, message: str, span: Span | None = None, hint: str | None = None) -> None:
-        self.diagnostics.append(Diagnostic(message, span, hint))
-
-    def extend(self, diags: Iterable[Diagnostic]) -> None:
-        self.diagnostics.extend(diags)
-
-    def raise_if_any(self) -> None:
-        if self.diagnostics:
-            raise AttnError(self.diagnostics)
-
-    def __bool__(self) -> bool:
-        return bool(self.diagnostics)
-
-
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     """Return "; did you mean 'x'?" for the closest candidate, or "" when none is close."""
     best = difflib.get_close_matches(name, sorted(set(candidates)), n=1, cutoff=0.6)

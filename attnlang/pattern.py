@@ -1,6 +1,6 @@
 """The Pattern IR: what each query may see, with exact semantics and no notion of tiles.
 
-An expression tree (:class:`Expr`) of primitives (LANGUAGE.md §3) combined with ``&``, ``|``,
+An expression tree (:class:`Expr`) of primitives (docs/language.md §4) combined with ``&``, ``|``,
 ``-`` and ``~``, bound to a token :class:`Layout` inside a :class:`Pattern`. Every node has
 ``allowed(q, k, env)``: a vectorised predicate over token coordinates, which *is* the meaning of
 the language. The dense reference, the planner's property tests and every backend are measured

@@ -279,7 +279,7 @@ class Plan:
     notes: tuple[str, ...] = ()  # why the planner chose what it chose
     allowed_pairs: tuple[int, ...] | None = field(default=None)  # per group, when known
     # pyramid(...) plans: int [Hq, query groups, key blocks], the level of each (group, block)
-    # pair (0 = skipped), i.e. the (query tile, key block, level) list of LANGUAGE.md §6.2
+    # pair (0 = skipped), i.e. the (query tile, key block, level) list of docs/language.md §13.2
     levels: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     # -- shape ------------------------------------------------------------------------------

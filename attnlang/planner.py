@@ -28,6 +28,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from attnlang.errors import AttnError
+from attnlang.inputs import check_inputs
 from attnlang.order import Ordering, TileSet, rcm_order
 from attnlang.pattern import (
     INF, And, Causal, Empty, Env, Expr, Full, Indices, Keys, Layout, Neighborhood, Not, Or, Pattern,
@@ -784,32 +785,17 @@ def _csr(qt: np.ndarray, kt: np.ndarray, rows: int, cols: int) -> BlockTable:
 # Inputs
 # --------------------------------------------------------------------------------------------
 
+# Checked once, at make_plan, by attnlang.inputs (ids [N] and a 0-d length, int64); these only read.
 def _ids(inputs: Mapping[str, np.ndarray], name: str, n: int) -> np.ndarray:
-    ids = np.asarray(inputs[name])
-    if ids.size != n or ids.ndim > 2 or not np.issubdtype(ids.dtype, np.integer):
-        raise AttnError(f"runtime input '{name}' has shape {ids.shape} and dtype {ids.dtype}",
-                        hint=f"give one batch item's ids: an integer array of shape [{n}]")
-    return ids.reshape(-1).astype(np.int64)
+    return np.asarray(inputs[name]).reshape(-1).astype(np.int64)
 
 
 def _length(inputs: Mapping[str, np.ndarray], name: str, n: int) -> int:
-    v = np.asarray(inputs[name])
-    if v.size != 1 or not np.issubdtype(v.dtype, np.integer):
-        raise AttnError(f"runtime input '{name}' = {v!r} is not one length",
-                        hint=f"give one batch item's length: an integer between 0 and {n}")
-    return int(v.reshape(()))
+    return int(np.asarray(inputs[name]).reshape(()))
 
 
 def _check_inputs(pattern: Pattern, inputs: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
-    got = {k: np.asarray(v) for k, v in (inputs or {}).items()}
-    missing = [i.name for i in pattern.inputs if i.name not in got]
-    if missing:
-        raise AttnError(
-            f"pattern '{pattern.name}' needs runtime input(s) {', '.join(missing)} to be planned",
-            hint="pass inputs={" + ", ".join(f"'{m}': ..." for m in missing) + "} (one batch item)")
-    for i in pattern.inputs:
-        (_ids if i.kind == "ids" else _length)(got, i.name, pattern.n)
-    return got
+    return check_inputs(pattern, inputs, item=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1147,45 +1133,11 @@ def _analytic(term: Term, layout: Layout, ordering: Ordering, bm: int, bn: int,
     bb = _band_blocks(term)
     if bb is None:
         return None
+    from attnlang.closed_form import band_tile_range  # sympy: only when a plan asks, not at import
+
     band, blocks = bb
-    tr, funcs = _derive_tile_range(band.lo, band.hi, tuple(blocks), layout.n, bm, bn)
+    tr, funcs = band_tile_range(band.lo, band.hi, tuple(blocks), layout.n, bm, bn)
     return tr if _tilerange_matches(funcs, part, full) else None
-
-
-@functools.lru_cache(maxsize=256)
-def _derive_tile_range(band_lo: float, band_hi: float, blocks: tuple[tuple[int, int], ...],
-                       n: int, bm: int, bn: int):
-    """The sympy TileRange of a 1-D band-and-blocks conjunction, and numpy versions of it
-    (cached: deriving costs milliseconds, a serving loop plans the same shapes again)."""
-    import sympy as sp
-
-    band = Band(band_lo, band_hi)
-    qt = sp.Symbol("qt", integer=True, nonnegative=True)
-    qmin, qmax = qt * bm, sp.Min(qt * bm + bm - 1, n - 1)
-    qmax_c = qt * bm + bm - 1  # a complete query tile
-    lo_k, hi_k = [sp.Integer(0)], [sp.Integer(n - 1)]
-    flo, fhi = [sp.Integer(0)], [sp.Integer(n - 1)]
-    if band.lo != -INF:
-        lo_k.append(qmin + int(band.lo))
-        flo.append(qmax_c + int(band.lo))
-    if band.hi != INF:
-        hi_k.append(qmax + int(band.hi))
-        fhi.append(qmin + int(band.hi))
-    for S, o in blocks:
-        lo_k.append(sp.floor((qmin - o) / sp.Integer(S)) * S + o)
-        hi_k.append(sp.floor((qmax - o) / sp.Integer(S)) * S + o + S - 1)
-        flo.append(sp.floor((qmax_c - o) / sp.Integer(S)) * S + o)
-        fhi.append(sp.floor((qmin - o) / sp.Integer(S)) * S + o + S - 1)
-    # floor/ceiling are monotone, so they move inside Max/Min, where sympy's canonical forms
-    # simplify each bound (floor((64*qt - 256)/64) -> qt - 4) without a costly simplify().
-    lo = sp.Max(*(sp.floor(x / bn) for x in lo_k))
-    hi = sp.Min(*(sp.floor(x / bn) for x in hi_k)) + 1
-    full_lo = sp.Max(*(sp.ceiling(x / bn) for x in flo))
-    full_hi = sp.Min(*(sp.floor((x + 1) / bn) for x in fhi), n // bn)
-    if n % bm:
-        full_hi = sp.Piecewise((full_hi, qt < n // bm), (full_lo, True))
-    tr = TileRange(lo, hi, full_lo, full_hi)
-    return tr, tuple(sp.lambdify(qt, e, "numpy") for e in (lo, hi, full_lo, full_hi))
 
 
 def _tilerange_matches(funcs, part: BlockTable, full: BlockTable) -> bool:

@@ -1,4 +1,4 @@
-"""PSA pooled pyramids (LANGUAGE.md §6.2): validation and the literal semantics, in numpy.
+"""PSA pooled pyramids (docs/language.md §13.2): validation and the literal semantics, in numpy.
 
 A ``pyramid(...)`` is a whole ``attend``. For one batch item and query head:
 

@@ -1,4 +1,4 @@
-"""The literal semantics of ``route(...)`` selection (LANGUAGE.md §6.1), in numpy: the oracle.
+"""The literal semantics of ``route(...)`` selection (docs/language.md §13.1), in numpy: the oracle.
 
 For one batch item, :func:`route_content` turns Q and K into the routing decisions that
 :class:`~attnlang.pattern.Route` reads through ``Env.content``:

@@ -10,7 +10,7 @@ For a plan and a hardware target it gives, as speedups over the dense kernel of 
    (CTAs list-scheduled in launch order); never above ``tile_bound``;
 4. ``predicted``      -- the schedule plus the overheads the plan adds outside the tile loop:
    token permutation passes, index-table reads (tabulated plans only) and, for patterns that
-   read Q/K (``route``/``pyramid``, LANGUAGE.md §6), the routing stage (pooling, block scores,
+   read Q/K (``route``/``pyramid``, docs/language.md §13), the routing stage (pooling, block scores,
    selection, key permutation, pooled key levels).
 
 >>> from attnlang import causal, sliding
@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from attnlang.errors import AttnError
+from attnlang.pairs import allowed_pairs
 from attnlang.pattern import Env
 from attnlang.plan import Plan
 from attnlang.targets import PassCosts, Target, load_target
@@ -110,7 +111,7 @@ class Report:
         for key in ("forward", "backward"):
             d[key]["gaps"] = getattr(self, key).gaps()
         d["schema"] = SCHEMA
-        return _finite(d)
+        return json_safe(d)
 
     def to_json(self) -> str:
         """JSON, schema ``attnlang.report/1`` (see ``docs/simulator.md``)."""
@@ -118,10 +119,11 @@ class Report:
 
     def _rows(self) -> list[tuple[str, str, str]]:
         f, b = self.forward, self.backward
-        rows = [(name, _x(getattr(f, attr)), _x(getattr(b, attr))) for name, attr in (
+        rows = [(name, format_speedup(getattr(f, attr)), format_speedup(getattr(b, attr))) for name, attr in (
             ("FLOP bound", "flop_bound"), ("tile bound", "tile_bound"),
             ("schedule bound", "schedule_bound"), ("predicted speedup", "predicted"))]
-        rows += [("dense time", _t(f.dense_s), _t(b.dense_s)), ("predicted time", _t(f.time_s), _t(b.time_s))]
+        rows += [("dense time", format_time(f.dense_s), format_time(b.dense_s)),
+                 ("predicted time", format_time(f.time_s), format_time(b.time_s))]
         for c in COMPONENTS:
             rows.append((f"  {c}", _share(f.breakdown_s[c], f.time_s), _share(b.breakdown_s[c], b.time_s)))
         for o in f.overheads_s:
@@ -151,7 +153,7 @@ class Report:
         w1 = max(len(r[1]) for r in rows)
         body = [f"{a:<{w0}}  {b:>{w1}}  {c:>10}" for a, b, c in rows]
         body.insert(1, "-" * len(body[0]))
-        gaps = "; ".join(f"{k} {_x(v)}" for k, v in self.forward.gaps().items())
+        gaps = "; ".join(f"{k} {format_speedup(v)}" for k, v in self.forward.gaps().items())
         return "\n".join(self._header() + [""] + body + ["", f"forward gaps: {gaps}"]
                          + [f"note: {n}" for n in self.notes])
 
@@ -204,9 +206,13 @@ def _plan_of(spec, pattern, inputs, tokens, block_m, block_n, params, content, h
     return make_plan(p, inputs=inputs, block_m=block_m, block_n=block_n, content=content), content
 
 
-def sample_content(pattern: Any, heads: int, head_dim: int = 128, seed: int = 0) -> dict | None:
+SAMPLE_HEAD_DIM = 128  # the head dim of sampled Q/K, unless a caller names its own
+
+
+def sample_content(pattern: Any, heads: int, head_dim: int = SAMPLE_HEAD_DIM, seed: int = 0) -> dict | None:
     """Routing decisions of a pattern that reads Q/K, for seeded Gaussian Q/K of ``heads`` heads
-    (what the simulator plans with when it is given no content); None for static patterns.
+    (what the simulator plans with when it is given no content, and what the CLI's ``plan`` and
+    ``show`` show); None for static patterns. The one place content is sampled.
 
     >>> from attnlang.pattern import Pattern, route
     >>> c = sample_content(Pattern.create(route(64, top=2), 256), heads=2, head_dim=16)
@@ -249,7 +255,7 @@ def simulate_plan(plan: Plan, target: "str | Target" = "h100", *, dtype: str | N
         raise AttnError(f"the plan of '{p.name}' was routed for {len(plan.groups)} head(s) but heads = {heads}",
                         hint="plan it with content for every head (simulate(...) does this itself)")
     head_groups = [plan.group_for_head(h) for h in range(heads)]
-    per_group = {id(g): _count_pairs(plan, g, inputs, content) for g in head_groups}
+    per_group = {id(g): allowed_pairs(plan, g, inputs, content) for g in head_groups}
     pairs = sum(per_group[id(g)] for g in head_groups)
     dense_tiles = -(-p.n // plan.block_m) * -(-p.n // plan.block_n) * heads
     full = sum(g.full.nnz for g in head_groups)
@@ -513,7 +519,7 @@ def _group_layouts(plan: Plan, heads: int) -> list:
 
 
 def _routing_seconds(p, tgt: Target, dtype: str, head_dim: int, batch: int, heads: int) -> float:
-    """The routing stage of a pattern that reads Q/K (LANGUAGE.md §6), per call, forward only.
+    """The routing stage of a pattern that reads Q/K (docs/language.md §13), per call, forward only.
 
     Per batch item and query head: pooling reads Q and K once (``2 N D`` elements); the block
     scores are ``groups x blocks`` dot products of length ``D`` (``2 G nb D`` FLOPs); selection
@@ -547,47 +553,6 @@ def _routing_seconds(p, tgt: Target, dtype: str, head_dim: int, batch: int, head
             flops += 2 * min(r.block[0], n) * n * D
             nbytes += 2 * 2 * n * D * eb  # K and V gathered into the permuted order
     return batch * heads * (nbytes / bw + flops / rate)
-
-
-def _count_pairs(plan: Plan, group, inputs: Mapping[str, Any] | None,
-                 content: Mapping[Any, np.ndarray] | None = None) -> int:
-    """Allowed pairs of one head group: from the plan when it knows, else from a closed form,
-    else full-tile areas plus the predicate evaluated on partial tiles only (O(visited work)).
-    A pyramid counts (query, pooled key) pairs from its level table: a key block seen at level
-    ``l`` is ``|block| / l`` keys (the work the pooled keys cost)."""
-    if plan.allowed_pairs is not None:
-        return int(plan.allowed_pairs[plan.groups.index(group)])
-    p = plan.pattern
-    if plan.levels is not None:
-        from attnlang.pyramid import box_ids
-
-        qsize = np.bincount(box_ids(p.layout, p.attend.query_block)[0])
-        ksize = np.bincount(box_ids(p.layout, p.attend.block)[0])
-        lv = np.asarray(plan.levels[group.lo], dtype=np.float64)
-        per = np.divide(1.0, lv, out=np.zeros_like(lv), where=lv > 0)
-        return int(round(float(qsize @ per @ ksize)))
-    if not p.inputs and not p.reads_content:
-        from attnlang.closed_form import derive
-
-        cf = derive(p, group.lo)
-        if cf is not None:
-            return cf.count()
-    order = np.arange(plan.n) if plan.order is None else np.asarray(plan.order)
-    qpos, kpos = _pad(order, plan.q_tiles * plan.block_m), _pad(order, plan.kv_tiles * plan.block_n)
-    expr = p.expr_for_head(group.lo)
-    env = Env(p.layout, {k: np.asarray(v) for k, v in (inputs or {}).items()}, group.lo, content or {})
-    total = group.full.nnz * plan.block_m * plan.block_n
-    rows = np.repeat(np.arange(group.partial.rows), group.partial.counts())
-    cols = group.partial.indices.astype(np.int64)
-    chunk = max(1, (1 << 22) // (plan.block_m * plan.block_n))
-    qoff, koff = np.arange(plan.block_m), np.arange(plan.block_n)
-    for s in range(0, len(rows), chunk):
-        qi = qpos[rows[s:s + chunk, None] * plan.block_m + qoff][:, :, None]
-        ki = kpos[cols[s:s + chunk, None] * plan.block_n + koff][:, None, :]
-        ok = (qi >= 0) & (ki >= 0)
-        allowed = expr.allowed(p.layout.points(np.maximum(qi, 0)), p.layout.points(np.maximum(ki, 0)), env)
-        total += int((allowed & ok).sum())
-    return total
 
 
 # --------------------------------------------------------------------------------------------
@@ -663,30 +628,28 @@ def sweep(spec: Any, name: str, values: Sequence[int], target: "str | Target" = 
 # Formatting
 # --------------------------------------------------------------------------------------------
 
-def _pad(order: np.ndarray, length: int) -> np.ndarray:
-    """Kernel position -> token index, padded with -1 (no token) to whole tiles."""
-    return np.concatenate([order, np.full(length - len(order), -1, dtype=order.dtype)])
-
-
 def _ratio(a: float, b: float) -> float:
     return a / b if b else math.inf
 
 
-def _finite(x: Any) -> Any:
+def json_safe(x: Any) -> Any:
+    """``x`` with infinite and NaN floats as ``None`` (JSON has neither), in nested dicts/lists."""
     if isinstance(x, float):
         return None if math.isinf(x) or math.isnan(x) else x
     if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
+        return {k: json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
+        return [json_safe(v) for v in x]
     return x
 
 
-def _x(v: float) -> str:
+def format_speedup(v: float) -> str:
+    """A speedup as a report shows it: ``2.50x``, or ``inf``."""
     return "inf" if math.isinf(v) else f"{v:.2f}x"
 
 
-def _t(s: float) -> str:
+def format_time(s: float) -> str:
+    """Seconds with a readable unit: ``1.5 ms``, ``320 us``."""
     for unit, f in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
         if s >= f:
             return f"{s / f:.3g} {unit}"
@@ -697,8 +660,8 @@ def _share(part: float, total: float) -> str:
     return f"{100 * part / total:.1f}%" if total else "-"
 
 
-__all__ = ["COMPONENTS", "Direction", "PassWork", "pass_work", "Report", "SCHEMA", "SweepPoint", "parse_sweep",
-           "sample_content", "simulate", "simulate_plan", "sweep"]
+__all__ = ["COMPONENTS", "Direction", "PassWork", "pass_work", "Report", "SCHEMA", "SweepPoint", "format_speedup",
+           "format_time", "json_safe", "parse_sweep", "sample_content", "simulate", "simulate_plan", "sweep"]
 
 
 def simulate_ranks(plan: Plan, ranks: int, target: "str | Target" = "h100", *, report: Report | None = None,

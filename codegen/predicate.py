@@ -206,7 +206,7 @@ class _Compiler:
             t = self.fresh(f"na_{ax}")
             lines = self.out.lines
             lines.append(f"# neighborhood on axis {ax}: window {K}, dilation {d}, stride {s}"
-                         f"{', causal' if c else ''} (NATTEN/GNA, LANGUAGE.md 3.1)")
+                         f"{', causal' if c else ''} (NATTEN/GNA, docs/language.md §4.1)")
             qi = qa if d == 1 else f"({qa} // {d})"
             ki = ka if d == 1 else f"({ka} // {d})"
             if d == 1:

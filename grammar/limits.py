@@ -1,4 +1,4 @@
-"""Documented limits of the language (docs/language.md "Limits"); each is a located AttnError.
+"""Documented limits of the language (docs/language.md §11.1); each is a located AttnError.
 
 They keep every input, however adversarial, to a bounded amount of work and a bounded Python
 stack: ``attnlang check`` either succeeds or reports ``file:line:col``, never a RecursionError,

@@ -1,5 +1,5 @@
 """The primitive table: each language primitive is one entry naming its parameters, their kinds
-and defaults, and the Pattern IR node it builds (LANGUAGE.md §3, §5).
+and defaults, and the Pattern IR node it builds (docs/language.md §4, §7).
 
 Adding a primitive is one :class:`Primitive` entry here plus one node class in
 ``attnlang/pattern.py``; the checker does name resolution, arity, keywords and type checks from
@@ -90,7 +90,7 @@ PRIMITIVES: dict[str, Primitive] = _table(
               lambda block, count, seed, span: Random(block, count, seed, span=span)),
     Primitive("same", (Param("input", "input"),), lambda input, span: Same(input, span=span)),
     Primitive("valid", (Param("input", "input"),), lambda input, span: Valid(input, span=span)),
-    # A whole attend (not an Expr): the checker refuses it inside & | - ~ (LANGUAGE.md §6.2).
+    # A whole attend (not an Expr): the checker refuses it inside & | - ~ (docs/language.md §13.2).
     Primitive("pyramid",
               (Param("block", "per_axis_int"), Param("query_block", "per_axis_int", 1),
                Param("levels", "int_list", [1, 2, 4, 8]), Param("keep", "float_list"),
@@ -99,7 +99,7 @@ PRIMITIVES: dict[str, Primitive] = _table(
               Pyramid(block, tuple(keep), query_block, tuple(levels), among, span=span)),
 )
 
-# Content-dependent routing (LANGUAGE.md §6.1); `top` and `threshold`: exactly one (Route.bind).
+# Content-dependent routing (docs/language.md §13.1); `top` and `threshold`: exactly one (Route.bind).
 PRIMITIVES["route"] = Primitive(
     "route",
     (Param("block", "per_axis_int"), Param("top", "int_opt", None), Param("threshold", "float", None),

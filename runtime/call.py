@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from attnlang.errors import AttnError
+from attnlang.inputs import by_keyword, check_inputs
 from attnlang.pattern import Pattern, Pyramid
 from attnlang.plan import Plan
 
@@ -136,51 +137,7 @@ def check_call(pattern: Pattern, q: Any, k: Any, v: Any, scale: Any,
 
 
 def _check_inputs(pattern: Pattern, inputs: Mapping[str, Any], B: int, device) -> dict[str, torch.Tensor]:
-    declared = {i.name: i for i in pattern.inputs}
-    problems = []
-    extra = sorted(set(inputs) - set(declared))
-    if extra:
-        known = ", ".join(declared) or "none"
-        problems.append(f"unknown runtime input(s) {extra}; pattern '{pattern.name}' declares: {known}")
-    missing = [n for n in declared if n not in inputs]
-    if missing:
-        problems.append(
-            f"pattern '{pattern.name}' needs runtime input(s) {missing}: pass them by name, e.g. "
-            f"fn(q, k, v, {missing[0]}=...)")
-    out: dict[str, torch.Tensor] = {}
-    N = pattern.n
-    for name, inp in declared.items():
-        if name not in inputs:
-            continue
-        t = inputs[name]
-        if not isinstance(t, torch.Tensor):
-            try:
-                t = torch.as_tensor(np.asarray(t))
-            except (TypeError, ValueError, OverflowError, RuntimeError):
-                problems.append(f"runtime input '{name}' must hold integers that fit in int64 "
-                                f"(-2**63 .. 2**63 - 1)")
-                continue
-        if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
-            problems.append(f"runtime input '{name}' must be an integer tensor, got {t.dtype}")
-            continue
-        if inp.kind == "ids":
-            if t.dim() == 1 and t.shape[0] == N:
-                t = t.expand(B, N)
-            if t.dim() != 2 or t.shape != (B, N):
-                problems.append(f"runtime input '{name}' (ids) must have shape [B, N] = [{B}, {N}] or [N], "
-                                f"got {tuple(t.shape)}")
-                continue
-        else:
-            if t.dim() == 0:
-                t = t.expand(B)
-            if t.dim() != 1 or t.shape[0] != B:
-                problems.append(f"runtime input '{name}' (length) must have shape [B] = [{B}] or be a "
-                                f"scalar, got {tuple(t.shape)}")
-                continue
-            if bool(((t < 0) | (t > N)).any()):
-                problems.append(f"runtime input '{name}' (length) must lie in 0..{N}, got {t.tolist()}")
-                continue
-        out[name] = t.to(device=device, dtype=torch.int64)
-    if problems:
-        raise AttnError("\n".join(problems))
-    return out
+    """The call's inputs as int64 tensors on ``device``, ``ids [B, N]`` and ``length [B]``."""
+    got = check_inputs(pattern, inputs, batch=B, spell=by_keyword)
+    return {name: torch.as_tensor(np.broadcast_to(a, (B, *a.shape[1:])).copy(), device=device)
+            for name, a in got.items()}

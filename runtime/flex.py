@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from attnlang.errors import AttnError
+from attnlang.inputs import batch_of, check_inputs
 from attnlang.pattern import (
     And, Axial, Block, Causal, Empty, Expr, Full, Grid, Halo, Keys, Layout, Neighborhood, Not, Or,
     Queries, Random, Range, Route, Same, Strided, Valid, Window, natten_window,
@@ -339,25 +340,10 @@ def to_block_mask(spec: Any, pattern: str | None = None, *, B: int | None = None
     heads = H or p.heads or 1
     if p.heads is not None and heads != p.heads:
         raise AttnError(f"pattern '{p.name}' declares heads {p.heads} but H = {heads} was asked for")
-    tin: dict[str, torch.Tensor] = {}
-    declared = {i.name: i.kind for i in p.inputs}
-    given = dict(inputs or {})
-    if set(given) != set(declared):
-        raise AttnError(f"pattern '{p.name}' takes runtime inputs {sorted(declared)}, got {sorted(given)}",
-                        hint="pass inputs={name: tensor} for each declared input")
     # Batched inputs (ids [B, N], lengths [B]) give one plan per item and fix the batch; unbatched
     # ones (ids [N], a length) give one plan shared by every item, broadcast over any B.
-    for name, val in given.items():
-        t = torch.as_tensor(np.asarray(val), dtype=torch.int64)
-        want = 2 if declared[name] == "ids" else 1
-        if t.dim() not in (want - 1, want) or (declared[name] == "ids" and t.shape[-1] != p.n):
-            shape = f"[B, {p.n}] or [{p.n}]" if declared[name] == "ids" else "[B] or a single length"
-            raise AttnError(f"runtime input '{name}' has shape {list(t.shape)}", hint=f"give {shape}")
-        tin[name] = t if t.dim() == want else t[None]
-    sizes = {name: t.shape[0] for name, t in tin.items() if t.shape[0] != 1}
-    if len(set(sizes.values())) > 1:
-        raise AttnError(f"runtime inputs disagree on the batch size: {sizes}")
-    batch = next(iter(sizes.values()), 1)
+    tin = {k: torch.from_numpy(a) for k, a in check_inputs(p, inputs).items()}
+    batch = batch_of(tin)
     if B is not None and batch != 1 and B != batch:
         raise AttnError(f"runtime inputs have batch {batch} but B = {B}",
                         hint=f"leave B out (it is taken from the inputs) or pass B = {batch}")

@@ -1,4 +1,4 @@
-"""The torch path for ``pyramid(...)`` (PSA, LANGUAGE.md §6.2): selection, pooling, attention.
+"""The torch path for ``pyramid(...)`` (PSA, docs/language.md §13.2): selection, pooling, attention.
 
 Per batch item:
 

@@ -69,7 +69,7 @@ def run(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _pyramid(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
-    """PSA literally (LANGUAGE.md §6.2): levels from the numpy oracle, then dense attention where
+    """PSA literally (docs/language.md §13.2): levels from the numpy oracle, then dense attention where
     each key's K/V is replaced by the mean of its pooled run at the level its block was given,
     keys of invisible runs and skipped blocks masked. Equal to one pooled key with ``+ ln(l)``."""
     from attnlang.pyramid import level_table, pool_members, token_structure

@@ -1,4 +1,4 @@
-"""Triton kernels for ``pyramid(...)`` (PSA, LANGUAGE.md §6.2): pooling, attention, backward.
+"""Triton kernels for ``pyramid(...)`` (PSA, docs/language.md §13.2): pooling, attention, backward.
 
 The semantics and the selection are :mod:`attnlang.runtime.pyramid`'s; this module only runs
 them as kernels. Per call:

@@ -2,7 +2,7 @@
 
 The triton backend computes each call's routing decisions here (the torch backend keeps
 :mod:`attnlang.runtime.routing`); the semantics are the numpy oracle's (:mod:`attnlang.routing`,
-LANGUAGE.md §6.1), tested equal to it:
+docs/language.md §13.1), tested equal to it:
 
 1. ``_pool_kernel`` — fp32 means of Q per query group and of K per key block, one program per
    (group, head). Groups and blocks (1-D runs, 2-D/3-D boxes, ragged last ones, or PBS's

@@ -88,7 +88,7 @@ def check_tile_flags(args: argparse.Namespace) -> None:
 
 
 def add_input_arguments(p: argparse.ArgumentParser) -> None:
-    """Repeated ``--input NAME=VALUE`` for patterns that read runtime inputs (LANGUAGE.md §5)."""
+    """Repeated ``--input NAME=VALUE`` for patterns that read runtime inputs (docs/language.md §7)."""
     p.add_argument("--input", dest="inputs", action="append", default=[], metavar="NAME=VALUE",
                    help="a runtime input for one batch item: ids as document lengths "
                         "(--input doc=100+156) or a list of N ids; a length as an int (--input len=200)")
@@ -102,6 +102,8 @@ def spec_inputs(args: argparse.Namespace, pattern: Any) -> dict[str, Any] | None
     """
     import numpy as np
 
+    from attnlang.inputs import check_inputs, check_names
+
     declared = {i.name: i for i in pattern.inputs}
     given: dict[str, str] = {}
     for item in args.inputs:
@@ -109,28 +111,17 @@ def spec_inputs(args: argparse.Namespace, pattern: Any) -> dict[str, Any] | None
         key = key.strip()
         if not sep or not key.isidentifier():
             raise AttnError(f"--input {item!r} must look like NAME=VALUE", hint="e.g. --input doc=100+156")
-        if key not in declared:
-            from attnlang.errors import did_you_mean
-
-            known = ", ".join(declared) or "none"
-            raise AttnError(f"--input {key}: pattern '{pattern.name}' has no input '{key}'"
-                            f"{did_you_mean(key, declared)}", hint=f"its inputs: {known}")
         given[key] = value.strip()
-    missing = [n for n in declared if n not in given]
-    if missing:
-        examples = " ".join(f"--input {n}=" + (f"{pattern.n // 2}+{pattern.n - pattern.n // 2}"
-                                               if declared[n].kind == "ids" else str(pattern.n))
-                            for n in missing)
-        raise AttnError(f"pattern '{pattern.name}' reads runtime input(s) {missing}; give them with "
-                        f"--input", hint=f"e.g. {examples}")
+    n = pattern.n
+    check_names(pattern, given, spell=lambda name: f"--input {name}=" + (
+        f"{n // 2}+{n - n // 2}" if declared[name].kind == "ids" else str(n)))
     if not declared:
         return None
     out = {}
-    n = pattern.n
     for name, text in given.items():
         if declared[name].kind == "length":
             v = parse_value(text)
-            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= n:
+            if not isinstance(v, int) or isinstance(v, bool):
                 raise AttnError(f"--input {name}={text}: a length must be an integer in 0..{n}")
             out[name] = np.asarray(v, dtype=np.int64)
         elif "+" in text or text.isdigit():
@@ -149,33 +140,24 @@ def spec_inputs(args: argparse.Namespace, pattern: Any) -> dict[str, Any] | None
                     or not all(isinstance(x, int) and not isinstance(x, bool) for x in v)):
                 raise AttnError(f"--input {name}: ids must be a list of {n} integers or document "
                                 "lengths joined by '+'", hint=f"e.g. --input {name}={n // 2}+{n - n // 2}")
-            out[name] = np.asarray(v, dtype=np.int64)
-    return out
+            out[name] = v
+    return check_inputs(pattern, out, item=True)  # ranges and int64, as every entry point checks them
 
 
-def sample_content(pattern: Any, seed: int = 0, head_dim: int = 64) -> dict | None:
-    """Routing content for a pattern that reads Q/K (LANGUAGE.md §6), from seeded Gaussian Q/K.
+def sample_content(pattern: Any, seed: int = 0) -> dict | None:
+    """:func:`attnlang.simulate.sample_content` for ``plan``/``show``, saying so on stderr.
 
-    The CLI has no tensors, so ``plan``/``show`` of a routed or pyramid pattern show the
-    selection random Q/K would get, and say so on stderr; real selections come from
-    ``attnlang.compile(...)`` with real tensors. Returns None for static patterns.
+    The CLI has no tensors, so ``plan``/``show`` of a routed or pyramid pattern (docs/language.md §13)
+    show the selection seeded Gaussian Q/K would get (as ``simulate`` plans with); real
+    selections come from ``attnlang.compile(...)`` with real tensors. None for static patterns.
     """
     import sys
 
-    import numpy as np
-
-    from attnlang.pattern import Pyramid
+    from attnlang.simulate import SAMPLE_HEAD_DIM
+    from attnlang.simulate import sample_content as sample
 
     if not pattern.reads_content:
         return None
-    rng = np.random.default_rng(seed)
-    shape = (pattern.heads or 1, pattern.n, head_dim)
-    q = rng.standard_normal(shape, dtype=np.float32)
-    k = rng.standard_normal(shape, dtype=np.float32)
-    if isinstance(pattern.attend, Pyramid):
-        from attnlang.pyramid import pattern_content
-    else:
-        from attnlang.routing import pattern_content
     print(f"note: '{pattern.name}' reads Q/K content; shown for random Gaussian Q/K (seed {seed}, "
-          f"D = {head_dim}); real selections depend on your tensors", file=sys.stderr)
-    return pattern_content(pattern, q, k)
+          f"D = {SAMPLE_HEAD_DIM}); real selections depend on your tensors", file=sys.stderr)
+    return sample(pattern, pattern.heads or 1, seed=seed)

@@ -152,11 +152,6 @@ def time_patterns(patterns: dict[str, Any], heads: int, head_dim: int, repeat: i
     return {name: (statistics.median(fs), statistics.median(bs)) for name, (fs, bs) in times.items()}
 
 
-def time_backend(pattern, heads: int, head_dim: int, repeat: int, backend: str = "torch") -> tuple[float, float]:
-    """Median ``(forward seconds, backward seconds)`` of one backend on random fp32 inputs."""
-    return time_patterns({"p": pattern}, heads, head_dim, repeat, backend=backend)["p"]
-
-
 def _bandwidth_gbs(n: int, heads: int, head_dim: int) -> float:
     """GB/s (read + write) of the executor's token moves: ``index_select`` of an fp32
     ``[heads, n, head_dim]`` tensor by a permutation of its tokens, which is what the permutation

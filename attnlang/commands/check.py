@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from attnlang.api import _read
+    from attnlang.grammar import read_source
     from attnlang.grammar import load
 
     failed, patterns, empty = 0, 0, []
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             # An argument is a path, never source text; a lenient load lets check() report
             # unknown names together with every other error of the file.
-            module = load(*_read(pathlib.Path(path)), strict=False)
+            module = load(*read_source(pathlib.Path(path)), strict=False)
             module.check()
         except AttnError as e:
             failed += 1

@@ -29,10 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def canonical(path: pathlib.Path) -> tuple[str, str]:
     """(text as read, canonical text) of one file; raises AttnError for a file that does not parse."""
-    from attnlang.api import _read
+    from attnlang.grammar import read_source
     from attnlang.grammar import load
 
-    text, name = _read(path)
+    text, name = read_source(path)
     module = load(text, name)
     out = module.format()
     again = load(out, name)

@@ -120,21 +120,21 @@ def _progress(count: int):
 def _finite_point(p) -> dict:
     from dataclasses import asdict
 
-    from attnlang.simulate import _finite
+    from attnlang.simulate import json_safe
 
-    return _finite(asdict(p))
+    return json_safe(asdict(p))
 
 
 def _sweep_rows(name: str, points) -> list[list[str]]:
-    from attnlang.simulate import _t, _x
+    from attnlang.simulate import format_speedup, format_time
 
     with_n = name != "N"  # sweeping another parameter: show the N it gives too
     rows = [[name] + (["N"] if with_n else []) +
             ["FLOP bound", "tile bound", "schedule bound", "predicted fwd", "predicted bwd", "time fwd"]]
     for p in points:
         rows.append([str(p.value)] + ([str(p.n)] if with_n else []) +
-                    [_x(p.flop_bound), _x(p.tile_bound), _x(p.schedule_bound),
-                     _x(p.predicted), _x(p.backward_predicted), _t(p.time_s)])
+                    [format_speedup(p.flop_bound), format_speedup(p.tile_bound), format_speedup(p.schedule_bound),
+                     format_speedup(p.predicted), format_speedup(p.backward_predicted), format_time(p.time_s)])
     return rows
 
 

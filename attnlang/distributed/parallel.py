@@ -43,6 +43,7 @@ import torch.distributed as dist
 
 from attnlang.distributed.shard import Sharding, TileCost, group_heads, shard, tile_rows
 from attnlang.errors import AttnError
+from attnlang.inputs import by_keyword, check_inputs
 from attnlang.pattern import Env, Pattern
 
 CHUNK_BYTES = 4 << 20  # fp32 scores per head per chunk of query tiles
@@ -340,15 +341,8 @@ def _batch_of(inputs: Mapping[str, Any]) -> int:
 
 def _item_inputs(pattern: Pattern, inputs: Mapping[str, Any], batch: int) -> tuple[dict[str, np.ndarray], ...]:
     """Per batch item numpy inputs (one entry when every item has the same), validated."""
-    if not pattern.inputs:
-        if inputs:
-            raise AttnError(f"unknown runtime input(s) {sorted(inputs)}; pattern '{pattern.name}' declares none")
-        return ({},)
-    from attnlang.runtime.call import check_call
-
-    z = torch.zeros((), dtype=torch.float32).expand(batch, pattern.heads or 1, pattern.n, 1)
-    call = check_call(pattern, z, z, z, None, inputs, None)
-    items = [call.item_inputs(b) for b in range(batch)]
+    got = check_inputs(pattern, inputs, batch=batch, spell=by_keyword)
+    items = [{k: a[min(b, a.shape[0] - 1)] for k, a in got.items()} for b in range(batch)]
     same = all(all(np.array_equal(it[k], items[0][k]) for k in it) for it in items[1:])
     return (items[0],) if same else tuple(items)
 

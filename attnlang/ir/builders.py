@@ -1,4 +1,4 @@
-"""Python builders of pattern expressions (LANGUAGE.md §3); ``global_`` because ``global`` is a
+"""Python builders of pattern expressions (docs/language.md §4); ``global_`` because ``global`` is a
 Python keyword."""
 from __future__ import annotations
 
@@ -125,13 +125,13 @@ def valid(input: str) -> Expr:
 def pyramid(block: PerAxis, query_block: PerAxis = 1, levels: Sequence[int] = (1, 2, 4, 8),
             keep: Sequence[float] = (), among: Expr = full) -> Pyramid:
     """PSA pooled pyramid, a whole attend: ``Pattern.create(pyramid(64, 64, keep=[.1, .1, .2, .2],
-    among=causal), tokens=4096)`` (LANGUAGE.md §6.2)."""
+    among=causal), tokens=4096)`` (docs/language.md §13.2)."""
     return Pyramid(block, tuple(keep), query_block, tuple(levels), among)
 
 
 def route(block: PerAxis, top: int | None = None, threshold: float | None = None, among: Expr = full,
           query_block: PerAxis = 1, scope: str = "query", permute_keys: int | None = None) -> Expr:
-    """Routed key blocks (LANGUAGE.md §6.1), e.g. MoBA:
+    """Routed key blocks (docs/language.md §13.1), e.g. MoBA:
     ``causal & (block(512) | route(512, top=3, among=causal))``; ``permute_keys=S`` is
     PBS-Attn's ``importance(segment = S)``."""
     return Route(block, top, threshold, among, query_block, scope, permute_keys)

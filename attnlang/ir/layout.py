@@ -109,7 +109,7 @@ class Env:
     layout: Layout
     inputs: Mapping[str, np.ndarray] = field(default_factory=dict)  # name -> ids [N] or length []
     head: int = 0
-    # Content decisions computed once per call from Q/K (LANGUAGE.md §6): for a Route ``r``,
+    # Content decisions computed once per call from Q/K (docs/language.md §13): for a Route ``r``,
     # ``content[r]`` is bool [Hq, query groups, key blocks]; with permute_keys also
     # ``content[(r, "perm")]`` (permuted position -> key) and ``content[(r, "pos")]`` (its
     # inverse), int [Hq, N]. See attnlang.routing.

@@ -8,7 +8,7 @@ import numpy as np
 
 def natten_window(i: Any, L: int, K: int, d: int, s: int, causal: bool,
                   minimum: Callable = np.minimum, maximum: Callable = np.maximum):
-    """NATTEN/GNA window of query coordinate(s) ``i`` on one axis (LANGUAGE.md §3.1).
+    """NATTEN/GNA window of query coordinate(s) ``i`` on one axis (docs/language.md §4.1).
 
     Returns ``(group, start, end)``: the dilation group and the half-open range of in-group
     key coordinates the query sees. ``minimum``/``maximum`` (array, array-or-int) let another

@@ -42,7 +42,7 @@ class ByHead:
 
 @dataclass(frozen=True)
 class Pyramid:
-    """PSA pooled pyramid (LANGUAGE.md §6.2): a whole ``attend``, not an Expr (it says at what
+    """PSA pooled pyramid (docs/language.md §13.2): a whole ``attend``, not an Expr (it says at what
     resolution keys are seen, not only which). Semantics and validation: :mod:`attnlang.pyramid`."""
 
     keyword = "pyramid"  # the name in the language
@@ -232,7 +232,7 @@ class Pattern:
 
     @property
     def reads_content(self) -> bool:
-        """Whether the pattern reads Q/K themselves (LANGUAGE.md §6): planned per call."""
+        """Whether the pattern reads Q/K themselves (docs/language.md §13): planned per call."""
         if isinstance(self.attend, Pyramid):
             return True
         return any(isinstance(n, Route) for _, _, e in self.exprs() for n in e.walk())

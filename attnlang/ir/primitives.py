@@ -1,4 +1,4 @@
-"""The static primitives (LANGUAGE.md §3): flat-order, per-axis, and runtime-input predicates."""
+"""The static primitives (docs/language.md §4): flat-order, per-axis, and runtime-input predicates."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace

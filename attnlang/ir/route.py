@@ -1,4 +1,4 @@
-"""Routed key blocks (LANGUAGE.md §6.1): the ``route`` node and its box geometry."""
+"""Routed key blocks (docs/language.md §13.1): the ``route`` node and its box geometry."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""pyramid(...) (PSA, LANGUAGE.md §6.2): selection, reference, torch path, diagnostics."""
+"""pyramid(...) (PSA, docs/language.md §13.2): selection, reference, torch path, diagnostics."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""route(...) (LANGUAGE.md §6.1): selection oracle, dense reference, call-time plans, the torch
+"""route(...) (docs/language.md §13.1): selection oracle, dense reference, call-time plans, the torch
 backend, prelude families, §6.3 partitions by layer, and diagnostics."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Limits of the language (grammar/limits.py, docs/language.md "Limits"), as properties over the
+"""Limits of the language (grammar/limits.py, docs/language.md §11.1), as properties over the
 class of inputs: nesting depth, flat chains, evaluation depth, integer size, long literals; and
 the issue-11 regressions of the parser and checker (each failed before: RecursionError, ValueError,
 minutes of big-integer arithmetic, seconds of hint building)."""

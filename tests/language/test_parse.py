@@ -1,4 +1,4 @@
-"""Parser tables: each syntax construct of LANGUAGE.md §2-§5, §8 -> its syntax tree."""
+"""Parser tables: each syntax construct of docs/language.md §2-§8 -> its syntax tree."""
 import pytest
 
 from attnlang.errors import AttnError

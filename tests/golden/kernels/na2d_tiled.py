@@ -112,11 +112,11 @@ def _allowed_g0(q, k, b):
     qw = q % 12  # axis w[12]
     kh = (k // 12)  # axis h[8]
     kw = k % 12  # axis w[12]
-    # neighborhood on axis h: window 3, dilation 1, stride 1 (NATTEN/GNA, LANGUAGE.md 3.1)
+    # neighborhood on axis h: window 3, dilation 1, stride 1 (NATTEN/GNA, docs/language.md §4.1)
     na_h1_lead = tl.minimum(qh, 7)
     na_h1_start = tl.minimum(tl.maximum(na_h1_lead - 1, 0), 5)
     na_h1_end = na_h1_start + 3
-    # neighborhood on axis w: window 3, dilation 2, stride 1 (NATTEN/GNA, LANGUAGE.md 3.1)
+    # neighborhood on axis w: window 3, dilation 2, stride 1 (NATTEN/GNA, docs/language.md §4.1)
     na_w2_lg = (12 - qw % 2 + 1) // 2  # length of the dilation group
     na_w2_lead = tl.minimum((qw // 2), na_w2_lg - 1)
     na_w2_start = tl.minimum(tl.maximum(na_w2_lead - 1, 0), na_w2_lg - 3)
