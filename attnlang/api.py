@@ -249,9 +249,9 @@ def to_block_mask(spec: Any, pattern: str | None = None, *, B: int | None = None
 
     See :func:`attnlang.runtime.flex.to_block_mask` (``B``/``H`` sizes, runtime ``inputs``).
     """
-    from attnlang.runtime.flex import to_block_mask as _to_block_mask
+    from attnlang.runtime.flex import to_block_mask as _to_block_mask  # function-level: torch
 
-    return _to_block_mask(spec, pattern, B=B, H=H, inputs=inputs, tokens=tokens, **params)
+    return _to_block_mask(resolve(spec, pattern, tokens=tokens, **params), B=B, H=H, inputs=inputs)
 
 
 INPUT_PLANS = 16  # plans kept per compiled pattern for distinct runtime-input values

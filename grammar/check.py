@@ -19,6 +19,7 @@ import numpy as np
 
 from attnlang.errors import Diagnostic, Span, did_you_mean
 from attnlang.grammar import ast as A
+from attnlang.grammar.ast import walk
 from attnlang.grammar.limits import MAX_EVAL_DEPTH, MAX_INT
 from attnlang.grammar.prims import BUILTINS, KINDS, NAME_KINDS, PRIMITIVES, REQUIRED, Primitive
 from attnlang.pattern import Pyramid
@@ -311,7 +312,6 @@ class Evaluator:
             self._prefetching = False
 
     def _let_deps(self, module: "Module", let: A.Let):
-        from attnlang.grammar.module import walk
         for node in walk(let.value):
             if isinstance(node, A.Name):
                 m, decl = self.lookup_global(module, node.id)

@@ -17,6 +17,7 @@ import torch
 from attnlang.errors import AttnError
 from attnlang.pattern import Pattern, Pyramid
 from attnlang.plan import Plan
+from attnlang.runtime import routing
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -62,10 +63,13 @@ class Call:
         by the torch routing stage (by its Triton kernels with ``kernels``, as the triton backend
         asks); ``{}`` for patterns that do not read Q/K."""
         if b not in self._content:
-            from attnlang.runtime.routing import pattern_content
+            if kernels:
+                from attnlang.runtime import triton_routing  # function-level: triton loads only here
 
-            self._content[b] = pattern_content(self.pattern, self.q[b].detach(), self.k[b].detach(), self.scale,
-                                               kernels)
+                pattern_content = triton_routing.pattern_content
+            else:
+                pattern_content = routing.pattern_content
+            self._content[b] = pattern_content(self.pattern, self.q[b].detach(), self.k[b].detach(), self.scale)
         return self._content[b]
 
     def plan(self, b: int = 0) -> Plan:

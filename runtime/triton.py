@@ -48,7 +48,8 @@ import torch
 from attnlang.errors import AttnError
 from attnlang.pattern import Pyramid
 from attnlang.runtime.call import Call
-from attnlang.runtime.nonfinite import all_finite, exact_fallback
+from attnlang.runtime.dispatch import exact_fallback
+from attnlang.runtime.nonfinite import all_finite
 
 _LOADED: dict[str, ModuleType] = {}  # plan_key -> imported module
 # id(plan) -> (plan, target, module): the plan is kept so its id stays unique while cached
