@@ -1,15 +1,19 @@
-"""The planner: Pattern -> Plan without evaluating the N x N mask.
+"""The top of planning: Pattern -> Plan without evaluating the N x N mask.
 
-One pipeline of named passes::
+:func:`make_plan` checks the runtime inputs and splits the three kinds of pattern once:
+``pyramid(...)`` goes to :func:`attnlang.pyramid.plan`, patterns with ``route`` are planned per
+head from their content (:func:`_plan_routed`), static patterns pick tile shapes and a token
+order here and run the static passes, one module each in :mod:`attnlang.passes`::
 
-    lower      Pattern IR -> planner terms: bands (causal/window merged), per-axis products,
-               token-set leaves (keys/queries/valid), joins (random/same), and/or/not
-    tiles      the ordering (natural or boxes) and both sides' tiles as sets of tokens
-    candidates per query tile, the key tiles that may be non-empty (a superset, from each
-               term's key reach) — never all key tiles unless the pattern needs them
-    classify   EMPTY / PARTIAL / FULL of every candidate, exact per primitive, three-valued
-               logic across terms, per-element check of the rare undecided candidates only
-    tables     CSR tables per head group, their transposes, closed forms (sympy) for 1-D bands
+    lower        passes/lower.py       Pattern IR -> planner terms: bands (causal/window merged),
+                                       per-axis products, token-set leaves, joins, and/or/not
+    tiles        passes/tiles.py       the ordering and both sides' tiles as sets of tokens (Ctx)
+    candidates   passes/candidates.py  per query tile, the key tiles that may be non-empty (a
+                                       superset from each term's key reach; joins: passes/joins.py)
+    classify     passes/classify.py    EMPTY / PARTIAL / FULL of every candidate, exact per
+                                       primitive, three-valued logic across terms; plan_group
+                                       gives one head group's CSR tables
+    closed forms passes/closed_forms.py  analytic tile ranges (sympy) for 1-D bands, pair counts
 
     >>> from attnlang import Pattern, causal, sliding
     >>> from attnlang.planner import make_plan
@@ -29,9 +33,9 @@ import numpy as np
 from attnlang.errors import AttnError
 from attnlang.order import Ordering, rcm_order
 from attnlang.passes.classify import plan_group
-from attnlang.passes.closed_forms import _allowed_pairs, _analytic, _band_blocks
+from attnlang.passes.closed_forms import allowed_pairs, analytic_ranges, band_blocks
 from attnlang.passes.lower import Axes, Term, lower
-from attnlang.passes.tiles import Ctx, _check_inputs, _check_rows
+from attnlang.passes.tiles import Ctx, check_inputs, check_rows
 from attnlang.pattern import Expr, Layout, Neighborhood, Pattern, ORDERS
 from attnlang.pattern import Pyramid, Route
 from attnlang.plan import HeadGroup, Plan
@@ -154,7 +158,7 @@ def make_plan(pattern: Pattern, *, inputs: Mapping[str, np.ndarray] | None = Non
     True
     """
     layout = pattern.layout
-    got = _check_inputs(pattern, inputs)
+    got = check_inputs(pattern, inputs)
     if pattern.reads_content and not isinstance(pattern.attend, Pyramid):
         return _plan_routed(pattern, got, content, block_m, block_n, order)
     if isinstance(pattern.attend, Pyramid):  # (query tile, key block, level) from the content
@@ -262,7 +266,7 @@ SEARCH_BUDGET_TILES = 2_000_000
 def _box_cost(pattern: Pattern, ordering: Ordering, bm: int, bn: int, inputs) -> tuple[tuple[int, int, int], list]:
     """(visited token pairs, partial token pairs, kernel length) of a candidate tiling, and its
     tables per head group (the finished plan reuses the winner's instead of planning again)."""
-    _check_rows(ordering.n_kernel, bm, bn)
+    check_rows(ordering.n_kernel, bm, bn)
     ctx = Ctx(pattern.layout, ordering, ordering.tiles("q", bm), ordering.tiles("kv", bn), inputs)
     visited = partial = 0
     tables = []
@@ -292,7 +296,7 @@ def _plan_routed(pattern: Pattern, inputs, content, block_m: int | None, block_n
         notes.append("routed plans run in natural order with flat tiles; the schedule's boxes/order are "
                      "not applied to them yet")
     ordering = Ordering.natural(layout)
-    _check_rows(layout.n, bm, bn)
+    check_rows(layout.n, bm, bn)
     Q, K = ordering.tiles("q", bm), ordering.tiles("kv", bn)
     heads = next(np.asarray(v).shape[0] for key, v in content.items() if isinstance(key, Route))
     groups, checked = [], 0
@@ -323,7 +327,7 @@ def _finish(pattern: Pattern, ordering: Ordering, bm: int, bn: int, inputs, note
             searched: list | None = None) -> Plan:
     """The plan on ``ordering``; ``searched`` are its tables when the box search made them."""
     layout = pattern.layout
-    _check_rows(ordering.n_kernel, bm, bn)
+    check_rows(ordering.n_kernel, bm, bn)
     ctx = Ctx(layout, ordering, ordering.tiles("q", bm), ordering.tiles("kv", bn), inputs)
     groups, pairs = [], []
     checked = 0
@@ -331,11 +335,11 @@ def _finish(pattern: Pattern, ordering: Ordering, bm: int, bn: int, inputs, note
         part, full, n_el = searched[i] if searched is not None else plan_group(e, ctx)
         checked += n_el
         term = lower(e, layout)
-        analytic = (functools.partial(_analytic, term, layout, ordering, bm, bn, part, full)
-                    if layout.rank == 1 and ordering.is_natural and _band_blocks(term) is not None else None)
+        analytic = (functools.partial(analytic_ranges, term, layout, ordering, bm, bn, part, full)
+                    if layout.rank == 1 and ordering.is_natural and band_blocks(term) is not None else None)
         by_head = not isinstance(pattern.attend, Expr)
         groups.append(HeadGroup.of(lo, hi if by_head else None, part, full, analytic))
-        pairs.append(_allowed_pairs(term, layout, inputs))
+        pairs.append(allowed_pairs(term, layout, inputs))
     if checked:
         notes = notes + [f"{checked} tile pair(s) undecidable by the rules were checked per element"]
     if any(g.closed_form is not None for g in groups):

@@ -17,6 +17,7 @@ import torch
 from attnlang.errors import AttnError
 from attnlang.pattern import Pattern, Pyramid
 from attnlang.plan import Plan
+from attnlang.planner import make_plan
 from attnlang.runtime import routing
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -76,8 +77,6 @@ class Call:
         """The plan for batch item ``b`` (one shared plan when the pattern reads no inputs)."""
         if self.pattern.reads_content and not isinstance(self.pattern.attend, Pyramid):
             if b not in self._plans:  # routed: per batch item and head, from this call's Q/K
-                from attnlang.planner import make_plan
-
                 self._plans[b] = make_plan(self.pattern, inputs=self.item_inputs(b) if self.inputs else None,
                                            content=self.content(b))
             return self._plans[b]

@@ -25,6 +25,7 @@ import torch
 from attnlang.pattern import Layout, Pattern, Route
 from attnlang.boxes import block_ids, group_ids
 from attnlang.routing import eligibility, eligibility_permuted, routes, threshold_cut
+from attnlang.routing import select as np_select
 
 
 def _segment_mean(x: torch.Tensor, ids: torch.Tensor, count: int) -> torch.Tensor:
@@ -185,8 +186,6 @@ def route_content(route: Route, layout: Layout, q: torch.Tensor, k: torch.Tensor
         if dev.type == "cpu":
             # Scores as the oracle computes them (einsum, not matmul: the last bits decide
             # threshold cuts near 1), and numpy's sort of many short rows is faster here.
-            from attnlang.routing import select as np_select
-
             scores = np.einsum("hgd,hbd->hgb", qmean.numpy(), kmean.numpy()).astype(np.float32) * np.float32(scale)
             if route.scope == "head" and route.threshold is not None:  # many pairs: no whole-head sort
                 out[route] = head_threshold(scores, elig.numpy(), route.threshold)

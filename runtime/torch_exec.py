@@ -40,6 +40,7 @@ import torch
 
 from attnlang.pattern import Pyramid
 from attnlang.rows import CHUNK_BYTES, chunks
+from attnlang.runtime import pyramid, routed
 from attnlang.runtime.call import Call
 from attnlang.runtime.chunks import chunk_backward, chunk_forward
 from attnlang.runtime.nonfinite import all_finite
@@ -56,12 +57,8 @@ def supports(call: Call) -> str | None:
 def run(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(out [B, Hq, N, Dv] in q's dtype, lse [B, Hq, N] fp32)``, differentiable."""
     if isinstance(call.pattern.attend, Pyramid):
-        from attnlang.runtime import pyramid
-
         return pyramid.run(call)
     if call.pattern.reads_content:
-        from attnlang.runtime import routed
-
         sp = routed.split(call.pattern) if routed.USE_FAST else None
         if sp is not None:  # static part + routed key blocks (runtime/routed.py)
             return routed.run(call, sp)

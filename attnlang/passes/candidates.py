@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from attnlang.passes.joins import _join, _route_join, _token_counts
+from attnlang.passes.joins import join_pairs, route_join_pairs, token_counts
 from attnlang.passes.lower import Term
-from attnlang.passes.tiles import Ctx, _check_pairs
+from attnlang.passes.tiles import Ctx, check_pairs
 from attnlang.pattern import INF
 
 
@@ -194,24 +194,24 @@ def region(t: Term, ctx: Ctx) -> Region:
         empty = (xlo > xhi).any(1) | ~allq
         return _coord_region(ctx, xlo, xhi, empty, grouped)
     if t.op in ("keys", "queries", "valid"):
-        cq, ck = _token_counts(t, ctx)
+        cq, ck = token_counts(t, ctx)
         return Region("outer", qmask=cq > 0, kmask=ck > 0)
     if t.op in ("random", "same"):
-        keys, _ = _join(t, ctx)
+        keys, _ = join_pairs(t, ctx)
         return Region("pairs", pairs=keys)
     if t.op == "route":
-        keys, _ = _route_join(t, ctx)
+        keys, _ = route_join_pairs(t, ctx)
         return Region("pairs", pairs=keys)
     regs = [region(i, ctx) for i in t.items]
     if t.op == "or":
         if all(r.kind == "boxes" for r in regs) and len({r.boxes[0][0].shape[1] for r in regs if r.boxes}) <= 1:
             return Region("boxes", tuple(b for r in regs for b in r.boxes))
-        _check_pairs(sum(r.count() for r in regs), ctx)
+        check_pairs(sum(r.count() for r in regs), ctx)
         return Region("pairs", pairs=np.unique(np.concatenate([r.expand(ctx) for r in regs])))
     # and: generate from the most selective child, keep what every other child may allow
     counts = [r.count() for r in regs]
     best = int(np.argmin(counts))
-    _check_pairs(counts[best], ctx)
+    check_pairs(counts[best], ctx)
     keys = regs[best].expand(ctx)
     for i, r in enumerate(regs):
         if i != best and len(keys):

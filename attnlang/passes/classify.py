@@ -9,10 +9,10 @@ import functools
 import numpy as np
 
 from attnlang.passes.candidates import region
-from attnlang.passes.closed_forms import _interval_tables
-from attnlang.passes.joins import _join, _route_join, _token_counts
+from attnlang.passes.closed_forms import interval_tables
+from attnlang.passes.joins import join_pairs, route_join_pairs, token_counts
 from attnlang.passes.lower import Term, lower
-from attnlang.passes.tiles import Ctx, _check_pairs
+from attnlang.passes.tiles import Ctx, check_pairs
 from attnlang.pattern import And, Env, Expr, Not, Or, Points, Random
 from attnlang.plan import BlockTable
 from attnlang.tiling import (
@@ -41,14 +41,14 @@ def classify(t: Term, ctx: Ctx, qt: np.ndarray, kt: np.ndarray) -> np.ndarray:
         cs = [classify(i, ctx, qt, kt) for i in t.items]
         return and3(cs) if t.op == "and" else or3(cs)
     if t.op in ("random", "same", "route"):
-        keys, cls = _join(t, ctx) if t.op != "route" else _route_join(t, ctx)
+        keys, cls = join_pairs(t, ctx) if t.op != "route" else route_join_pairs(t, ctx)
         want = qt * ctx.nk + kt
         if not len(keys):
             return np.full(n, EMPTY, dtype=np.int8)
         i = np.minimum(np.searchsorted(keys, want), len(keys) - 1)
         return np.where(keys[i] == want, cls[i], EMPTY).astype(np.int8)
     if t.op in ("keys", "queries", "valid"):
-        cq, ck = _token_counts(t, ctx)
+        cq, ck = token_counts(t, ctx)
         a, b = cq[qt], ck[kt]
         full = (a == ctx.Q.nvalid[qt]) & (b == ctx.K.nvalid[kt])
         return np.where((a == 0) | (b == 0), EMPTY, np.where(full, FULL, PARTIAL)).astype(np.int8)
@@ -239,12 +239,12 @@ def _elementwise(e: Expr, ctx: Ctx, qt: np.ndarray, kt: np.ndarray) -> np.ndarra
 def plan_group(e: Expr, ctx: Ctx) -> tuple[BlockTable, BlockTable, int]:
     """Partial and full tables of one head group; also how many pairs needed element checks."""
     t = lower(e, ctx.layout)
-    tables = _interval_tables(t, ctx)
+    tables = interval_tables(t, ctx)
     if tables is not None:
         return tables[0], tables[1], 0
     # Sorted by (qt, kt) for the CSR tables; sort-and-drop-repeats beats np.unique's hashing here.
     reg = region(t, ctx)
-    _check_pairs(reg.count(), ctx)
+    check_pairs(reg.count(), ctx)
     keys = np.sort(reg.expand(ctx))
     keys = keys[np.concatenate(([True], keys[1:] != keys[:-1]))] if len(keys) else keys
     qt, kt = np.divmod(keys, ctx.nk)

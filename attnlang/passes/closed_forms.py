@@ -9,7 +9,7 @@ import numpy as np
 
 from attnlang.order import Ordering
 from attnlang.passes.lower import Term
-from attnlang.passes.tiles import Ctx, _length
+from attnlang.passes.tiles import Ctx, input_length
 from attnlang.pattern import INF, Layout, Range
 from attnlang.plan import BlockTable, TileRange
 from attnlang.tiling import Band
@@ -19,7 +19,7 @@ from attnlang.tiling import Band
 # Closed forms: analytic tile ranges and allowed pair counts
 # --------------------------------------------------------------------------------------------
 
-def _band_blocks(term: Term) -> tuple[Band, list[tuple[int, int]]] | None:
+def band_blocks(term: Term) -> tuple[Band, list[tuple[int, int]]] | None:
     """A 1-D conjunction of bands and blocks as (band, [(size, shift)]), else None."""
     items = term.items if term.op == "and" else (term,)
     band, blocks = Band(-INF, INF), []
@@ -33,13 +33,13 @@ def _band_blocks(term: Term) -> tuple[Band, list[tuple[int, int]]] | None:
     return band, blocks
 
 
-def _analytic(term: Term, layout: Layout, ordering: Ordering, bm: int, bn: int,
+def analytic_ranges(term: Term, layout: Layout, ordering: Ordering, bm: int, bn: int,
               part: BlockTable, full: BlockTable) -> TileRange | None:
     """Closed-form key-tile ranges (sympy, in the symbol ``qt``) for 1-D bands and blocks,
     kept only when they reproduce the tables exactly."""
     if layout.rank != 1 or not ordering.is_natural:
         return None
-    bb = _band_blocks(term)
+    bb = band_blocks(term)
     if bb is None:
         return None
     band, blocks = bb
@@ -52,7 +52,7 @@ def _derive_tile_range(band_lo: float, band_hi: float, blocks: tuple[tuple[int, 
                        n: int, bm: int, bn: int):
     """The sympy TileRange of a 1-D band-and-blocks conjunction, and numpy versions of it
     (cached: deriving costs milliseconds, a serving loop plans the same shapes again)."""
-    import sympy as sp
+    import sympy as sp  # function-level: sympy's import cost, only for 1-D band closed forms
 
     band = Band(band_lo, band_hi)
     qt = sp.Symbol("qt", integer=True, nonnegative=True)
@@ -127,7 +127,7 @@ def _row_intervals(term: Term, layout: Layout, inputs, q: np.ndarray | None = No
                 plo, phi = p.reach(q, q)
                 lo, hi = np.maximum(lo, plo), np.minimum(hi, phi)
         elif t.op == "valid":
-            m = _length(inputs, t.arg.input, n)
+            m = input_length(inputs, t.arg.input, n)
             hi = np.where(q < m, np.minimum(hi, m - 1), -1)
         elif t.op in ("keys", "queries") and isinstance(t.arg.sel, Range):
             r = t.arg.sel
@@ -162,7 +162,7 @@ def _row_intervals(term: Term, layout: Layout, inputs, q: np.ndarray | None = No
 INTERVAL_CHUNK = 1 << 18
 
 
-def _interval_tables(term: Term, ctx: Ctx) -> tuple[BlockTable, BlockTable] | None:
+def interval_tables(term: Term, ctx: Ctx) -> tuple[BlockTable, BlockTable] | None:
     """Range tables of a natural-order plan whose query rows are key intervals (bands, blocks,
     windows, ``valid``, key/query ranges and their conjunctions); None when they are not.
 
@@ -216,7 +216,7 @@ def _interval_tables(term: Term, ctx: Ctx) -> tuple[BlockTable, BlockTable] | No
     return part, BlockTable.from_ranges(flo, fhi, nk)
 
 
-def _allowed_pairs(term: Term, layout: Layout, inputs) -> int | None:
+def allowed_pairs(term: Term, layout: Layout, inputs) -> int | None:
     """Exact allowed (q, k) pair count in closed form or O(N), else None."""
     n = layout.n
     if term.op == "full":

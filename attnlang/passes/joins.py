@@ -8,7 +8,7 @@ import numpy as np
 from attnlang.errors import AttnError
 from attnlang.boxes import block_ids, group_ids
 from attnlang.passes.lower import Term
-from attnlang.passes.tiles import Ctx, _ids, _length
+from attnlang.passes.tiles import Ctx, input_ids, input_length
 from attnlang.pattern import Range
 from attnlang.pattern import Route
 from attnlang.tiling import FULL, PARTIAL
@@ -20,12 +20,12 @@ def _sel_pred(sel):
     return lambda tok: np.isin(tok, np.asarray(sel.values, dtype=np.int64))
 
 
-def _token_counts(t: Term, ctx: Ctx) -> tuple[np.ndarray, np.ndarray]:
+def token_counts(t: Term, ctx: Ctx) -> tuple[np.ndarray, np.ndarray]:
     """Per tile, how many of its tokens the leaf's token condition holds for (q and k sides)."""
     key = ("counts", id(t))
     if key not in ctx._cache:
         if t.op == "valid":
-            n = _length(ctx.inputs, t.arg.input, ctx.layout.n)
+            n = input_length(ctx.inputs, t.arg.input, ctx.layout.n)
             pq = pk = lambda tok: tok < n  # noqa: E731
         elif t.op == "keys":
             pq, pk = (lambda tok: np.ones(len(tok), bool)), _sel_pred(t.arg.sel)
@@ -35,7 +35,7 @@ def _token_counts(t: Term, ctx: Ctx) -> tuple[np.ndarray, np.ndarray]:
     return ctx._cache[key]
 
 
-def _join(t: Term, ctx: Ctx) -> tuple[np.ndarray, np.ndarray]:
+def join_pairs(t: Term, ctx: Ctx) -> tuple[np.ndarray, np.ndarray]:
     """Tile pairs sharing a (query group, key group) relation, with their exact classes.
 
     ``same``: groups are ids, related when equal. ``random``: groups are blocks, related when
@@ -45,7 +45,7 @@ def _join(t: Term, ctx: Ctx) -> tuple[np.ndarray, np.ndarray]:
     if key in ctx._cache:
         return ctx._cache[key]
     if t.op == "same":
-        ids = _ids(ctx.inputs, t.arg.input, ctx.layout.n)
+        ids = input_ids(ctx.inputs, t.arg.input, ctx.layout.n)
         _, inv = np.unique(ids, return_inverse=True)
         grp = lambda tok: inv[tok]  # noqa: E731
         n_groups = int(inv.max()) + 1 if len(inv) else 0
@@ -81,7 +81,7 @@ def _join(t: Term, ctx: Ctx) -> tuple[np.ndarray, np.ndarray]:
     return keys, cls
 
 
-def _route_join(t: Term, ctx: Ctx) -> tuple[np.ndarray, np.ndarray]:
+def route_join_pairs(t: Term, ctx: Ctx) -> tuple[np.ndarray, np.ndarray]:
     """Tile pairs of a route term with exact classes, from the head's selection table.
 
     Query tokens map to query groups, keys to (possibly permuted) key blocks; a tile pair is

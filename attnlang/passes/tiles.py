@@ -106,7 +106,7 @@ class Ctx:
         return np.bincount(tile[pred(tok)], minlength=self.side(s).count)
 
 
-def _check_pairs(count: int, ctx: Ctx) -> None:
+def check_pairs(count: int, ctx: Ctx) -> None:
     """Refuse, before allocating them, more candidate tile pairs than PLAN_BYTES allows."""
     if count * BYTES_PER_PAIR > PLAN_BYTES:
         raise AttnError(
@@ -118,7 +118,7 @@ def _check_pairs(count: int, ctx: Ctx) -> None:
                  "(see docs/simulator.md, planning memory)")
 
 
-def _check_rows(n_kernel: int, bm: int, bn: int) -> None:
+def check_rows(n_kernel: int, bm: int, bn: int) -> None:
     """Refuse sizes whose per-tile arrays alone exceed PLAN_BYTES (or int32 tile indices)."""
     tiles = -(-n_kernel // min(bm, bn))
     if tiles * BYTES_PER_ROW > PLAN_BYTES or n_kernel >= 2 ** 31:
@@ -132,7 +132,7 @@ def _check_rows(n_kernel: int, bm: int, bn: int) -> None:
 # Inputs
 # --------------------------------------------------------------------------------------------
 
-def _ids(inputs: Mapping[str, np.ndarray], name: str, n: int) -> np.ndarray:
+def input_ids(inputs: Mapping[str, np.ndarray], name: str, n: int) -> np.ndarray:
     ids = np.asarray(inputs[name])
     if ids.size != n or ids.ndim > 2 or not np.issubdtype(ids.dtype, np.integer):
         raise AttnError(f"runtime input '{name}' has shape {ids.shape} and dtype {ids.dtype}",
@@ -140,7 +140,7 @@ def _ids(inputs: Mapping[str, np.ndarray], name: str, n: int) -> np.ndarray:
     return ids.reshape(-1).astype(np.int64)
 
 
-def _length(inputs: Mapping[str, np.ndarray], name: str, n: int) -> int:
+def input_length(inputs: Mapping[str, np.ndarray], name: str, n: int) -> int:
     v = np.asarray(inputs[name])
     if v.size != 1 or not np.issubdtype(v.dtype, np.integer):
         raise AttnError(f"runtime input '{name}' = {v!r} is not one length",
@@ -148,7 +148,7 @@ def _length(inputs: Mapping[str, np.ndarray], name: str, n: int) -> int:
     return int(v.reshape(()))
 
 
-def _check_inputs(pattern: Pattern, inputs: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
+def check_inputs(pattern: Pattern, inputs: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
     got = {k: np.asarray(v) for k, v in (inputs or {}).items()}
     missing = [i.name for i in pattern.inputs if i.name not in got]
     if missing:
@@ -156,5 +156,5 @@ def _check_inputs(pattern: Pattern, inputs: Mapping[str, Any] | None) -> dict[st
             f"pattern '{pattern.name}' needs runtime input(s) {', '.join(missing)} to be planned",
             hint="pass inputs={" + ", ".join(f"'{m}': ..." for m in missing) + "} (one batch item)")
     for i in pattern.inputs:
-        (_ids if i.kind == "ids" else _length)(got, i.name, pattern.n)
+        (input_ids if i.kind == "ids" else input_length)(got, i.name, pattern.n)
     return got
