@@ -35,14 +35,13 @@ from attnlang.order import Ordering, rcm_order
 from attnlang.passes.classify import plan_group
 from attnlang.passes.closed_forms import allowed_pairs, analytic_ranges, band_blocks
 from attnlang.passes.lower import Axes, Term, lower
-from attnlang.passes.tiles import Ctx, check_inputs, check_rows
+from attnlang.passes.tiles import BLOCK_SIZES, Ctx, check_inputs, check_rows
 from attnlang.pattern import Expr, Layout, Neighborhood, Pattern, ORDERS
 from attnlang.pattern import Pyramid, Route
 from attnlang.plan import HeadGroup, Plan
 from attnlang.pyramid import plan as pyramid_plan
 
 DEFAULT_BLOCK = 64
-BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 # --------------------------------------------------------------------------------------------
 # Tile shapes and order

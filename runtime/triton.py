@@ -45,7 +45,6 @@ from types import ModuleType
 import numpy as np
 import torch
 
-from attnlang import __version__
 from attnlang.codegen.module import generate_module
 from attnlang.codegen.module import module_name as _safe
 from attnlang.codegen.triton import call_arrays
@@ -55,6 +54,7 @@ from attnlang.plan import Plan
 from attnlang.runtime.call import Call
 from attnlang.runtime.dispatch import exact_fallback
 from attnlang.runtime.nonfinite import all_finite
+from attnlang.version import __version__
 
 _LOADED: dict[str, ModuleType] = {}  # plan_key -> imported module
 # id(plan) -> (plan, target, module): the plan is kept so its id stays unique while cached

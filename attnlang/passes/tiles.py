@@ -16,6 +16,7 @@ from attnlang.pattern import Layout, Pattern
 # Planning memory budget. A plan that would need more is refused with an AttnError before any
 # big allocation (never a raw MemoryError): tile pairs listed one by one cost about
 # BYTES_PER_PAIR at peak (keys, sort, classes), interval rows about BYTES_PER_ROW per query tile.
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # tile sizes (tokens) the kernels' tl.dot blocks take
 PLAN_BYTES = 4 << 30
 BYTES_PER_PAIR = 64
 BYTES_PER_ROW = 256
