@@ -15,8 +15,7 @@ from attnlang.pattern import (
     queries, random, same, sink, sliding, strided, valid, window,
 )
 from attnlang.pattern import route
-
-__version__ = "0.1.0"
+from attnlang.version import __version__
 
 __all__ = [
     "AttnError", "Compiled", "Layout", "Pattern", "axial", "block", "causal", "compile", "full",

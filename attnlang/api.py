@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
+from attnlang import planner
 from attnlang.errors import AttnError, did_you_mean
-from attnlang.pattern import ByHead, Expr, Pattern
+from attnlang.pattern import ByHead, Expr, Pattern, Same, Valid
+from attnlang.runtime import BACKENDS
 
 if TYPE_CHECKING:  # pragma: no cover
     from attnlang.grammar import Module
@@ -31,7 +33,7 @@ def parse(spec: str | os.PathLike) -> "Module":
     >>> m.names
     ['swa']
     """
-    from attnlang.grammar import load, read_source
+    from attnlang.grammar import load, read_source  # function-level: import attnlang does not build the parser
 
     if isinstance(spec, (str, os.PathLike)):
         text, name = read_source(spec)
@@ -95,11 +97,9 @@ def make_plan(spec: Any, pattern: str | None = None, *, inputs: Mapping[str, Any
     ``inputs`` are one batch item's runtime inputs; ``content`` the routing content of a
     pattern that reads Q/K (``attnlang.routing.pattern_content`` / ``attnlang.pyramid.pattern_content``).
     """
-    from attnlang.planner import make_plan as _plan
-
     p = resolve(spec, pattern, tokens=tokens, **params)
     np_inputs = None if inputs is None else {k: np.asarray(v) for k, v in inputs.items()}
-    return _plan(p, inputs=np_inputs, block_m=block_m, block_n=block_n, order=order, content=content)
+    return planner.make_plan(p, inputs=np_inputs, block_m=block_m, block_n=block_n, order=order, content=content)
 
 
 class Compiled:
@@ -149,15 +149,13 @@ class Compiled:
 
     def plan(self, n: int | None = None, inputs: Mapping[str, Any] | None = None) -> "Plan":
         """The tile plan (for one batch item's ``inputs`` when the pattern reads any)."""
-        from attnlang.planner import make_plan as _plan
-
         p = self._static if n is None else self.pattern_for(n)
         if p is None:
             raise AttnError("this pattern's length binds at call time: pass n=")
-        return _plan(p, inputs=None if inputs is None else {k: np.asarray(v) for k, v in inputs.items()})
+        return planner.make_plan(p, inputs=None if inputs is None else {k: np.asarray(v) for k, v in inputs.items()})
 
     def __call__(self, q, k, v, scale: float | None = None, return_lse: bool = False, **inputs: Any):
-        from attnlang.runtime.call import check_call
+        from attnlang.runtime.call import check_call  # function-level: the runtime needs torch
         from attnlang.runtime.dispatch import run
 
         n = q.shape[2] if hasattr(q, "shape") and len(q.shape) == 4 else None
@@ -217,25 +215,21 @@ def to_block_mask(spec: Any, pattern: str | None = None, *, B: int | None = None
 
     See :func:`attnlang.runtime.flex.to_block_mask` (``B``/``H`` sizes, runtime ``inputs``).
     """
-    from attnlang.runtime.flex import to_block_mask as _to_block_mask
+    from attnlang.runtime.flex import to_block_mask as _to_block_mask  # function-level: torch
 
-    return _to_block_mask(spec, pattern, B=B, H=H, inputs=inputs, tokens=tokens, **params)
+    return _to_block_mask(resolve(spec, pattern, tokens=tokens, **params), B=B, H=H, inputs=inputs)
 
 
 INPUT_PLANS = 16  # plans kept per compiled pattern for distinct runtime-input values
 
 
 def _planner(pattern: Pattern, inputs):
-    from attnlang.planner import make_plan as _plan
-
-    return _plan(pattern, inputs=inputs)
+    return planner.make_plan(pattern, inputs=inputs)
 
 
 def _python_inputs(spec: Any) -> dict[str, str]:
     """The runtime inputs a Python-built expression reads, declared with the kind its primitive
     needs (``same("doc")``: ids, ``valid("len")``: length): Python has no ``input`` lines."""
-    from attnlang.pattern import Same, Valid
-
     if isinstance(spec, Mapping):
         exprs = list(spec.values())
     elif isinstance(spec, ByHead):
@@ -264,8 +258,6 @@ def compile(spec: Any, pattern: str | None = None, backend: str | None = None, *
     ``backend`` is ``None`` (the fastest that supports the call), ``"torch"``, ``"flex"``,
     ``"triton"`` or ``"reference"``; ``**params`` override the pattern's parameters.
     """
-    from attnlang.runtime import BACKENDS
-
     if backend is not None and not isinstance(backend, str):
         raise AttnError(f"backend must be a name, got {backend!r}")
     if backend is not None and backend not in BACKENDS:

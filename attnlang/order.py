@@ -282,7 +282,7 @@ def curve_order(name: str, grid: tuple[int, ...]) -> np.ndarray:
 def rcm_order(n_boxes: int, edges: np.ndarray) -> np.ndarray:
     """Reverse Cuthill-McKee order of boxes joined by ``edges`` ``[m, 2]`` (a bandwidth-reducing
     relabelling: boxes that attend to each other end up close in kernel order)."""
-    import networkx as nx
+    import networkx as nx  # function-level: import cost, only the rcm order needs it
 
     graph = nx.Graph()
     graph.add_nodes_from(range(n_boxes))

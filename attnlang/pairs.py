@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from attnlang.boxes import token_boxes
 from attnlang.pattern import Env
 from attnlang.plan import HeadGroup, Plan
 
@@ -33,10 +34,8 @@ def allowed_pairs(plan: Plan, group: HeadGroup, inputs: Mapping[str, Any] | None
         return int(plan.allowed_pairs[plan.groups.index(group)])
     p = plan.pattern
     if plan.levels is not None:
-        from attnlang.pyramid import box_ids  # layer order: content oracles sit above planning
-
-        qsize = np.bincount(box_ids(p.layout, p.attend.query_block)[0])
-        ksize = np.bincount(box_ids(p.layout, p.attend.block)[0])
+        qsize = np.bincount(token_boxes(p.layout, p.attend.query_block)[0])
+        ksize = np.bincount(token_boxes(p.layout, p.attend.block)[0])
         lv = np.asarray(plan.levels[group.lo], dtype=np.float64)
         per = np.divide(1.0, lv, out=np.zeros_like(lv), where=lv > 0)
         return int(round(float(qsize @ per @ ksize)))

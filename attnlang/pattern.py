@@ -34,7 +34,9 @@ from attnlang.ir.expr import INF, And, Empty, Expr, Full, Not, Or, PerAxis, and_
 from attnlang.ir.layout import DEFAULT_AXIS_NAMES, Axis, Env, Layout, Points
 from attnlang.ir.natten import natten_window
 from attnlang.ir.nodes import _PRIM_NAMES, COMBINATORS, NODES, PRIMITIVES  # noqa: F401
-from attnlang.ir.pattern import ORDERS, ByHead, HeadRange, Input, Pattern, Pyramid, Schedule
+from attnlang.ir.pattern import (
+    ORDERS, ByHead, HeadRange, Input, Pattern, Pyramid, Schedule, bind_pyramid, block_sizes, exact_fraction,
+)
 from attnlang.ir.primitives import (
     Axial, Block, Causal, Grid, Halo, Indices, Keys, Neighborhood, Queries, Random, Range, Same,
     Selection, Strided, Valid, Window,

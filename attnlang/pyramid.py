@@ -2,7 +2,7 @@
 
 A ``pyramid(...)`` is a whole ``attend``. For one batch item and query head:
 
-1. ``box_ids`` numbers key blocks (shape ``block``) and query groups (shape ``query_block``)
+1. ``token_boxes`` (:mod:`attnlang.boxes`) numbers key blocks (shape ``block``) and query groups (shape ``query_block``)
    row-major on the token grid; boxes at the end of an axis are smaller;
 2. ``eligible``: a block is eligible for a group when ``among`` allows at least one pair;
 3. ``level_table``: eligible blocks are ranked by ``scale * mean(Q over group) . mean(K over
@@ -30,117 +30,36 @@ from __future__ import annotations
 
 import itertools
 import math
-from decimal import Decimal
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
-from attnlang.errors import AttnError, Diagnostic
-from attnlang.pattern import Env, Expr, Layout, Pattern, Pyramid, Route, _check, _per_axis, check_boxes
-from attnlang.pattern import box_ids as cell_ids
-
-if TYPE_CHECKING:
-    from attnlang.plan import Plan
-
-# --------------------------------------------------------------------------------------------
-# validation (Pyramid.bind)
-# --------------------------------------------------------------------------------------------
-
-def bind_pyramid(p: Pyramid, layout: Layout, out: list[Diagnostic]) -> Pyramid:
-    """Normalise per-axis sizes and check every constraint of §6.2, appending to ``out``."""
-    n0 = len(out)
-    block = _per_axis(p, "block", p.block, layout, out)
-    qblock = _per_axis(p, "query_block", p.query_block, layout, out)
-    if len(out) == n0:
-        check_boxes(p, "pyramid", {"block": block, "query_block": qblock}, layout, out)
-    levels, keep = tuple(p.levels), tuple(p.keep or ())
-    if not keep:
-        out.append(Diagnostic("pyramid needs keep = [...]: the fraction of eligible blocks each level gets",
-                              p.span, f"e.g. keep = [{', '.join(['0.1'] * max(1, len(levels)))}]"))
-    bad_levels = [v for v in levels if not (isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1)]
-    if not levels or bad_levels:
-        out.append(Diagnostic(f"pyramid levels {list(levels)} must be a non-empty list of positive integers",
-                              p.span, "e.g. levels = [1, 2, 4, 8] (tokens pooled per key at each level)"))
-    bad_keep = [v for v in keep if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1)]
-    if bad_keep:
-        out.append(Diagnostic(f"pyramid keep {list(keep)} has entries outside 0..1: {bad_keep}", p.span,
-                              "each keep entry is a fraction of the eligible blocks, 0 <= f <= 1"))
-    if keep and levels and len(keep) != len(levels):
-        out.append(Diagnostic(f"pyramid has {len(levels)} levels {list(levels)} but {len(keep)} keep "
-                              f"fractions {list(keep)}", p.span, "give one keep fraction per level"))
-    if keep and not bad_keep and sum(map(_exact, keep)) > 1:
-        total = sum(Decimal(repr(float(x))) for x in keep)
-        out.append(Diagnostic(f"pyramid keep {list(keep)} sums to {total}, more than 1", p.span,
-                              "valid: sum(keep) <= 1 as the decimals are written (the rest of the "
-                              "blocks are skipped)"))
-    if len(out) == n0:
-        sizes = block_sizes(layout, block)
-        for lv in levels:
-            bad = [s for s in sizes if s % lv]
-            _check(not bad, out, p,
-                   f"pyramid level {lv} does not divide the block token count {bad[0] if bad else ''}"
-                   f" (blocks {_fmt_box(block)} on tokens {layout.to_attn()} hold {sorted(sizes)} tokens)",
-                   "every level must divide the token count of every block, including the smaller "
-                   "boxes at the end of an axis; pick a block shape that divides the axes")
-    among = p.among
-    if not isinstance(among, Expr):
-        out.append(Diagnostic(f"pyramid among must be a pattern expression, got {among!r}", p.span))
-    else:
-        among = among.bind(layout, out)
-    return Pyramid(block, tuple(float(x) for x in keep) if not bad_keep else keep, qblock,
-                   tuple(int(x) for x in levels) if not bad_levels else levels, among, p.span)
-
-
-def _fmt_box(box: tuple[int, ...]) -> str:
-    return str(box[0]) if len(box) == 1 else "(" + ", ".join(map(str, box)) + ")"
-
-
-def _exact(x: float) -> Fraction:
-    """A keep fraction as the decimal the user wrote (0.1 is 1/10, not the nearest double)."""
-    return Fraction(repr(float(x)))
-
-
-def block_sizes(layout: Layout, box: tuple[int, ...]) -> set[int]:
-    """The distinct token counts of the boxes that tile the layout (full boxes and axis tails)."""
-    per_axis = [{b} | ({L % b} if L % b else set()) for L, b in zip(layout.sizes, box)]
-    return {math.prod(c) for c in itertools.product(*per_axis)}
+from attnlang.boxes import box_order, token_boxes
+from attnlang.errors import AttnError
+from attnlang.pattern import Env, Layout, Pattern, Pyramid, Route, exact_fraction
+from attnlang.pattern import block_sizes  # noqa: F401  (re-exported: the token counts a level must divide)
+from attnlang.plan import BlockTable, HeadGroup, Plan
+from attnlang.routing import eligibility, segment_mean
 
 
 # --------------------------------------------------------------------------------------------
 # blocks, scores, eligibility, levels
 # --------------------------------------------------------------------------------------------
 
-def box_ids(layout: Layout, box: tuple[int, ...]) -> tuple[np.ndarray, int]:
-    """``(ids [N], count)``: the row-major box number of every token (as route's blocks)."""
-    ids = cell_ids(layout.coords(np.arange(layout.n)), box, layout.sizes).astype(np.int64)
-    return ids, math.prod(-(-L // b) for L, b in zip(layout.sizes, box))
-
-
-def box_order(ids: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(order [N], starts [count + 1])``: tokens sorted by box, row-major inside each box
-    (a stable sort keeps flat order, which is row-major order within a box)."""
-    order = np.argsort(ids, kind="stable")
-    starts = np.zeros(count + 1, dtype=np.int64)
-    starts[1:] = np.cumsum(np.bincount(ids, minlength=count))
-    return order, starts
-
-
 def eligible(p: Pyramid, layout: Layout) -> np.ndarray:
     """bool ``[query groups, key blocks]``: ``among`` allows at least one pair between them.
 
-    The same rule as route's (§6.1), so it is route's code: exact, from the planner's tile
+    The same rule as route's (docs/language.md §13.1), so it is route's code: exact, from the planner's tile
     classes where the boxes allow, densely in bounded chunks otherwise.
     """
-    from attnlang.routing import eligibility
-
     return eligibility(Route(p.block, top=1, among=p.among, query_block=p.query_block), layout)
 
 
 def level_bounds(p: Pyramid, n_max: int) -> np.ndarray:
     """int ``[n_max + 1, len(levels) + 1]``: rank boundaries ``ceil(n * F_i)`` for ``n`` eligible
     blocks, in exact rational arithmetic (``F_0 = 0``)."""
-    cum = [Fraction(0)] + list(itertools.accumulate(_exact(x) for x in p.keep))
+    cum = [Fraction(0)] + list(itertools.accumulate(exact_fraction(x) for x in p.keep))
     return np.array([[math.ceil(n * f) for f in cum] for n in range(n_max + 1)], dtype=np.int64)
 
 
@@ -167,9 +86,8 @@ def level_table(p: Pyramid, layout: Layout, q: np.ndarray, k: np.ndarray, scale:
     """int32 ``[Hq, query groups, key blocks]``: the level each head's group sees each block at
     (0 = skipped), for one batch item's ``q [Hq, N, D]`` and ``k [Hkv, N, D]`` (GQA: query head
     ``h`` reads KV head ``h // (Hq // Hkv)``)."""
-    qids, nq = box_ids(layout, p.query_block)
-    kids, nk = box_ids(layout, p.block)
-    from attnlang.routing import segment_mean  # the §6.1 pooling, shared with route
+    qids, nq = token_boxes(layout, p.query_block)
+    kids, nk = token_boxes(layout, p.block)
 
     mq = segment_mean(np.asarray(q), qids, nq)
     mk = segment_mean(np.asarray(k), kids, nk)
@@ -185,7 +103,7 @@ def level_table(p: Pyramid, layout: Layout, q: np.ndarray, k: np.ndarray, scale:
 def pool_members(layout: Layout, p: Pyramid, level: int) -> np.ndarray:
     """int ``[N]``: the pooled group of every token at ``level`` — tokens sorted by block,
     row-major inside it, then cut into runs of ``level`` (levels divide every block)."""
-    kids, nk = box_ids(layout, p.block)
+    kids, nk = token_boxes(layout, p.block)
     order, _ = box_order(kids, nk)
     member = np.empty(layout.n, dtype=np.int64)
     member[order] = np.arange(layout.n) // level
@@ -196,8 +114,8 @@ def token_structure(p: Pyramid, layout: Layout, table: np.ndarray) -> tuple[np.n
     """``(level [N, N] int32, visible [N, N] bool)`` for one head's ``table [groups, blocks]``:
     the level key ``k`` is seen at by query ``q`` (0 = not at all), and whether its pooled group
     is visible (``among`` allows ``q`` every key of the group). O(N²): the reference only."""
-    qids, _ = box_ids(layout, p.query_block)
-    kids, _ = box_ids(layout, p.block)
+    qids, _ = token_boxes(layout, p.query_block)
+    kids, _ = token_boxes(layout, p.block)
     level = table[qids[:, None], kids[None, :]]
     idx = np.arange(layout.n)
     among = np.broadcast_to(p.among.allowed(layout.points(idx[:, None]), layout.points(idx[None, :]),
@@ -223,14 +141,12 @@ def pattern_content(pattern: Pattern, q: np.ndarray, k: np.ndarray, scale: float
     return {pattern.attend: level_table(pattern.attend, pattern.layout, q, k, scale)}
 
 
-def plan(pattern: Pattern, content: Mapping[Any, np.ndarray] | None, block_m: int, block_n: int) -> "Plan":
+def plan(pattern: Pattern, content: Mapping[Any, np.ndarray] | None, block_m: int, block_n: int) -> Plan:
     """The tile plan of a pyramid for one batch item: one head group per query head, natural
     order; a tile pair is visited when it touches a (query group, key block) pair given a level.
     Every visited tile is partial (pooled keys and visibility need per-element work); the level
     table itself is ``plan.levels``.
     """
-    from attnlang.plan import BlockTable, HeadGroup, Plan
-
     p, layout, n = pattern.attend, pattern.layout, pattern.layout.n
     if not content or p not in content:
         raise AttnError(f"pattern '{pattern.name}' is a pyramid(...): it reads Q/K, so it is planned per call",
@@ -241,7 +157,7 @@ def plan(pattern: Pattern, content: Mapping[Any, np.ndarray] | None, block_m: in
 
     def touched(box: tuple[int, ...], tile: int) -> tuple[np.ndarray, np.ndarray]:
         """Tiles each box touches, grouped by box: ``(tiles, indptr)``."""
-        ids, count = box_ids(layout, box)
+        ids, count = token_boxes(layout, box)
         u = np.unique((np.arange(n) // tile) * count + ids)
         tiles, which = np.divmod(u, count)
         order = np.argsort(which, kind="stable")

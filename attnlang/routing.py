@@ -34,24 +34,14 @@ from typing import Any
 
 import numpy as np
 
-from attnlang.pattern import Empty, Env, Expr, Full, Layout, Pattern, Route, box_ids
+from attnlang.boxes import block_ids, group_ids
+from attnlang.order import Ordering
+from attnlang.pattern import Empty, Env, Expr, Full, Layout, Pattern, Route
 from attnlang.plan import EMPTY, FULL, PARTIAL
+from attnlang.passes.classify import plan_group
+from attnlang.passes.tiles import Ctx
 
 ELEMENTS = 1 << 22  # (query, key) pairs of `among` evaluated at once
-
-
-# --------------------------------------------------------------------------------------------
-# geometry: query groups and key blocks as token ids
-# --------------------------------------------------------------------------------------------
-
-def group_ids(route: Route, layout: Layout) -> np.ndarray:
-    """Query group of every token, int64 [N]."""
-    return box_ids(layout.coords(np.arange(layout.n)), route.query_block, layout.sizes).astype(np.int64)
-
-
-def block_ids(route: Route, layout: Layout) -> np.ndarray:
-    """Key block of every token in original order (no permutation), int64 [N]."""
-    return box_ids(layout.coords(np.arange(layout.n)), route.block, layout.sizes).astype(np.int64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,9 +75,6 @@ def eligibility_permuted(route: Route, layout: Layout, perm: np.ndarray) -> np.n
 @functools.lru_cache(maxsize=8)
 def _reach(route: Route, layout: Layout) -> np.ndarray:
     """bool [groups, N]: ``among`` allows some query of the group to see key k (1-D layouts)."""
-    from attnlang.order import Ordering
-    from attnlang.planner import Ctx, plan_group
-
     o = Ordering.natural(layout)
     ctx = Ctx(layout, o, o.tiles("q", route.query_block[0]), o.tiles("kv", 1), {})
     part, full, _ = plan_group(route.among, ctx)
@@ -136,9 +123,6 @@ def group_block_classes(expr: Expr, route: Route, layout: Layout) -> np.ndarray 
     """int8 ``[groups, blocks]``: the exact EMPTY / PARTIAL / FULL class of a static ``expr`` on
     every (query group, key block) of ``route``, from the planner's tile rules with groups and
     blocks as tiles (1-D, or boxes that nest); None when groups or blocks are not tiles."""
-    from attnlang.order import Ordering
-    from attnlang.planner import Ctx, plan_group
-
     G, nb = route.groups(layout), route.blocks(layout)
     if isinstance(expr, (Full, Empty)):
         return np.full((G, nb), FULL if isinstance(expr, Full) else EMPTY, dtype=np.int8)

@@ -33,7 +33,6 @@ import numpy as np
 
 from attnlang.errors import AttnError
 from attnlang.pairs import allowed_pairs
-from attnlang.pattern import Env
 from attnlang.plan import Plan
 from attnlang.targets import PassCosts, Target, load_target
 
@@ -374,10 +373,10 @@ def _pyramid_work(plan: Plan, heads: int, batch: int, chunk_bytes: int = 0) -> P
     ``ln(l)`` bonus are per element): the programs of ``runtime/triton_pyramid.py``. A chunk
     executor (the CPU path, which buckets tiles of pooled keys into fused calls) gets items of
     about ``chunk_bytes`` of scores instead. The backward walks the same items."""
-    from attnlang.pyramid import box_ids
+    from attnlang.boxes import token_boxes
 
     pyr, layout = plan.pattern.attend, plan.pattern.layout
-    (qids, nq), (kids, nb) = box_ids(layout, pyr.query_block), box_ids(layout, pyr.block)
+    (qids, nq), (kids, nb) = token_boxes(layout, pyr.query_block), token_boxes(layout, pyr.block)
     gsize, bsize = np.bincount(qids, minlength=nq), np.bincount(kids, minlength=nb)
     table = np.asarray(plan.levels)
     pooled = np.where(table > 0, -(-bsize // np.maximum(table, 1)), 0).sum(axis=-1)  # [H, groups]
@@ -537,9 +536,9 @@ def _routing_seconds(p, tgt: Target, dtype: str, head_dim: int, batch: int, head
     bw = tgt.bandwidth_gbs * 1e9
     nbytes = flops = 0.0
     if isinstance(p.attend, Pyramid):
-        from attnlang.pyramid import box_ids
+        from attnlang.boxes import token_boxes
 
-        stages = [(box_ids(p.layout, p.attend.query_block)[1], box_ids(p.layout, p.attend.block)[1], None)]
+        stages = [(token_boxes(p.layout, p.attend.query_block)[1], token_boxes(p.layout, p.attend.block)[1], None)]
         # Pooled K and V per level l > 1: read both, write 1/l of them.
         nbytes += sum(2 * n * D * eb * (1 + 1 / lv) for lv in set(p.attend.levels) if lv > 1)
     else:

@@ -89,6 +89,7 @@ def main() -> int:
     from attnlang.runtime.call import check_call
     from attnlang.runtime.flex import to_block_mask
     from attnlang.runtime.routing import pattern_content
+    from attnlang.runtime.triton_routing import pattern_content as kernel_content
     from attnlang.runtime.triton import load_module
 
     flex = torch.compile(flex_attention, dynamic=False)
@@ -152,7 +153,7 @@ def main() -> int:
             if not isinstance(p.attend, Pyramid):
                 # The routing stage alone (its decisions come back to the host, so the timing syncs).
                 qd, kd, scale = q[0].detach(), k[0].detach(), D ** -0.5
-                t_kern = bench(lambda: pattern_content(p, qd, kd, scale, kernels=True), backward=False)
+                t_kern = bench(lambda: kernel_content(p, qd, kd, scale), backward=False)
                 t_torch = bench(lambda: pattern_content(p, qd, kd, scale), backward=False)
                 notes.append(f"{name}: routing stage {_ms(t_kern)} ms with the Triton kernels, {_ms(t_torch)} ms "
                              "with torch ops (one batch item; part of the attnlang ms column)")

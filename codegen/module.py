@@ -35,6 +35,7 @@ import numpy as np
 
 from attnlang.codegen.triton import Kernels, Table, generate_kernels
 from attnlang.errors import AttnError
+from attnlang.version import __version__
 from attnlang.pattern import ByHead, Expr, HeadRange, Pattern, Same, Valid, and_, not_, or_
 from attnlang.plan import BlockTable, HeadGroup, Plan
 
@@ -224,8 +225,6 @@ def generate_module(plan: Plan, name: str | None = None, target: str = "h100",
     tables change per call. Such a module needs attnlang's planner to be called, so ``attnlang
     compile`` writes envelope modules (:func:`module_plan`) instead.
     """
-    from attnlang import __version__
-
     target = check_target(target)
     head_dim = check_head_dim(head_dim)
     dtype = check_dtype(dtype)

@@ -293,3 +293,23 @@ class File:
     span: Span | None = _span()
     comments: tuple[Comment, ...] = field(default=(), compare=False, repr=False)
     source: Source | None = field(default=None, compare=False, repr=False)
+
+
+def walk(e: Expr):
+    """Every node of an expression, in source order (pre-order), without recursion."""
+    stack = [e]
+    while stack:
+        e = stack.pop()
+        yield e
+        if isinstance(e, Call):
+            stack.extend(a.value for a in reversed(e.args))
+        elif isinstance(e, (TupleLit, ListLit)):
+            stack.extend(reversed(e.items))
+        elif isinstance(e, Index):
+            stack += (e.index, e.target)
+        elif isinstance(e, BinOp):
+            stack += (e.right, e.left)
+        elif isinstance(e, UnaryOp):
+            stack.append(e.operand)
+        elif isinstance(e, RangeExpr):
+            stack += (e.hi, e.lo)

@@ -19,8 +19,10 @@ import numpy as np
 
 from attnlang.errors import Diagnostic, Span, did_you_mean
 from attnlang.grammar import ast as A
+from attnlang.grammar.ast import walk
 from attnlang.grammar.limits import MAX_EVAL_DEPTH, MAX_INT
 from attnlang.grammar.prims import BUILTINS, KINDS, NAME_KINDS, PRIMITIVES, REQUIRED, Primitive
+from attnlang.passes.tiles import BLOCK_SIZES
 from attnlang.pattern import Pyramid
 from attnlang.pattern import (
     INF, ORDERS, Axis, ByHead, Expr, HeadRange, Indices, Input, Layout, Range, and_, not_, or_,
@@ -311,7 +313,6 @@ class Evaluator:
             self._prefetching = False
 
     def _let_deps(self, module: "Module", let: A.Let):
-        from attnlang.grammar.module import walk
         for node in walk(let.value):
             if isinstance(node, A.Name):
                 m, decl = self.lookup_global(module, node.id)
@@ -818,8 +819,6 @@ def _tile_ok(ev: Evaluator, key: str, v: Any, vals: tuple[int, ...], span: Span 
              layout: Layout | None) -> bool:
     """The planner's tile rule, at the line: a tile holds a power of two in 16..256 tokens (the
     kernels' tl.dot blocks); a box's extents may be anything whose product is one."""
-    from attnlang.planner import BLOCK_SIZES
-
     size = math.prod(vals)
     if size in BLOCK_SIZES:
         return True

@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 from attnlang.errors import AttnError, Diagnostic, Span, did_you_mean
 from attnlang.grammar import ast as A
+from attnlang.grammar.ast import walk
 from attnlang.grammar.check import (
     ERR, Env, Evaluator, bind_args, def_params, from_python, instantiate, length_param, prim_params,
 )
@@ -205,26 +206,6 @@ def _dedupe(diags: list[Diagnostic]) -> list[Diagnostic]:
 
 
 # --- static checks (no values needed) ---------------------------------------------------------
-
-def walk(e: A.Expr):
-    """Every node of an expression, in source order (pre-order), without recursion."""
-    stack = [e]
-    while stack:
-        e = stack.pop()
-        yield e
-        if isinstance(e, A.Call):
-            stack.extend(a.value for a in reversed(e.args))
-        elif isinstance(e, (A.TupleLit, A.ListLit)):
-            stack.extend(reversed(e.items))
-        elif isinstance(e, A.Index):
-            stack += (e.index, e.target)
-        elif isinstance(e, A.BinOp):
-            stack += (e.right, e.left)
-        elif isinstance(e, A.UnaryOp):
-            stack.append(e.operand)
-        elif isinstance(e, A.RangeExpr):
-            stack += (e.hi, e.lo)
-
 
 _walk = walk
 

@@ -18,6 +18,8 @@ from attnlang.errors import AttnError
 from attnlang.inputs import by_keyword, check_inputs
 from attnlang.pattern import Pattern, Pyramid
 from attnlang.plan import Plan
+from attnlang.planner import make_plan
+from attnlang.runtime import routing
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -63,18 +65,19 @@ class Call:
         by the torch routing stage (by its Triton kernels with ``kernels``, as the triton backend
         asks); ``{}`` for patterns that do not read Q/K."""
         if b not in self._content:
-            from attnlang.runtime.routing import pattern_content
+            if kernels:
+                from attnlang.runtime import triton_routing  # function-level: triton loads only here
 
-            self._content[b] = pattern_content(self.pattern, self.q[b].detach(), self.k[b].detach(), self.scale,
-                                               kernels)
+                pattern_content = triton_routing.pattern_content
+            else:
+                pattern_content = routing.pattern_content
+            self._content[b] = pattern_content(self.pattern, self.q[b].detach(), self.k[b].detach(), self.scale)
         return self._content[b]
 
     def plan(self, b: int = 0) -> Plan:
         """The plan for batch item ``b`` (one shared plan when the pattern reads no inputs)."""
         if self.pattern.reads_content and not isinstance(self.pattern.attend, Pyramid):
             if b not in self._plans:  # routed: per batch item and head, from this call's Q/K
-                from attnlang.planner import make_plan
-
                 self._plans[b] = make_plan(self.pattern, inputs=self.item_inputs(b) if self.inputs else None,
                                            content=self.content(b))
             return self._plans[b]

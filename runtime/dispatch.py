@@ -1,11 +1,17 @@
-"""Choosing a backend for a call, and running it."""
+"""Choosing a backend for a call, and running it; the torch executor as every backend's exact
+fallback for non-finite inputs."""
 from __future__ import annotations
+
+import warnings
 
 import torch
 
 from attnlang.errors import AttnError, did_you_mean
 from attnlang.runtime import BACKENDS, backend_module
+from attnlang.runtime import torch_exec
 from attnlang.runtime.call import Call
+
+_WARNED: set[str] = set()  # backends whose non-finite fallback has warned
 
 
 def choose(call: Call) -> str:
@@ -42,3 +48,14 @@ def run(call: Call, backend: str | None) -> tuple[torch.Tensor, torch.Tensor]:
     if why is not None:
         raise AttnError(f"backend '{name}' cannot run this call: {why}")
     return mod.run(call)
+
+
+def exact_fallback(call, backend: str, why: str):
+    """Run ``call`` on the torch executor, whose chunks switch to masked products when an input
+    is non-finite: for backends whose own kernels multiply masked entries by zero. Warns once
+    per backend."""
+    if backend not in _WARNED:
+        _WARNED.add(backend)
+        warnings.warn(f"attnlang: q/k/v hold NaN or Inf; {why}, so backend='{backend}' runs such "
+                      "calls on the torch executor's exact path", stacklevel=4)
+    return torch_exec.run(call)

@@ -22,7 +22,7 @@ an :class:`~attnlang.errors.AttnError` that points to ``backend='torch'``.
 
 NaN/Inf in Q/K/V: FlexAttention's ``P @ V`` multiplies masked entries by zero (``0 * NaN =
 NaN``), so such calls run on the torch executor's exact path instead, with a one-time warning
-(:func:`attnlang.runtime.nonfinite.exact_fallback`); checking costs one pass over Q/K/V per call.
+(:func:`attnlang.runtime.dispatch.exact_fallback`); checking costs one pass over Q/K/V per call.
 """
 from __future__ import annotations
 
@@ -41,9 +41,12 @@ from attnlang.pattern import (
     And, Axial, Block, Causal, Empty, Expr, Full, Grid, Halo, Keys, Layout, Neighborhood, Not, Or,
     Queries, Random, Range, Route, Same, Strided, Valid, Window, natten_window,
 )
+from attnlang.pattern import Pattern, Pyramid
 from attnlang.plan import Plan
+from attnlang.planner import make_plan
 from attnlang.runtime.call import Call
-from attnlang.runtime.nonfinite import all_finite, exact_fallback
+from attnlang.runtime.dispatch import exact_fallback
+from attnlang.runtime.nonfinite import all_finite
 
 COMPILE: bool | None = None  # None: compile when N >= COMPILE_MIN_N; True/False: always/never
 COMPILE_MIN_N = 2048
@@ -318,9 +321,10 @@ def padded_length(plan: Plan) -> int:
     return -(-plan.n_kernel // step) * step
 
 
-def to_block_mask(spec: Any, pattern: str | None = None, *, B: int | None = None, H: int | None = None,
-                  inputs: Mapping[str, Any] | None = None, tokens: Any = None, **params: Any):
-    """A FlexAttention ``BlockMask`` for a pattern, planned without evaluating the N x N mask.
+def to_block_mask(p: Pattern, *, B: int | None = None, H: int | None = None,
+                  inputs: Mapping[str, Any] | None = None):
+    """A FlexAttention ``BlockMask`` for a bound pattern (:func:`attnlang.to_block_mask` takes any
+    spec and resolves it first), planned without evaluating the N x N mask.
 
     The mask is in the user's (natural) token order, so it drops into existing FlexAttention code.
     ``B``/``H`` size the mask's batch and head dims (default 1: broadcast). Patterns with runtime
@@ -333,10 +337,6 @@ def to_block_mask(spec: Any, pattern: str | None = None, *, B: int | None = None
     >>> bm.shape
     (1, 1, 4096, 4096)
     """
-    from attnlang.api import resolve
-    from attnlang.planner import make_plan
-
-    p = resolve(spec, pattern, tokens=tokens, **params)
     heads = H or p.heads or 1
     if p.heads is not None and heads != p.heads:
         raise AttnError(f"pattern '{p.name}' declares heads {p.heads} but H = {heads} was asked for")
@@ -380,8 +380,6 @@ def _needs_grad(call: Call) -> bool:
 
 
 def supports(call: Call) -> str | None:
-    from attnlang.pattern import Pyramid
-
     if isinstance(call.pattern.attend, Pyramid):
         return ("pyramid(...) pools keys, which a FlexAttention mask cannot express: "
                 "use backend='torch'")

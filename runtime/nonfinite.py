@@ -13,11 +13,9 @@ there since every masked weight is an exact zero times a finite number.
 """
 from __future__ import annotations
 
-import warnings
 
 import torch
 
-_WARNED: set[str] = set()
 
 
 def all_finite(*tensors: torch.Tensor | None) -> bool:
@@ -33,19 +31,6 @@ def all_finite(*tensors: torch.Tensor | None) -> bool:
         return True
     ends = [torch.stack(torch.aminmax(t)).float() for t in tensors if t is not None and t.numel()]
     return not ends or bool(torch.isfinite(torch.cat(ends)).all())
-
-
-def exact_fallback(call, backend: str, why: str):
-    """Run ``call`` on the torch executor, whose chunks switch to masked products when an input
-    is non-finite: for backends whose own kernels multiply masked entries by zero. Warns once
-    per backend."""
-    from attnlang.runtime import torch_exec
-
-    if backend not in _WARNED:
-        _WARNED.add(backend)
-        warnings.warn(f"attnlang: q/k/v hold NaN or Inf; {why}, so backend='{backend}' runs such "
-                      "calls on the torch executor's exact path", stacklevel=4)
-    return torch_exec.run(call)
 
 
 def masked_mm(a: torch.Tensor, b: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:

@@ -31,10 +31,11 @@ import torch
 
 from attnlang.pattern import Env, Pattern, Pyramid, Route
 from attnlang.plan import PARTIAL
-from attnlang.pyramid import box_ids, box_order, eligible, level_bounds
+from attnlang.boxes import box_order, token_boxes
+from attnlang.pyramid import eligible, level_bounds
 from attnlang.routing import group_block_classes
 from attnlang.runtime.call import Call
-from attnlang.runtime.routed import GroupTiles, RoutedAttention
+from attnlang.runtime.tilesets import GroupTiles, TileSetAttention
 
 MASK_PAIRS = 1 << 24  # (query, key) pairs of `among` evaluated at once for visibility
 
@@ -71,8 +72,8 @@ def static_of(pattern: Pattern, device: str) -> Static:
     p: Pyramid = pattern.attend
     layout = pattern.layout
     n = layout.n
-    qids, nq = box_ids(layout, p.query_block)
-    kids, nk = box_ids(layout, p.block)
+    qids, nq = token_boxes(layout, p.query_block)
+    kids, nk = token_boxes(layout, p.block)
     korder, kstart = box_order(kids, nk)
     qorder, qstart = box_order(qids, nq)
     qsize = np.diff(qstart)
@@ -231,5 +232,5 @@ def run(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
     tables = [levels(call, b).cpu().numpy() for b in range(B)]
     pk = torch.stack([_pooled(call.k[b].float(), st) for b in range(B)])  # [B, Hkv, M, D]
     pv = torch.stack([_pooled(call.v[b].float(), st) for b in range(B)])
-    out, lse = RoutedAttention.apply(call.q, pk, pv, _tiles(call, st, tables), call.scale)
+    out, lse = TileSetAttention.apply(call.q, pk, pv, _tiles(call, st, tables), call.scale)
     return out.view(B, Hq, N, call.v_dim).to(call.q.dtype), lse.view(B, Hq, N)

@@ -12,6 +12,8 @@ import torch
 
 from attnlang.errors import AttnError
 from attnlang.pattern import Pyramid
+from attnlang.pyramid import level_table, pool_members, token_structure
+from attnlang.routing import pattern_content
 from attnlang.runtime.call import Call
 from attnlang.runtime.nonfinite import MaskedPV, MaskedScores
 
@@ -24,8 +26,6 @@ def dense_masks(call: Call) -> torch.Tensor:
     items = range(call.batch) if call.inputs else range(1)
     routed = p.reads_content and not isinstance(p.attend, Pyramid)
     if routed:  # route: the numpy oracle's selection, per batch item
-        from attnlang.routing import pattern_content
-
         items = range(call.batch)
         content = [pattern_content(p, call.q[b].detach().float().cpu().numpy(),
                                    call.k[b].detach().float().cpu().numpy(), call.scale) for b in items]
@@ -72,8 +72,6 @@ def _pyramid(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
     """PSA literally (docs/language.md §13.2): levels from the numpy oracle, then dense attention where
     each key's K/V is replaced by the mean of its pooled run at the level its block was given,
     keys of invisible runs and skipped blocks masked. Equal to one pooled key with ``+ ln(l)``."""
-    from attnlang.pyramid import level_table, pool_members, token_structure
-
     p, layout = call.pattern.attend, call.pattern.layout
     group = call.heads // call.kv_heads
     k = call.k.float().repeat_interleave(group, dim=1)

@@ -23,7 +23,9 @@ import numpy as np
 import torch
 
 from attnlang.pattern import Layout, Pattern, Route
-from attnlang.routing import block_ids, eligibility, eligibility_permuted, group_ids, routes, threshold_cut
+from attnlang.boxes import block_ids, group_ids
+from attnlang.routing import eligibility, eligibility_permuted, routes, threshold_cut
+from attnlang.routing import select as np_select
 
 
 def _segment_mean(x: torch.Tensor, ids: torch.Tensor, count: int) -> torch.Tensor:
@@ -153,18 +155,13 @@ def head_threshold(scores: np.ndarray, eligible: np.ndarray, tau: float) -> np.n
     return out.transpose(0, 2, 1)
 
 
-def route_content(route: Route, layout: Layout, q: torch.Tensor, k: torch.Tensor, scale: float,
-                  kernels: bool = False) -> dict:
+def route_content(route: Route, layout: Layout, q: torch.Tensor, k: torch.Tensor, scale: float) -> dict:
     """One Route's content entries for one batch item (``q [Hq, N, D]``, ``k [Hkv, N, D]``).
 
     ``kernels``: compute them with the Triton routing kernels
     (:mod:`attnlang.runtime.triton_routing`; CUDA tensors, or CPU under ``TRITON_INTERPRET=1``),
     as the triton backend does; else with the torch ops below.
     """
-    if kernels:
-        from attnlang.runtime import triton_routing
-
-        return triton_routing.route_content(route, layout, q, k, scale)
     dev = q.device
     Hq = q.shape[0]
     kv_of = torch.arange(Hq, device=dev) // (Hq // k.shape[0])
@@ -189,8 +186,6 @@ def route_content(route: Route, layout: Layout, q: torch.Tensor, k: torch.Tensor
         if dev.type == "cpu":
             # Scores as the oracle computes them (einsum, not matmul: the last bits decide
             # threshold cuts near 1), and numpy's sort of many short rows is faster here.
-            from attnlang.routing import select as np_select
-
             scores = np.einsum("hgd,hbd->hgb", qmean.numpy(), kmean.numpy()).astype(np.float32) * np.float32(scale)
             if route.scope == "head" and route.threshold is not None:  # many pairs: no whole-head sort
                 out[route] = head_threshold(scores, elig.numpy(), route.threshold)
@@ -202,13 +197,12 @@ def route_content(route: Route, layout: Layout, q: torch.Tensor, k: torch.Tensor
     return out
 
 
-def pattern_content(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, scale: float,
-                    kernels: bool = False) -> dict:
-    """Every Route's content for one batch item; ``{}`` for patterns without ``route``.
-    ``kernels``: use the Triton routing kernels (see :func:`route_content`)."""
+def pattern_content(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, scale: float) -> dict:
+    """Every Route's content for one batch item; ``{}`` for patterns without ``route``
+    (:func:`attnlang.runtime.triton_routing.pattern_content` is the same with the Triton kernels)."""
     out: dict[Any, np.ndarray] = {}
     for r in routes(pattern):
-        out.update(route_content(r, pattern.layout, q, k, scale, kernels))
+        out.update(route_content(r, pattern.layout, q, k, scale))
     return out
 
 

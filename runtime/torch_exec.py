@@ -8,7 +8,7 @@ and runs attention on it with an additive ``0 / -inf`` bias that is nonzero only
 and dummies. Softmax is in fp32 whatever the input dtype. Results are scattered back to the
 user's token order.
 
-The chunk kernel is PyTorch's fused CPU flash-attention op where it exists (CPU tensors), which
+The chunk kernel (:mod:`attnlang.runtime.chunks`) is PyTorch's fused CPU flash-attention op where it exists (CPU tensors), which
 also gives the log-sum-exp; elsewhere, or when a gradient flows into ``lse``, an explicit
 matmul / softmax version of the same computation. Either way memory is bounded by the chunk
 (about ``CHUNK_BYTES`` of scores), never by ``N²``.
@@ -40,14 +40,13 @@ import torch
 
 from attnlang.pattern import Pyramid
 from attnlang.rows import CHUNK_BYTES, chunks
+from attnlang.runtime import pyramid, routed
 from attnlang.runtime.call import Call
-from attnlang.runtime.nonfinite import all_finite, masked_mm
+from attnlang.runtime.chunks import chunk_backward, chunk_forward
+from attnlang.runtime.nonfinite import all_finite
 from attnlang.runtime.tiles import TileSchedule, schedule_for
 
 BIAS_CACHE_BYTES = 64 << 20  # per-chunk masks are kept with the plan when they take at most this
-_FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-_FUSED_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
-USE_FUSED = True  # tests switch this off to check the explicit chunk kernel on CPU
 
 
 def supports(call: Call) -> str | None:
@@ -58,12 +57,8 @@ def supports(call: Call) -> str | None:
 def run(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(out [B, Hq, N, Dv] in q's dtype, lse [B, Hq, N] fp32)``, differentiable."""
     if isinstance(call.pattern.attend, Pyramid):
-        from attnlang.runtime import pyramid
-
         return pyramid.run(call)
     if call.pattern.reads_content:
-        from attnlang.runtime import routed
-
         sp = routed.split(call.pattern) if routed.USE_FAST else None
         if sp is not None:  # static part + routed key blocks (runtime/routed.py)
             return routed.run(call, sp)
@@ -160,85 +155,6 @@ def _unrows(parts: list[torch.Tensor], G: int, bm: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Chunk kernels: fused (PyTorch's CPU flash op) and explicit
-# --------------------------------------------------------------------------------------------
-
-def _fused_ok(q: torch.Tensor, v: torch.Tensor) -> bool:
-    # The fused op wants one head size for Q/K and V: Dv != D (MLA) runs the explicit kernel.
-    return USE_FUSED and _FUSED is not None and q.device.type == "cpu" and q.shape[-1] == v.shape[-1]
-
-
-def _chunk_forward(q, k, v, bias, scale, exact: bool = False):
-    """``(out, lse)`` of one chunk; ``lse`` is 0 (not -inf) on rows with no allowed key.
-
-    ``exact``: some input holds NaN/Inf, so masked pairs are excluded with ``where`` (an additive
-    ``-inf`` bias gives ``NaN + -inf = NaN``, and ``P @ V`` gives ``0 * NaN``): see
-    :mod:`attnlang.runtime.nonfinite`.
-    """
-    if exact and bias is not None:
-        return _chunk_forward_exact(q, k, v, bias == 0, scale)
-    if _fused_ok(q, v):
-        return _FUSED(q, k, v, attn_mask=bias, scale=scale)
-    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
-    if bias is not None:
-        s.add_(bias)
-    m = s.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # empty rows: every score is -inf
-    p = s.sub_(m).exp_()
-    den = p.sum(dim=-1, keepdim=True)
-    out = torch.matmul(p, v).div_(torch.where(den > 0, den, torch.ones_like(den)))
-    lse = torch.where(den > 0, m + torch.log(den), torch.zeros_like(den))
-    return out, lse.squeeze(-1)
-
-
-def _chunk_forward_exact(q, k, v, allowed, scale):
-    s = torch.where(allowed, torch.matmul(q, k.transpose(-1, -2)).mul_(scale), float("-inf"))
-    m = s.amax(dim=-1, keepdim=True)
-    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)  # empty rows: every score is -inf
-    p = torch.where(allowed, torch.exp(s - m), 0.0)
-    den = p.sum(dim=-1, keepdim=True)
-    # A row that sees a NaN keeps den = NaN: its out and lse stay NaN (never an empty row's 0).
-    out = masked_mm(p, v, allowed).div_(torch.where(den == 0, torch.ones_like(den), den))
-    lse = torch.where(den == 0, torch.zeros_like(den), m + torch.log(den))
-    return out, lse.squeeze(-1)
-
-
-def _chunk_backward(do, q, k, v, o, lse, bias, scale, dlse, exact: bool = False):
-    """``(dq, dk, dv)`` of one chunk; ``dlse`` (or None) is the gradient flowing into ``lse``;
-    ``exact`` as in :func:`_chunk_forward`."""
-    if exact and bias is not None:
-        return _chunk_backward_exact(do, q, k, v, o, lse, bias == 0, scale, dlse)
-    if dlse is None and _fused_ok(q, v) and _FUSED_BWD is not None:
-        if bias is not None:
-            # The fused backward is about 2x slower with a mask broadcast over heads (measured).
-            bias = bias.expand(q.shape[0], -1, -1, -1).contiguous()
-        return _FUSED_BWD(do, q, k, v, o, lse, 0.0, False, attn_mask=bias, scale=scale)
-    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
-    if bias is not None:
-        s.add_(bias)
-    p = s.sub_(lse.unsqueeze(-1)).exp_()
-    dv = torch.matmul(p.transpose(-1, -2), do)
-    dp = torch.matmul(do, v.transpose(-1, -2))
-    delta = (do * o).sum(dim=-1, keepdim=True)
-    if dlse is not None:
-        delta = delta - dlse.unsqueeze(-1)
-    ds = p.mul_(dp.sub_(delta)).mul_(scale)
-    return torch.matmul(ds, k), torch.matmul(ds.transpose(-1, -2), q), dv
-
-
-def _chunk_backward_exact(do, q, k, v, o, lse, allowed, scale, dlse):
-    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
-    p = torch.where(allowed, torch.exp(s - lse.unsqueeze(-1)), 0.0)
-    allowed_t = allowed.transpose(-1, -2)
-    dv = masked_mm(p.transpose(-1, -2), do, allowed_t)
-    delta = (do * o).sum(dim=-1, keepdim=True)
-    if dlse is not None:
-        delta = delta - dlse.unsqueeze(-1)
-    ds = torch.where(allowed, p * (torch.matmul(do, v.transpose(-1, -2)) - delta), 0.0).mul_(scale)
-    return masked_mm(ds, k, allowed), masked_mm(ds.transpose(-1, -2), q, allowed_t), dv
-
-
-# --------------------------------------------------------------------------------------------
 # The autograd function
 # --------------------------------------------------------------------------------------------
 
@@ -267,7 +183,7 @@ class _TileAttention(torch.autograd.Function):
         out = q.new_empty((B, Hq, N, Dv), dtype=torch.float32)
         lse = q.new_empty((B, Hq, N), dtype=torch.float32)
         raw = torch.empty_like(lse)  # the chunk kernels' lse (0 on empty rows), for backward
-        # NaN/Inf anywhere: every chunk excludes masked pairs exactly (slower; see _chunk_forward).
+        # NaN/Inf anywhere: every chunk excludes masked pairs exactly (slower; see chunk_forward).
         exact = not all_finite(q, k, v)
         with torch.no_grad():
             for b, s, lo, hi, rows, G, kv_map in _groups(call):
@@ -277,7 +193,7 @@ class _TileAttention(torch.autograd.Function):
                 outs, lses = [], []
                 for c0, c1 in _chunks(s, rows, G):
                     _, kg, vg, bias = _gather(s, kk, vk, c0, c1, G)
-                    o, l = _chunk_forward(_rows(qk, c0, c1, G, s.block_m), kg, vg, bias, call.scale, exact)
+                    o, l = chunk_forward(_rows(qk, c0, c1, G, s.block_m), kg, vg, bias, call.scale, exact)
                     outs.append(o)
                     lses.append(l.unsqueeze(-1))
                 ok, lk = _unrows(outs, G, s.block_m), _unrows(lses, G, s.block_m).squeeze(-1)
@@ -321,7 +237,7 @@ class _TileAttention(torch.autograd.Function):
                 idx, kg, vg, bias = _gather(s, kk, vk, c0, c1, G)
                 rows_of = lambda x: _rows(x, c0, c1, G, s.block_m)  # noqa: E731
                 g = None if gk is None else rows_of(gk).squeeze(-1)
-                dqc, dkg, dvg = _chunk_backward(rows_of(dok), rows_of(qk), kg, vg, rows_of(ok),
+                dqc, dkg, dvg = chunk_backward(rows_of(dok), rows_of(qk), kg, vg, rows_of(ok),
                                                 rows_of(lk).squeeze(-1), bias, call.scale, g, exact)
                 dqs.append(dqc)
                 dkk.index_add_(1, idx, dkg.reshape(kk.shape[0], -1, s.block_n, D))

@@ -45,10 +45,16 @@ from types import ModuleType
 import numpy as np
 import torch
 
+from attnlang.codegen.module import generate_module
+from attnlang.codegen.module import module_name as _safe
+from attnlang.codegen.triton import call_arrays
 from attnlang.errors import AttnError
 from attnlang.pattern import Pyramid
+from attnlang.plan import Plan
 from attnlang.runtime.call import Call
-from attnlang.runtime.nonfinite import all_finite, exact_fallback
+from attnlang.runtime.dispatch import exact_fallback
+from attnlang.runtime.nonfinite import all_finite
+from attnlang.version import __version__
 
 _LOADED: dict[str, ModuleType] = {}  # plan_key -> imported module
 # id(plan) -> (plan, target, module): the plan is kept so its id stays unique while cached
@@ -70,7 +76,7 @@ def _interpreting() -> bool:
 
 def supports(call: Call) -> str | None:
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  (function-level: probes whether triton is installed)
     except ImportError:
         return "triton is not installed (pip install triton)"
     on_cpu_interp = call.q.device.type == "cpu" and _interpreting()
@@ -91,8 +97,8 @@ def supports(call: Call) -> str | None:
         if call.v_dim != d:
             return (f"the pyramid(...) kernels need one head dim for q/k and v (got {d} and "
                     f"{call.v_dim}): use backend='torch'")
-        # Imported only once the device is known to run kernels: its @triton.jit functions
-        # choose compiled or interpreted (TRITON_INTERPRET) when the module is imported.
+        # Function-level: imported only once the device is known to run kernels: its @triton.jit
+        # functions choose compiled or interpreted (TRITON_INTERPRET) when the module is imported.
         from attnlang.runtime import triton_pyramid
 
         return triton_pyramid.refusal(call)
@@ -114,8 +120,6 @@ def target_for(device: torch.device) -> str:
 def plan_key(plan, target: str) -> str:
     """A digest of what the generated module depends on: pattern text, parameters, tiling,
     order, every table and the target (cheaper than generating the source to hash it)."""
-    from attnlang import __version__
-
     h = hashlib.sha256()
     for part in (__version__, target, plan.pattern.to_attn(), repr(plan.pattern.params),
                  repr((plan.block_m, plan.block_n, plan.tile_q, plan.tile_kv))):
@@ -154,8 +158,6 @@ def _pattern_text(pattern) -> str:
 def per_call_module(plan, target: str):
     """The per-call-tables module for ``plan``'s tiling: ``(module, Kernels)``, generated and
     imported once per (pattern, tiling, target)."""
-    from attnlang import __version__
-
     groups = tuple((g.lo, g.hi) for g in plan.groups) if not plan.pattern.reads_content else ()
     key = (_pattern_text(plan.pattern), plan.block_m, plan.block_n, plan.order is None, plan.n_kernel,
            groups, target, __version__)
@@ -165,8 +167,6 @@ def per_call_module(plan, target: str):
 
 
 def _import(plan, target: str, per_call: bool):
-    from attnlang.codegen.module import generate_module, module_name as _safe
-
     m = generate_module(plan, name=_safe(plan.pattern.name), target=target, per_call=per_call)
     source = m.source.encode()
     digest = hashlib.sha256(source + (m.sidecar or b"")).hexdigest()[:20]
@@ -267,8 +267,6 @@ def item_plans(call: Call) -> list:
     reads the tables); such an item is re-tabulated at the first item's tiling from its dense
     mask (O(N²), exact).
     """
-    from attnlang.plan import Plan
-
     plans = [call.plan(b) for b in range(call.batch)]
     first = plans[0]
     for b, p in enumerate(plans[1:], 1):
@@ -299,15 +297,13 @@ def run(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
             # a hidden NaN would reach its tile. Rare: one check per call.
             return exact_fallback(call, "triton", "the pyramid(...) kernels would leak them into rows "
                                   "that may not see them (0 * NaN in P @ V)")
-        from attnlang.runtime import triton_pyramid
+        from attnlang.runtime import triton_pyramid  # function-level: as in supports()
 
         return triton_pyramid.run(call)
     target = target_for(call.q.device)
     if not per_call(call):
         mod = load_module(call.plan(0), target)
         return mod.attention(call.q, call.k, call.v, scale=call.scale, return_lse=True, **call.inputs)
-    from attnlang.codegen.triton import call_arrays
-
     # Routing first, by the Triton routing kernels: the per-item plans read these decisions.
     contents = [call.content(b, kernels=True) for b in range(call.batch)] if call.pattern.reads_content else []
     plans = item_plans(call)

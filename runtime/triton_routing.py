@@ -46,8 +46,9 @@ import torch
 import triton
 import triton.language as tl
 
-from attnlang.pattern import Layout, Route, box_ids
-from attnlang.routing import eligibility, eligibility_permuted, threshold_cut
+from attnlang.boxes import token_boxes
+from attnlang.pattern import Layout, Pattern, Route
+from attnlang.routing import eligibility, eligibility_permuted, routes, threshold_cut
 from attnlang.runtime.routing import importance_perm, select
 
 SELECT_BLOCKS = 4096  # widest selection row (blocks per group) one program holds in registers
@@ -143,7 +144,7 @@ def _route_kernel(Q, K, E, TAU, OUT, sqh, sqg, sqd, skh, skd, skb, seh, seg, seb
 def _csr(box: tuple, layout: Layout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens sorted by their ``box`` cell (row-major cell numbers, ragged end cells) and the
     cell offsets: int32 ``tok [N]``, ``ptr [cells + 1]`` on ``device``."""
-    ids = box_ids(layout.coords(np.arange(layout.n)), box, layout.sizes)
+    ids, _ = token_boxes(layout, box)
     tok = np.argsort(ids, kind="stable")
     ptr = np.searchsorted(ids[tok], np.arange(int(ids.max()) + 2))
     return (torch.from_numpy(tok.astype(np.int32)).to(device),
@@ -217,4 +218,13 @@ def route_content(route: Route, layout: Layout, q: torch.Tensor, k: torch.Tensor
     return out
 
 
-__all__ = ["route_content", "SELECT_BLOCKS"]
+def pattern_content(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, scale: float) -> dict:
+    """Every Route's content for one batch item, from the kernels above; ``{}`` for patterns
+    without ``route`` (as :func:`attnlang.runtime.routing.pattern_content`)."""
+    out: dict[Any, np.ndarray] = {}
+    for r in routes(pattern):
+        out.update(route_content(r, pattern.layout, q, k, scale))
+    return out
+
+
+__all__ = ["route_content", "pattern_content", "SELECT_BLOCKS"]

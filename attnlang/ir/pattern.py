@@ -2,13 +2,17 @@
 :meth:`Pattern.create`, the one boundary where expressions are bound to a layout and validated."""
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass, replace
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from attnlang.errors import AttnError, Diagnostic, Span, did_you_mean
-from attnlang.ir.bind import _fmt_axis, _len, _prim_name
+from attnlang.ir.bind import _check, _fmt_axis, _len, _per_axis, _prim_name, check_boxes
 from attnlang.ir.expr import Expr, Full, PerAxis, _span
 from attnlang.ir.layout import Env, Layout
 from attnlang.ir.primitives import Same, Valid
@@ -55,8 +59,6 @@ class Pyramid:
     span: Span | None = _span()
 
     def bind(self, layout: Layout, out: list[Diagnostic]) -> "Pyramid":
-        from attnlang.pyramid import bind_pyramid
-
         return bind_pyramid(self, layout, out)
 
     def to_attn(self, indent: str = "") -> str:
@@ -71,6 +73,71 @@ class Pyramid:
 
     def __str__(self) -> str:
         return self.to_attn()
+
+
+# Pyramid validation lives with the node, as Route's does (was attnlang.pyramid.bind_pyramid;
+# moved so that the IR imports nothing above it).
+
+def bind_pyramid(p: Pyramid, layout: Layout, out: list[Diagnostic]) -> Pyramid:
+    """Normalise per-axis sizes and check every constraint of docs/language.md §13.2, appending to ``out``."""
+    n0 = len(out)
+    block = _per_axis(p, "block", p.block, layout, out)
+    qblock = _per_axis(p, "query_block", p.query_block, layout, out)
+    if len(out) == n0:
+        check_boxes(p, "pyramid", {"block": block, "query_block": qblock}, layout, out)
+    levels, keep = tuple(p.levels), tuple(p.keep or ())
+    if not keep:
+        out.append(Diagnostic("pyramid needs keep = [...]: the fraction of eligible blocks each level gets",
+                              p.span, f"e.g. keep = [{', '.join(['0.1'] * max(1, len(levels)))}]"))
+    bad_levels = [v for v in levels if not (isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1)]
+    if not levels or bad_levels:
+        out.append(Diagnostic(f"pyramid levels {list(levels)} must be a non-empty list of positive integers",
+                              p.span, "e.g. levels = [1, 2, 4, 8] (tokens pooled per key at each level)"))
+    bad_keep = [v for v in keep if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1)]
+    if bad_keep:
+        out.append(Diagnostic(f"pyramid keep {list(keep)} has entries outside 0..1: {bad_keep}", p.span,
+                              "each keep entry is a fraction of the eligible blocks, 0 <= f <= 1"))
+    if keep and levels and len(keep) != len(levels):
+        out.append(Diagnostic(f"pyramid has {len(levels)} levels {list(levels)} but {len(keep)} keep "
+                              f"fractions {list(keep)}", p.span, "give one keep fraction per level"))
+    if keep and not bad_keep and sum(map(exact_fraction, keep)) > 1:
+        total = sum(Decimal(repr(float(x))) for x in keep)
+        out.append(Diagnostic(f"pyramid keep {list(keep)} sums to {total}, more than 1", p.span,
+                              "valid: sum(keep) <= 1 as the decimals are written (the rest of the "
+                              "blocks are skipped)"))
+    if len(out) == n0:
+        sizes = block_sizes(layout, block)
+        for lv in levels:
+            bad = [s for s in sizes if s % lv]
+            _check(not bad, out, p,
+                   f"pyramid level {lv} does not divide the block token count {bad[0] if bad else ''}"
+                   f" (blocks {_fmt_box(block)} on tokens {layout.to_attn()} hold {sorted(sizes)} tokens)",
+                   "every level must divide the token count of every block, including the smaller "
+                   "boxes at the end of an axis; pick a block shape that divides the axes")
+    among = p.among
+    if not isinstance(among, Expr):
+        out.append(Diagnostic(f"pyramid among must be a pattern expression, got {among!r}", p.span))
+    else:
+        among = among.bind(layout, out)
+    return Pyramid(block, tuple(float(x) for x in keep) if not bad_keep else keep, qblock,
+                   tuple(int(x) for x in levels) if not bad_levels else levels, among, p.span)
+
+
+def _fmt_box(box: tuple[int, ...]) -> str:
+    return str(box[0]) if len(box) == 1 else "(" + ", ".join(map(str, box)) + ")"
+
+
+def exact_fraction(x: float) -> Fraction:
+    """A keep fraction as the decimal the user wrote (0.1 is 1/10, not the nearest double)."""
+    return Fraction(repr(float(x)))
+
+
+def block_sizes(layout: Layout, box: tuple[int, ...]) -> set[int]:
+    """The distinct token counts of the boxes that tile the layout (full boxes and axis tails)."""
+    per_axis = [{b} | ({L % b} if L % b else set()) for L, b in zip(layout.sizes, box)]
+    return {math.prod(c) for c in itertools.product(*per_axis)}
+
+
 
 
 def _no_mask(pattern: "Pattern") -> AttnError:

@@ -156,7 +156,7 @@ def test_merge_of_pieces_far_apart(slack):
     """Pieces of one query whose lse differ by far more than the merge's slack (large logits,
     every block selected): the running reference must move and rescale the sums exactly; with
     slack 0 it moves on every larger piece."""
-    from attnlang.runtime import routed as fast
+    from attnlang.runtime import tilesets as fast  # the merge of the tile-set attention
 
     p = Pattern.create(block(8) | route(8, top=7), tokens=64)
     g = torch.Generator().manual_seed(0)

@@ -51,7 +51,7 @@ def test_every_example_checks(path):
 def test_examples_cover_every_primitive_family():
     seen: set = set()
     for _, p in all_patterns():
-        if isinstance(p.attend, Pyramid):  # a whole attend with no static exprs (§6.2)
+        if isinstance(p.attend, Pyramid):  # a whole attend with no static exprs (docs/language.md §13.2)
             seen.add(Pyramid)
             continue
         for _, _, expr in p.exprs():

@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 import attnlang
 from attnlang.pattern import Pattern, causal, same, sliding, valid
 from attnlang.plan import Plan
-from attnlang.runtime import flex, reference, torch_exec
+from attnlang.runtime import chunks, flex, reference, torch_exec
 from attnlang.runtime.call import check_call
 from strategies import patterns
 
@@ -65,7 +65,7 @@ def tensors(p, B=1, H=2, Hkv=1, D=8, dtype=torch.float32, seed=0):
 @pytest.fixture(params=[True, False], ids=["fused", "explicit"])
 def chunk_kernel(request, monkeypatch):
     """Run torch-executor tests with the fused CPU op and with the explicit chunk kernel."""
-    monkeypatch.setattr(torch_exec, "USE_FUSED", request.param)
+    monkeypatch.setattr(chunks, "USE_FUSED", request.param)
     return request.param
 
 

@@ -16,7 +16,7 @@ from hypothesis import given, settings, strategies as st
 
 import attnlang
 from attnlang.pattern import Pattern, causal, same, sliding, valid
-from attnlang.runtime import flex, reference, torch_exec
+from attnlang.runtime import chunks, flex, reference, torch_exec
 from attnlang.runtime.call import check_call
 from attnlang.runtime.nonfinite import masked_mm
 from strategies import patterns
@@ -109,11 +109,11 @@ def test_reference_isolates(p, data, seed):
 def test_torch_isolates(p, data, bm, bn, pad, permute, fused, dv, seed):
     order = random_order(p.n, pad, seed) if permute else None
     q, k, v = tensors(p.n, H=4, Hkv=2, Dv=dv, seed=seed)
-    old, torch_exec.USE_FUSED = torch_exec.USE_FUSED, fused
+    old, chunks.USE_FUSED = chunks.USE_FUSED, fused
     try:
         check_isolated(torch_exec, p, q, k, v, data.draw(poisons(p.n)), oracle_planner(bm, bn, order))
     finally:
-        torch_exec.USE_FUSED = old
+        chunks.USE_FUSED = old
 
 
 @settings(max_examples=10, deadline=None)
@@ -138,12 +138,12 @@ def test_runtime_inputs_isolate(cuts, length, data, fused):
     q, k, v = tensors(48, B=1)
     spots = data.draw(poisons(48))
     planner = lambda pat, inp: attnlang.make_plan(pat, inputs=inp)  # noqa: E731
-    old, torch_exec.USE_FUSED = torch_exec.USE_FUSED, fused
+    old, chunks.USE_FUSED = chunks.USE_FUSED, fused
     try:
         for mod in (reference, torch_exec):
             check_isolated(mod, DOCS, q, k, v, spots, planner, inputs)
     finally:
-        torch_exec.USE_FUSED = old
+        chunks.USE_FUSED = old
 
 
 # -- the reported cases ---------------------------------------------------------------------------
@@ -168,7 +168,7 @@ def test_padding_tail_poison(backend, where):
 def test_one_poisoned_key_stays_local(fused, monkeypatch):
     """One NaN key under a sliding window reaches only the rows of its window (the torch
     executor spread it to every row through the dummy slots that read key tile 0)."""
-    monkeypatch.setattr(torch_exec, "USE_FUSED", fused)
+    monkeypatch.setattr(chunks, "USE_FUSED", fused)
     fn = attnlang.compile(causal & sliding(4), tokens=64, backend="torch")
     q, k, v = tensors(64)
     for key in (0, 40):

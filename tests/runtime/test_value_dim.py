@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 import attnlang
 from attnlang.pattern import Pattern, causal, sliding
-from attnlang.runtime import flex, reference, torch_exec
+from attnlang.runtime import chunks, flex, reference, torch_exec
 from strategies import patterns
 from test_backends import assert_same, oracle_planner, random_order, run_backend
 
@@ -31,12 +31,12 @@ def test_torch_value_dim_random_patterns(p, bm, bn, dims, pad, permute, fused, s
     q, k, v = qkv(p, *dims, B=2, H=4, Hkv=2, seed=seed)
     ref = run_backend(reference, p, q, k, v, oracle_planner(bm, bn))
     assert ref[0].shape == (2, 4, p.n, dims[1])
-    old = torch_exec.USE_FUSED
-    torch_exec.USE_FUSED = fused
+    old = chunks.USE_FUSED
+    chunks.USE_FUSED = fused
     try:
         got = run_backend(torch_exec, p, q, k, v, oracle_planner(bm, bn, order))
     finally:
-        torch_exec.USE_FUSED = old
+        chunks.USE_FUSED = old
     assert_same(ref, got)
 
 
