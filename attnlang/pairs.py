@@ -10,7 +10,7 @@ asks :func:`allowed_pairs`, which takes the cheapest exact source that applies, 
 4. the plan's own tiles: full tiles by area, partial tiles by evaluating the pattern on their
    elements only (O(visited work)).
 
-tests/test_pairs.py checks that every source that applies gives the dense mask's count.
+tests/plan/test_pairs.py checks that every source that applies gives the dense mask's count.
 """
 from __future__ import annotations
 
