@@ -41,10 +41,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import attnlang
 from attnlang.distributed.shard import Sharding, TileCost, group_heads, shard, tile_rows
 from attnlang.errors import AttnError
 from attnlang.inputs import by_keyword, check_inputs
-from attnlang.pattern import Env, Pattern
+from attnlang.pattern import Env, Pattern, Pyramid
+from attnlang.planner import make_plan
+from attnlang.routing import block_ids, eligibility, group_ids, routes, select
+from attnlang.runtime.call import check_call
+from attnlang.runtime.tiles import partial_masks
+from attnlang.simulate import sample_content
 
 CHUNK_BYTES = 4 << 20  # fp32 scores per head per chunk of query tiles
 _FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -67,8 +73,6 @@ class ContextParallel:
     def __init__(self, spec: Any, pattern: str | None = None, group: Any = None, *, tokens: Any = None,
                  heads: int | None = None, block_m: int | None = None, block_n: int | None = None,
                  cost: TileCost | None = None, **params: Any):
-        import attnlang
-
         if not dist.is_available() or not dist.is_initialized():
             raise AttnError("ContextParallel needs an initialised torch.distributed process group",
                             hint="call torch.distributed.init_process_group(...) first (torchrun sets "
@@ -178,8 +182,6 @@ class ContextParallel:
                 raise AttnError(f"rank {self.rank}: {name} has {t.shape[2]} tokens but this rank's shard "
                                 f"holds {lay.local_n} (N = {lay.pattern.n} over {self.world_size} ranks)",
                                 hint="pass cp.shard(x) of the full tensor")
-        from attnlang.runtime.call import check_call
-
         full = lambda t: torch.zeros((), dtype=t.dtype).expand(t.shape[0], t.shape[1], lay.pattern.n, t.shape[3])  # noqa: E731
         call = check_call(lay.pattern, full(q), full(k), full(v), scale, inputs, None)
         digest = hashlib.blake2b(digest_size=16)
@@ -195,9 +197,6 @@ class ContextParallel:
         ``[B, Hkv, blocks, D]`` tensor), selection for this rank's own query groups, plans for its
         own query tiles, then one all_gather of every rank's needed key tiles: the exchange."""
         from dataclasses import replace
-
-        from attnlang.planner import make_plan
-        from attnlang.routing import block_ids, eligibility, group_ids, routes, select
 
         pattern, sh = lay.pattern, lay.sharding
         B, Hq, Hkv = q.shape[0], q.shape[1], k.shape[1]
@@ -280,8 +279,6 @@ class ContextParallel:
 
 def _routed_check(pattern: Pattern) -> None:
     """Routed patterns run when every route is one ContextParallel can split exactly."""
-    from attnlang.pattern import Pyramid
-    from attnlang.routing import routes
 
     why = None
     if isinstance(pattern.attend, Pyramid):
@@ -305,9 +302,6 @@ def _routed_static(pattern: Pattern):
     (every rank draws the same) for the costs, and units that hold whole key blocks and query
     groups, so each block's pooled K has one owner."""
     import math
-
-    from attnlang.routing import routes
-    from attnlang.simulate import sample_content
 
     unit = 1
     for r in routes(pattern):
@@ -391,8 +385,6 @@ class _Layout:
 
     @staticmethod
     def build(pattern, items, world_size, rank, blocks, cost) -> "_Layout":
-        from attnlang.planner import make_plan
-
         bm, bn = blocks
         content, unit = None, None
         if pattern.reads_content:  # routed: ownership from a representative selection (below)
@@ -472,8 +464,6 @@ class _Layout:
 
 
 def _phases(plan, gi, inputs, sh: Sharding, rank, q_local, my_q, buf_of, kv_owner, content) -> list[_Phase]:
-    from attnlang.runtime.tiles import partial_masks
-
     fq, fk, pq, pk = tile_rows(plan, gi)
     bm, bn = sh.block_m, sh.block_n
     T = len(my_q)
