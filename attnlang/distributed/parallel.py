@@ -49,13 +49,11 @@ from attnlang.pattern import Env, Pattern, Pyramid
 from attnlang.planner import make_plan
 from attnlang.routing import block_ids, eligibility, group_ids, routes, select
 from attnlang.runtime.call import check_call
+from attnlang.runtime.chunks import chunk_backward, chunk_forward
 from attnlang.runtime.tiles import partial_masks
 from attnlang.simulate import sample_content
 
 CHUNK_BYTES = 4 << 20  # fp32 scores per head per chunk of query tiles
-_FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-_FUSED_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
-USE_FUSED = True  # tests switch this off to check the explicit chunk math on CPU
 RECORD = 4  # int64 words of the agreement record: status, local length given, expected, digest
 
 
@@ -515,46 +513,6 @@ def _chunk(counts: np.ndarray, bm: int, bn: int) -> list[tuple[int, int, int]]:
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# Chunk math (fp32)
-# --------------------------------------------------------------------------------------------
-
-def _chunk_forward(q, k, v, bias, scale):
-    """``(out, lse)``; on rows with no allowed key ``out`` is 0 and ``lse`` 0 (callers track it)."""
-    if USE_FUSED and _FUSED is not None and q.device.type == "cpu":
-        out, lse = _FUSED(q, k, v, attn_mask=bias, scale=scale)[:2]
-        return out, lse
-    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
-    if bias is not None:
-        s.add_(bias)
-    m = s.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    p = s.sub_(m).exp_()
-    den = p.sum(dim=-1, keepdim=True)
-    out = torch.matmul(p, v).div_(torch.where(den > 0, den, torch.ones_like(den)))
-    lse = torch.where(den > 0, m + torch.log(den), torch.zeros_like(den))
-    return out, lse.squeeze(-1)
-
-
-def _chunk_backward(do, q, k, v, o, lse, bias, scale, dlse):
-    """``(dq, dk, dv)`` of one chunk against the *final* ``o`` and ``lse`` of its rows."""
-    if USE_FUSED and dlse is None and _FUSED_BWD is not None and q.device.type == "cpu":
-        if bias is not None:
-            bias = bias.expand(q.shape[0], -1, -1, -1).contiguous()
-        return _FUSED_BWD(do, q, k, v, o, lse, 0.0, False, attn_mask=bias, scale=scale)[:3]
-    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
-    if bias is not None:
-        s.add_(bias)
-    p = s.sub_(lse.unsqueeze(-1)).exp_()
-    dv = torch.matmul(p.transpose(-1, -2), do)
-    dp = torch.matmul(do, v.transpose(-1, -2))
-    delta = (do * o).sum(dim=-1, keepdim=True)
-    if dlse is not None:
-        delta = delta - dlse.unsqueeze(-1)
-    ds = p.mul_(dp.sub_(delta)).mul_(scale)
-    return torch.matmul(ds, k), torch.matmul(ds.transpose(-1, -2), q), dv
-
-
 def _gather(ph: _Phase, kb, vb, c0, c1, w, bn):
     """Key/value tiles ``[H, c, W*BN, D]`` and bias ``[1, c, BM, W*BN]`` of query tiles c0..c1."""
     H, D = kb.shape[0], kb.shape[-1]
@@ -583,7 +541,7 @@ def _attend_phase(ph: _Phase, qk, kb, vb, scale, bm, bn):
     for c0, c1, w in ph.chunks:
         _, kg, vg, bias = _gather(ph, kb, vb, c0, c1, w, bn)
         qc = qk[:, c0 * bm:c1 * bm].reshape(H, c1 - c0, bm, D)
-        o, l = _chunk_forward(qc, kg, vg, bias, scale)
+        o, l = chunk_forward(qc, kg, vg, bias, scale)
         out[:, c0 * bm:c1 * bm] = o.reshape(H, -1, D)
         lse[:, c0 * bm:c1 * bm] = l.reshape(H, -1)
     return out, lse
@@ -599,7 +557,7 @@ def _grad_phase(ph: _Phase, qk, kb, vb, ok, dok, lk, gk, scale, bm, bn):
         idx, kg, vg, bias = _gather(ph, kb, vb, c0, c1, w, bn)
         r = lambda x: x[:, c0 * bm:c1 * bm].reshape(H, c1 - c0, bm, x.shape[-1])  # noqa: E731
         g = None if gk is None else r(gk.unsqueeze(-1)).squeeze(-1)
-        dqc, dkg, dvg = _chunk_backward(r(dok), r(qk), kg, vg, r(ok), r(lk.unsqueeze(-1)).squeeze(-1), bias, scale, g)
+        dqc, dkg, dvg = chunk_backward(r(dok), r(qk), kg, vg, r(ok), r(lk.unsqueeze(-1)).squeeze(-1), bias, scale, g)
         dq[:, c0 * bm:c1 * bm] = dqc.reshape(H, -1, D)
         dkb.index_add_(1, idx, dkg.reshape(H, -1, bn, D))
         dvb.index_add_(1, idx, dvg.reshape(H, -1, bn, D))
