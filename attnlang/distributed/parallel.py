@@ -174,6 +174,10 @@ class ContextParallel:
             raise AttnError(f"q, k, v must share one float dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
         if not (q.device == k.device == v.device):
             raise AttnError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+        if not q.shape[3] == k.shape[3] == v.shape[3]:  # the exchange packs K and V of one head dim
+            raise AttnError(f"ContextParallel needs one head dim for q, k and v, got {q.shape[3]}, {k.shape[3]}, "
+                            f"{v.shape[3]}", hint="for Dv != D (MLA) run attnlang.compile(spec) on one device, "
+                                                  "or pad v to q's head dim and slice the output")
         lay = self._pending = self._layout_for(self._only_length(), q.shape[0], inputs)
         for name, t in (("q", q), ("k", k), ("v", v)):
             if t.shape[2] != lay.local_n:

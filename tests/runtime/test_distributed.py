@@ -144,6 +144,12 @@ def _errors(rank, world):
     except AttnError as e:
         if "scope = head" not in str(e):
             out.append(f"routed scope = head: unclear message {e}")
+    try:  # Dv != D: the exchange packs K and V of one head dim (it used to fail inside it)
+        cp(cp.shard(x), cp.shard(x), cp.shard(torch.randn(1, 1, 128, 2)))
+        out.append("Dv != D: no error")
+    except AttnError as e:
+        if "one head dim for q, k and v, got 4, 4, 2" not in str(e):
+            out.append(f"Dv != D: unclear message {e}")
     # After errors the group still works (no rank is left inside a collective).
     cp(cp.shard(x), cp.shard(x), cp.shard(x))
     return out
