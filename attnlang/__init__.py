@@ -7,9 +7,8 @@
 
 ``import attnlang`` stays light: torch and triton load only when a pattern runs.
 """
-from attnlang.api import Compiled, compile, make_plan, mask, parse, resolve, to_block_mask
+from attnlang.api import Compiled, compile, make_plan, mask, parse, resolve, simulate, to_block_mask
 from attnlang.errors import AttnError
-from attnlang.simulate import simulate
 from attnlang.pattern import (
     Layout, Pattern, axial, block, causal, full, global_, grid, halo, keys, neighborhood, none,
     queries, random, same, sink, sliding, strided, valid, window,

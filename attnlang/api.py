@@ -10,18 +10,20 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from attnlang import planner
 from attnlang.errors import AttnError, did_you_mean
 from attnlang.pattern import ByHead, Expr, Pattern, Same, Valid
+from attnlang.plan import Plan
 from attnlang.runtime import BACKENDS
+from attnlang.simulate import Report, SweepPoint, simulate_pattern
+from attnlang.targets import Target, load_target
 
 if TYPE_CHECKING:  # pragma: no cover
     from attnlang.grammar import Module
-    from attnlang.plan import Plan
 
 MASK_LIMIT_BYTES = 1 << 30
 
@@ -33,7 +35,7 @@ def parse(spec: str | os.PathLike) -> "Module":
     >>> m.names
     ['swa']
     """
-    from attnlang.grammar import load, read_source  # function-level: import attnlang does not build the parser
+    from attnlang.grammar import load, read_source  # function-level: lark (import attnlang builds no parser)
 
     if isinstance(spec, (str, os.PathLike)):
         text, name = read_source(spec)
@@ -155,8 +157,8 @@ class Compiled:
         return planner.make_plan(p, inputs=None if inputs is None else {k: np.asarray(v) for k, v in inputs.items()})
 
     def __call__(self, q, k, v, scale: float | None = None, return_lse: bool = False, **inputs: Any):
-        from attnlang.runtime.call import check_call  # function-level: the runtime needs torch
-        from attnlang.runtime.dispatch import run
+        from attnlang.runtime.call import check_call  # function-level: torch (the runtime)
+        from attnlang.runtime.dispatch import run  # function-level: torch (the runtime)
 
         n = q.shape[2] if hasattr(q, "shape") and len(q.shape) == 4 else None
         p = self._static if self._static is not None or n is None else self.pattern_for(n)
@@ -215,9 +217,56 @@ def to_block_mask(spec: Any, pattern: str | None = None, *, B: int | None = None
 
     See :func:`attnlang.runtime.flex.to_block_mask` (``B``/``H`` sizes, runtime ``inputs``).
     """
-    from attnlang.runtime.flex import to_block_mask as _to_block_mask  # function-level: torch
+    from attnlang.runtime.flex import to_block_mask as _to_block_mask  # function-level: torch (flex)
 
     return _to_block_mask(resolve(spec, pattern, tokens=tokens, **params), B=B, H=H, inputs=inputs)
+
+
+def simulate(spec: Any, target: "str | Target" = "h100", pattern: str | None = None, *,
+             dtype: str | None = None, head_dim: int = 128, batch: int = 1, heads: int | None = None,
+             inputs: Mapping[str, Any] | None = None, tokens: Any = None,
+             block_m: int | None = None, block_n: int | None = None,
+             content: Mapping[Any, np.ndarray] | None = None, **params: Any) -> Report:
+    """Predict the speedup of a pattern over dense attention on ``target``.
+
+    ``spec`` is anything :func:`attnlang.make_plan` takes (a file, source text, a Pattern, an
+    expression with ``tokens=``), a :class:`~attnlang.Compiled`, or a ready :class:`Plan`.
+    ``dtype`` defaults to bf16 on GPUs and fp32 on the CPU; ``heads`` to the pattern's own
+    ``heads`` line, else 8. ``**params`` override the pattern's parameters. Patterns that read
+    Q/K (``route``, ``pyramid``) are planned for ``content`` (their routing decisions, see
+    :func:`attnlang.make_plan`), by default for seeded Gaussian Q/K
+    (:func:`attnlang.simulate.sample_content`). The model itself is
+    :func:`attnlang.simulate.simulate_pattern` (a bound pattern or a plan).
+
+    >>> simulate("pattern p { tokens n[4096]\\n attend full }", "a100").forward.schedule_bound
+    1.0
+    """
+    tgt = load_target(target)
+    if isinstance(spec, Plan):
+        bound = spec
+    elif isinstance(spec, Compiled):  # a compiled static pattern simulates the plan it runs
+        bound = spec.pattern if spec.pattern.reads_content else spec.plan(inputs=inputs)
+    else:
+        bound = resolve(spec, pattern, tokens=tokens, **params)
+    return simulate_pattern(bound, tgt, dtype=dtype, head_dim=head_dim, batch=batch, heads=heads, inputs=inputs,
+                            block_m=block_m, block_n=block_n, content=content)
+
+
+def sweep(spec: Any, name: str, values: Sequence[int], target: "str | Target" = "h100",
+          pattern: str | None = None, *, progress: Callable[[Iterable], Iterable] | None = None,
+          **kw: Any) -> list[SweepPoint]:
+    """:func:`simulate` at each value of one pattern parameter (``name``), e.g. ``N`` from 1k to 1M.
+
+    Allowed pairs come from the closed form where one exists (no counting per size).
+    """
+    tgt = load_target(target)
+    sim_kw = {k: kw.pop(k) for k in ("dtype", "head_dim", "batch", "heads") if k in kw}
+    out = []
+    for v in (progress(values) if progress else values):
+        r = simulate(spec, tgt, pattern, **sim_kw, **{**kw, name: v})
+        out.append(SweepPoint(v, r.n, r.forward.flop_bound, r.forward.tile_bound, r.forward.schedule_bound,
+                              r.forward.predicted, r.backward.predicted, r.forward.time_s))
+    return out
 
 
 INPUT_PLANS = 16  # plans kept per compiled pattern for distinct runtime-input values

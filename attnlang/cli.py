@@ -11,14 +11,12 @@ import os
 import pkgutil
 import sys
 
-from attnlang import __version__
+from attnlang import __version__, commands
 from attnlang.errors import AttnError
 
 
 def _commands():
-    import attnlang.commands as pkg
-
-    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         if not info.name.startswith("_"):
             yield importlib.import_module(f"attnlang.commands.{info.name}")
 

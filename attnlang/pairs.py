@@ -40,7 +40,7 @@ def allowed_pairs(plan: Plan, group: HeadGroup, inputs: Mapping[str, Any] | None
         per = np.divide(1.0, lv, out=np.zeros_like(lv), where=lv > 0)
         return int(round(float(qsize @ per @ ksize)))
     if not p.inputs and not p.reads_content:
-        from attnlang.closed_form import derive  # sympy: loaded only when a count needs it
+        from attnlang.closed_form import derive  # function-level: sympy, only when a count needs it
 
         cf = derive(p, group.lo)
         if cf is not None:  # exact and O(1) where the planner had no O(N) count (axes > 2048)

@@ -13,7 +13,7 @@ For a plan and a hardware target it gives, as speedups over the dense kernel of 
    read Q/K (``route``/``pyramid``, docs/language.md §13), the routing stage (pooling, block scores,
    selection, key permutation, pooled key levels).
 
->>> from attnlang import causal, sliding
+>>> from attnlang import causal, simulate, sliding
 >>> r = simulate(causal & sliding(256), "h100", tokens=8192, heads=16)
 >>> r.forward.flop_bound > r.forward.tile_bound >= r.forward.schedule_bound > 1
 True
@@ -27,14 +27,23 @@ import heapq
 import json
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 
+from attnlang.boxes import token_boxes
+from attnlang.distributed.report import rank_report
+from attnlang.distributed.shard import TileCost, shard
 from attnlang.errors import AttnError
 from attnlang.pairs import allowed_pairs
+from attnlang.pattern import Pattern, Pyramid
 from attnlang.plan import Plan
-from attnlang.targets import PassCosts, Target, load_target
+from attnlang.planner import make_plan
+from attnlang.pyramid import pattern_content as pyramid_content
+from attnlang.routing import routes
+from attnlang.routing import pattern_content as routing_content
+from attnlang.rows import chunks, dense_layout, row_layout
+from attnlang.targets import PACKAGED, PassCosts, Target, load_target
 
 SCHEMA = "attnlang.report/1"
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
@@ -168,41 +177,29 @@ class Report:
 # The front door
 # --------------------------------------------------------------------------------------------
 
-def simulate(spec: Any, target: "str | Target" = "h100", pattern: str | None = None, *,
-             dtype: str | None = None, head_dim: int = 128, batch: int = 1, heads: int | None = None,
-             inputs: Mapping[str, Any] | None = None, tokens: Any = None,
-             block_m: int | None = None, block_n: int | None = None,
-             content: Mapping[Any, np.ndarray] | None = None, **params: Any) -> Report:
-    """Predict the speedup of a pattern over dense attention on ``target``.
+def simulate_pattern(spec: "Pattern | Plan", target: "str | Target" = "h100", *, dtype: str | None = None,
+                     head_dim: int = 128, batch: int = 1, heads: int | None = None,
+                     inputs: Mapping[str, Any] | None = None, block_m: int | None = None,
+                     block_n: int | None = None, content: Mapping[Any, np.ndarray] | None = None) -> Report:
+    """The model for a bound :class:`~attnlang.pattern.Pattern` (planned here, with
+    ``block_m``/``block_n``) or a ready :class:`Plan`; :func:`attnlang.simulate` resolves any
+    other spec first. A pattern that reads Q/K is planned for ``content``, by default for seeded
+    Gaussian Q/K (:func:`sample_content`).
 
-    ``spec`` is anything :func:`attnlang.make_plan` takes (a file, source text, a Pattern, an
-    expression with ``tokens=``), a :class:`~attnlang.Compiled`, or a ready :class:`Plan`.
-    ``dtype`` defaults to bf16 on GPUs and fp32 on the CPU; ``heads`` to the pattern's own
-    ``heads`` line, else 8. ``**params`` override the pattern's parameters. Patterns that read
-    Q/K (``route``, ``pyramid``) are planned for ``content`` (their routing decisions, see
-    :func:`attnlang.make_plan`), by default for seeded Gaussian Q/K (:func:`sample_content`).
-
-    >>> simulate("pattern p { tokens n[4096]\\n attend full }", "a100").forward.schedule_bound
+    >>> from attnlang.pattern import Pattern, full
+    >>> simulate_pattern(Pattern.create(full, 4096), "a100").forward.schedule_bound
     1.0
     """
     tgt = load_target(target)
-    plan, content = _plan_of(spec, pattern, inputs, tokens, block_m, block_n, params, content, heads, head_dim)
+    if isinstance(spec, Plan):
+        plan = spec
+    else:
+        if spec.reads_content and content is None:
+            content = sample_content(spec, heads or spec.heads or 8, head_dim)
+        np_inputs = None if inputs is None else {k: np.asarray(v) for k, v in inputs.items()}
+        plan = make_plan(spec, inputs=np_inputs, block_m=block_m, block_n=block_n, content=content)
     return simulate_plan(plan, tgt, dtype=dtype, head_dim=head_dim, batch=batch, heads=heads, inputs=inputs,
                          content=content)
-
-
-def _plan_of(spec, pattern, inputs, tokens, block_m, block_n, params, content, heads, head_dim):
-    """``(plan, content)``: the plan to simulate and the routing content it was made with."""
-    from attnlang.api import Compiled, make_plan, resolve
-
-    if isinstance(spec, Plan):
-        return spec, content
-    p = spec.pattern if isinstance(spec, Compiled) else resolve(spec, pattern, tokens=tokens, **params)
-    if p.reads_content and content is None:
-        content = sample_content(p, heads or p.heads or 8, head_dim)
-    if isinstance(spec, Compiled) and not p.reads_content:
-        return spec.plan(inputs=inputs), content
-    return make_plan(p, inputs=inputs, block_m=block_m, block_n=block_n, content=content), content
 
 
 SAMPLE_HEAD_DIM = 128  # the head dim of sampled Q/K, unless a caller names its own
@@ -218,17 +215,12 @@ def sample_content(pattern: Any, heads: int, head_dim: int = SAMPLE_HEAD_DIM, se
     >>> [v.shape for v in c.values()]
     [(2, 256, 4)]
     """
-    from attnlang.pattern import Pyramid
-
     if not pattern.reads_content:
         return None
     rng = np.random.default_rng(seed)
     q, k = (rng.standard_normal((heads, pattern.n, head_dim), dtype=np.float32) for _ in range(2))
-    if isinstance(pattern.attend, Pyramid):
-        from attnlang.pyramid import pattern_content
-    else:
-        from attnlang.routing import pattern_content
-    return pattern_content(pattern, q, k)
+    oracle = pyramid_content if isinstance(pattern.attend, Pyramid) else routing_content
+    return oracle(pattern, q, k)
 
 
 def simulate_plan(plan: Plan, target: "str | Target" = "h100", *, dtype: str | None = None,
@@ -280,7 +272,7 @@ def simulate_plan(plan: Plan, target: "str | Target" = "h100", *, dtype: str | N
         if clamped:
             notes.append(f"{direction}: the sparse launch fills the last wave better than the dense one; "
                          "schedule bound clamped to the tile bound")
-    from attnlang.closed_form import derive
+    from attnlang.closed_form import derive  # function-level: sympy
 
     cf = derive(p) if len({id(g) for g in head_groups}) == 1 and not p.inputs else None
     return Report(p.name, tgt.name, tgt.description, dtype, head_dim, batch, heads, p.n, plan.n_kernel,
@@ -373,8 +365,6 @@ def _pyramid_work(plan: Plan, heads: int, batch: int, chunk_bytes: int = 0) -> P
     ``ln(l)`` bonus are per element): the programs of ``runtime/triton_pyramid.py``. A chunk
     executor (the CPU path, which buckets tiles of pooled keys into fused calls) gets items of
     about ``chunk_bytes`` of scores instead. The backward walks the same items."""
-    from attnlang.boxes import token_boxes
-
     pyr, layout = plan.pattern.attend, plan.pattern.layout
     (qids, nq), (kids, nb) = token_boxes(layout, pyr.query_block), token_boxes(layout, pyr.block)
     gsize, bsize = np.bincount(qids, minlength=nq), np.bincount(kids, minlength=nb)
@@ -395,8 +385,6 @@ def _pyramid_work(plan: Plan, heads: int, batch: int, chunk_bytes: int = 0) -> P
 
 def _chunk_work(plan: Plan, chunk_bytes: int, heads: int, batch: int, dense: bool) -> PassWork:
     """One item per fused call of the CPU torch executor (see :func:`pass_work`)."""
-    from attnlang.rows import chunks, dense_layout
-
     nq, nk = -(-plan.n // plan.block_m), -(-plan.n // plan.block_n)
     groups = [(dense_layout(nq, nk), heads)] if dense else _group_layouts(plan, heads)
     items = []
@@ -508,8 +496,6 @@ def _permute_seconds(plan: Plan, tgt: Target, dtype: str, head_dim: int, batch: 
 def _group_layouts(plan: Plan, heads: int) -> list:
     """``[(RowLayout, heads in the group)]``: each head group of the first ``heads`` heads as the
     CPU executor lays it out (:mod:`attnlang.rows`); it runs a group's heads in one call."""
-    from attnlang.rows import row_layout
-
     count: dict[int, list] = {}
     for h in range(heads):
         g = plan.group_for_head(h)
@@ -529,21 +515,15 @@ def _routing_seconds(p, tgt: Target, dtype: str, head_dim: int, batch: int, head
     """
     if not p.reads_content:
         return 0.0
-    from attnlang.pattern import Pyramid
-
     n, D, eb = p.n, head_dim, DTYPE_BYTES[dtype]
     rate = tgt.peak(dtype) * tgt.forward.efficiency
     bw = tgt.bandwidth_gbs * 1e9
     nbytes = flops = 0.0
     if isinstance(p.attend, Pyramid):
-        from attnlang.boxes import token_boxes
-
         stages = [(token_boxes(p.layout, p.attend.query_block)[1], token_boxes(p.layout, p.attend.block)[1], None)]
         # Pooled K and V per level l > 1: read both, write 1/l of them.
         nbytes += sum(2 * n * D * eb * (1 + 1 / lv) for lv in set(p.attend.levels) if lv > 1)
     else:
-        from attnlang.routing import routes
-
         stages = [(r.groups(p.layout), r.blocks(p.layout), r) for r in routes(p)]
     for groups, blocks, r in stages:
         nbytes += 2 * n * D * eb + 4 * groups * blocks * max(1.0, math.log2(max(blocks, 2)))
@@ -606,23 +586,6 @@ def _size(s: str, whole: str) -> int:
     return int(digits) * mult
 
 
-def sweep(spec: Any, name: str, values: Sequence[int], target: "str | Target" = "h100",
-          pattern: str | None = None, *, progress: Callable[[Iterable], Iterable] | None = None,
-          **kw: Any) -> list[SweepPoint]:
-    """Simulate at each value of one pattern parameter (``name``), e.g. ``N`` from 1k to 1M.
-
-    Allowed pairs come from the closed form where one exists (no counting per size).
-    """
-    tgt = load_target(target)
-    sim_kw = {k: kw.pop(k) for k in ("dtype", "head_dim", "batch", "heads") if k in kw}
-    out = []
-    for v in (progress(values) if progress else values):
-        r = simulate(spec, tgt, pattern, **sim_kw, **{**kw, name: v})
-        out.append(SweepPoint(v, r.n, r.forward.flop_bound, r.forward.tile_bound, r.forward.schedule_bound,
-                              r.forward.predicted, r.backward.predicted, r.forward.time_s))
-    return out
-
-
 # --------------------------------------------------------------------------------------------
 # Formatting
 # --------------------------------------------------------------------------------------------
@@ -660,7 +623,7 @@ def _share(part: float, total: float) -> str:
 
 
 __all__ = ["COMPONENTS", "Direction", "PassWork", "pass_work", "Report", "SCHEMA", "SweepPoint", "format_speedup",
-           "format_time", "json_safe", "parse_sweep", "sample_content", "simulate", "simulate_plan", "sweep"]
+           "format_time", "json_safe", "parse_sweep", "sample_content", "simulate_pattern", "simulate_plan", "simulate_ranks"]
 
 
 def simulate_ranks(plan: Plan, ranks: int, target: "str | Target" = "h100", *, report: Report | None = None,
@@ -676,8 +639,6 @@ def simulate_ranks(plan: Plan, ranks: int, target: "str | Target" = "h100", *, r
     >>> r.imbalance < 1.05, max(r.forward_bytes) < max(r.all_gather_bytes) / 4
     (True, True)
     """
-    from attnlang.distributed.report import rank_report
-    from attnlang.distributed.shard import TileCost, shard
 
     tgt = load_target(target)
     dtype = dtype or ("bf16" if tgt.kind == "gpu" else "fp32")
@@ -695,8 +656,6 @@ def simulate_ranks(plan: Plan, ranks: int, target: "str | Target" = "h100", *, r
     comm = (plan.block_n * 2 * head_dim * DTYPE_BYTES[dtype] * kv / heads / bw) / tile_s if bw else TileCost.comm
     unit, routed = None, plan.pattern.reads_content and plan.levels is None
     if routed:  # units hold whole key blocks and query groups, as ContextParallel shards them
-        from attnlang.routing import routes
-
         unit = math.lcm(*(math.lcm(r.block[0], r.query_block[0]) for r in routes(plan.pattern)))
     sh = shard(plan, ranks, heads=heads, cost=TileCost(partial=1 + tgt.forward.mask_cost, comm=comm),
                unit=unit, routed=routed)
@@ -707,8 +666,6 @@ def simulate_ranks(plan: Plan, ranks: int, target: "str | Target" = "h100", *, r
 def _packaged_interconnect(name: str) -> float | None:
     """The packaged profile's interconnect figure, for a user profile without one (a profile
     written by ``attnlang calibrate`` measures the machine, not its links)."""
-    from attnlang.targets import PACKAGED
-
     path = PACKAGED / f"{name}.json"
     try:
         return float(json.loads(path.read_text(encoding="utf-8"))["interconnect_gbs"])

@@ -34,10 +34,12 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from attnlang.codegen.triton import Kernels, Table, generate_kernels
-from attnlang.errors import AttnError
-from attnlang.version import __version__
-from attnlang.pattern import ByHead, Expr, HeadRange, Pattern, Same, Valid, and_, not_, or_
+from attnlang.errors import AttnError, did_you_mean
+from attnlang.pattern import (
+    And, ByHead, Empty, Expr, Full, HeadRange, Not, Or, Pattern, Same, Valid, and_, not_, or_,
+)
 from attnlang.plan import BlockTable, HeadGroup, Plan
+from attnlang.version import __version__
 
 TARGETS = ("h100", "h200", "b200", "a100", "cpu")
 
@@ -80,8 +82,6 @@ def check_target(target: str) -> str:
     """Normalise a target name; unknown names are an AttnError listing the valid ones."""
     t = str(target).lower()
     if t not in TARGETS:
-        from attnlang.errors import did_you_mean
-
         raise AttnError(f"unknown target '{target}'{did_you_mean(t, TARGETS)}",
                         hint=f"valid targets: {', '.join(TARGETS)}")
     return t
@@ -112,8 +112,6 @@ def check_dtype(dtype: str | None) -> str | None:
 # --------------------------------------------------------------------------------------------
 
 def _substitute(e: Expr, values: Mapping[Expr, bool]) -> Expr:
-    from attnlang.pattern import And, Empty, Full, Not, Or
-
     if e in values:
         return Full() if values[e] else Empty()
     if isinstance(e, And):

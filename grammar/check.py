@@ -17,15 +17,15 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import numpy as np
 
-from attnlang.errors import Diagnostic, Span, did_you_mean
+from attnlang.errors import AttnError, Diagnostic, Span, did_you_mean
 from attnlang.grammar import ast as A
 from attnlang.grammar.ast import walk
 from attnlang.grammar.limits import MAX_EVAL_DEPTH, MAX_INT
 from attnlang.grammar.prims import BUILTINS, KINDS, NAME_KINDS, PRIMITIVES, REQUIRED, Primitive
 from attnlang.passes.tiles import BLOCK_SIZES
-from attnlang.pattern import Pyramid
 from attnlang.pattern import (
-    INF, ORDERS, Axis, ByHead, Expr, HeadRange, Indices, Input, Layout, Range, and_, not_, or_,
+    INF, ORDERS, Axis, ByHead, Expr, HeadRange, Indices, Input, Layout, Pattern, Pyramid, Range, and_,
+    not_, or_,
 )
 
 if TYPE_CHECKING:
@@ -621,9 +621,6 @@ class Evaluator:
 def instantiate(ev: Evaluator, module: "Module", decl: A.PatternDecl, given: Mapping[str, Any],
                 n: int | None) -> Any:
     """Evaluate a pattern declaration; return a Pattern, or None after reporting errors."""
-    from attnlang.pattern import Pattern
-    from attnlang.errors import AttnError
-
     n_errors = len(ev.out)
     env = Env(module)
     for p in decl.params or ():

@@ -24,9 +24,10 @@ from attnlang.grammar import ast as A
 from attnlang.grammar.ast import walk
 from attnlang.grammar.check import (
     ERR, Env, Evaluator, bind_args, def_params, from_python, instantiate, length_param, prim_params,
+    to_python,
 )
 from attnlang.grammar.fmt import format_file
-from attnlang.grammar.parse import parse_file
+from attnlang.grammar.parse import parse_expr, parse_file
 from attnlang.grammar.prims import BUILTINS, NAME_KINDS, PRIMITIVES
 from attnlang.pattern import Pattern
 
@@ -381,8 +382,6 @@ def parse_value(text: str, name: str = "<value>") -> Any:
     >>> parse_value("(3, 7, 7)"), parse_value("2 * 128"), parse_value("[1, 2]")
     ((3, 7, 7), 256, [1, 2])
     """
-    from attnlang.grammar.check import to_python
-    from attnlang.grammar.parse import parse_expr
     expr = parse_expr(text, name)
     ev = Evaluator()
     v = ev.eval(expr, Env(load_prelude()))

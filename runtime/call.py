@@ -66,7 +66,7 @@ class Call:
         asks); ``{}`` for patterns that do not read Q/K."""
         if b not in self._content:
             if kernels:
-                from attnlang.runtime import triton_routing  # function-level: triton loads only here
+                from attnlang.runtime import triton_routing  # function-level: triton, loaded only here
 
                 pattern_content = triton_routing.pattern_content
             else:

@@ -1,5 +1,6 @@
-"""Chunk kernels shared by the torch tile executor and the routed executor: attention of a block
-of query rows against gathered key/value tiles with an additive ``0 / -inf`` bias.
+"""Chunk kernels shared by the torch tile executor, the routed executor and ``ContextParallel``:
+attention of a block of query rows against gathered key/value tiles with an additive ``0 / -inf``
+bias.
 
 :func:`chunk_forward` / :func:`chunk_backward` use PyTorch's fused CPU flash-attention op where
 it exists (CPU tensors, ``Dv == D``, no gradient into ``lse``), else an explicit matmul /

@@ -97,9 +97,9 @@ def supports(call: Call) -> str | None:
         if call.v_dim != d:
             return (f"the pyramid(...) kernels need one head dim for q/k and v (got {d} and "
                     f"{call.v_dim}): use backend='torch'")
-        # Function-level: imported only once the device is known to run kernels: its @triton.jit
-        # functions choose compiled or interpreted (TRITON_INTERPRET) when the module is imported.
-        from attnlang.runtime import triton_pyramid
+        # Imported only once the device is known to run kernels: its @triton.jit functions choose
+        # compiled or interpreted (TRITON_INTERPRET) when the module is imported.
+        from attnlang.runtime import triton_pyramid  # function-level: triton, see above
 
         return triton_pyramid.refusal(call)
     return None
@@ -297,7 +297,7 @@ def run(call: Call) -> tuple[torch.Tensor, torch.Tensor]:
             # a hidden NaN would reach its tile. Rare: one check per call.
             return exact_fallback(call, "triton", "the pyramid(...) kernels would leak them into rows "
                                   "that may not see them (0 * NaN in P @ V)")
-        from attnlang.runtime import triton_pyramid  # function-level: as in supports()
+        from attnlang.runtime import triton_pyramid  # function-level: triton, as in supports()
 
         return triton_pyramid.run(call)
     target = target_for(call.q.device)

@@ -9,7 +9,12 @@ import argparse
 import re
 from typing import Any
 
+from attnlang.api import parse
 from attnlang.errors import AttnError
+from attnlang.inputs import check_inputs, check_names
+from attnlang.planner import BLOCK_SIZES
+from attnlang.simulate import SAMPLE_HEAD_DIM
+from attnlang.simulate import sample_content as sample
 
 
 def add_spec_arguments(p: argparse.ArgumentParser, many: bool = False) -> None:
@@ -31,7 +36,7 @@ def parse_value(text: str) -> Any:
     """A ``--set`` value in .attn syntax: ``4096``, ``(3, 7, 7)``, ``true``, ``inf``, ``0..4``,
     ``2 * 128``, ``[1, 2]``, ``0.25``, or a size with a unit as ``--sweep`` takes it (``4k`` =
     4096, ``1M`` = 1024**2); a bare identifier (an axis name) is passed as text."""
-    from attnlang.grammar import parse_value as parse_attn_value
+    from attnlang.grammar import parse_value as parse_attn_value  # function-level: lark (the CLI starts without it)
 
     src = text.strip()
     m = _SIZE.fullmatch(src)
@@ -50,8 +55,6 @@ def resolve_pattern(args: argparse.Namespace) -> Any:
     """The pattern ``FILE [-p NAME] [--set K=V]...`` names, bound (as ``attnlang.resolve``), with
     command-line wording when the file has no pattern or several."""
     import pathlib
-
-    from attnlang.api import parse
 
     module = parse(pathlib.Path(args.file))
     names = module.names
@@ -78,8 +81,6 @@ def spec_params(args: argparse.Namespace) -> dict[str, Any]:
 
 def check_tile_flags(args: argparse.Namespace) -> None:
     """``--block-m`` / ``--block-n``: refused here, naming the flag, when the planner cannot run them."""
-    from attnlang.planner import BLOCK_SIZES
-
     for flag, v in (("--block-m", getattr(args, "block_m", None)), ("--block-n", getattr(args, "block_n", None))):
         if v is not None and v not in BLOCK_SIZES:
             raise AttnError(f"{flag} {v} is not a supported tile size",
@@ -101,8 +102,6 @@ def spec_inputs(args: argparse.Namespace, pattern: Any) -> dict[str, Any] | None
     gives the ids as written; ``len=200`` a length.
     """
     import numpy as np
-
-    from attnlang.inputs import check_inputs, check_names
 
     declared = {i.name: i for i in pattern.inputs}
     given: dict[str, str] = {}
@@ -152,9 +151,6 @@ def sample_content(pattern: Any, seed: int = 0) -> dict | None:
     selections come from ``attnlang.compile(...)`` with real tensors. None for static patterns.
     """
     import sys
-
-    from attnlang.simulate import SAMPLE_HEAD_DIM
-    from attnlang.simulate import sample_content as sample
 
     if not pattern.reads_content:
         return None

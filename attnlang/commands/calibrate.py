@@ -31,7 +31,14 @@ from typing import Any, Callable
 
 import numpy as np
 
+import attnlang
+from attnlang.api import make_plan
 from attnlang.errors import AttnError
+from attnlang.pattern import Pattern, block, causal, full, sink, sliding
+from attnlang.rows import CHUNK_BYTES
+from attnlang.runtime import BACKENDS
+from attnlang.simulate import pass_work
+from attnlang.targets import load_target, user_dir
 
 NAME = "calibrate"
 HELP = "measure this machine with the CPU backend and write a simulator target profile"
@@ -49,8 +56,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from attnlang.targets import user_dir
-
     if args.target != "cpu":
         raise AttnError(f"cannot calibrate target '{args.target}': only 'cpu' is measured here",
                         hint="GPU profiles are data: copy a packaged one (attnlang/targets/h100.json), "
@@ -93,8 +98,6 @@ def run(args: argparse.Namespace) -> int:
 # tiles (a sink tile beside each row's own tiles: the gather cost, with and without masks).
 # Eight measurements, five unknowns per direction.
 def calibration_patterns(n: int) -> dict[str, Any]:
-    from attnlang.pattern import Pattern, block, causal, full, sink, sliding
-
     tile = 64  # the CPU planner's tile: block(tile) is one key tile per query tile, sink(tile) one tile
     return {"full": Pattern.create(full, n, name="full"),
             "block(N/4)": Pattern.create(block(max(n // 4, 1)), n, name="block4"),
@@ -117,8 +120,6 @@ def time_patterns(patterns: dict[str, Any], heads: int, head_dim: int, repeat: i
     (after an untimed forward), not as a difference of two noisy totals.
     """
     import torch
-
-    import attnlang
 
     runs = {}
     for name, pattern in patterns.items():
@@ -202,8 +203,6 @@ SLOT = 2  # column of the per-slot cost in features()
 def features(plan, target, direction: str, heads: int) -> list[float]:
     """``(calls, query tiles, slots, masked slots, gathered slots)`` of one plan and direction,
     as the simulator counts them (:func:`attnlang.simulate.pass_work`), weighted by pass share."""
-    from attnlang.simulate import pass_work
-
     ws = pass_work(plan, target, direction, heads)
     return [sum(len(w.full) for w in ws),
             sum(float(w.qtiles.sum()) for w in ws),
@@ -224,10 +223,6 @@ def calibrate_cpu(n: int = 4096, heads: int = 8, head_dim: int = 64, repeat: int
         import torch
     except ImportError:
         raise AttnError("calibrating the cpu target needs torch", hint="pip install torch") from None
-    from attnlang.api import make_plan
-    from attnlang.rows import CHUNK_BYTES
-    from attnlang.runtime import BACKENDS
-    from attnlang.targets import load_target
 
     if "torch" not in BACKENDS:
         raise AttnError("calibration needs the 'torch' backend, which this installation lacks",

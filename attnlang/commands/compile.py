@@ -17,17 +17,20 @@ import os
 import pathlib
 import tempfile
 
+from attnlang.api import make_plan
+from attnlang.codegen.module import (
+    TARGETS, check_dtype, check_head_dim, check_target, generate_module, module_name, module_plan,
+)
 from attnlang.commands import add_spec_arguments, check_tile_flags, resolve_pattern
-from attnlang.errors import AttnError
+from attnlang.errors import AttnError, did_you_mean
 from attnlang.pattern import ORDERS
+from attnlang.simulate import simulate_plan
 
 NAME = "compile"
 HELP = "generate a standalone Triton module (NAME.py + NAME.plan.txt) for a pattern"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from attnlang.codegen.module import TARGETS
-
     add_spec_arguments(p)
     p.add_argument("-o", "--out", metavar="DIR", default=".", help="output directory (default: .)")
     p.add_argument("--target", default="h100", metavar="T",
@@ -41,18 +44,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from attnlang.api import make_plan
-    from attnlang.codegen.module import (
-        check_dtype, check_head_dim, check_target, generate_module, module_name, module_plan,
-    )
 
     # Check every option before planning, so bad input costs nothing and writes nothing.
     target = check_target(args.target)
     head_dim = check_head_dim(args.head_dim)
     dtype = check_dtype(args.dtype)
     if args.order is not None and args.order not in ORDERS:
-        from attnlang.errors import did_you_mean
-
         raise AttnError(f"unknown --order '{args.order}'{did_you_mean(args.order, ORDERS)}",
                         hint=f"valid orders: {', '.join(ORDERS)}")
     check_tile_flags(args)
@@ -95,8 +92,6 @@ def _headline(plan, target: str) -> str | None:
     if target == "cpu" or plan.pattern.inputs:
         return None
     try:
-        from attnlang.simulate import simulate_plan
-
         r = simulate_plan(plan, target)
     except (ImportError, AttnError):
         return None

@@ -29,8 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def canonical(path: pathlib.Path) -> tuple[str, str]:
     """(text as read, canonical text) of one file; raises AttnError for a file that does not parse."""
-    from attnlang.grammar import read_source
-    from attnlang.grammar import load
+    from attnlang.grammar import load, read_source  # function-level: lark (the CLI starts without it)
 
     text, name = read_source(path)
     module = load(text, name)

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 
+from attnlang.api import make_plan
 from attnlang.commands import (
     add_input_arguments, add_spec_arguments, check_tile_flags, resolve_pattern, sample_content,
     spec_inputs,
 )
-from attnlang.errors import AttnError
+from attnlang.errors import AttnError, did_you_mean
 from attnlang.pattern import ORDERS
 
 NAME = "plan"
@@ -33,12 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from attnlang.api import make_plan
-
     check_tile_flags(args)
     if args.order is not None and args.order not in ORDERS:
-        from attnlang.errors import did_you_mean
-
         raise AttnError(f"unknown --order '{args.order}'{did_you_mean(args.order, ORDERS)}",
                         hint=f"valid orders: {', '.join(ORDERS)}")
     pattern = resolve_pattern(args)

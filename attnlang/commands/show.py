@@ -26,6 +26,7 @@ from attnlang.commands import (
 )
 from attnlang.errors import AttnError
 from attnlang.pattern import Env, Pattern, Pyramid
+from attnlang.planner import make_plan
 
 NAME = "show"
 HELP = "draw a pattern's mask: ASCII in the terminal, or a PNG per head group (--png)"
@@ -144,8 +145,6 @@ def _plan_map(pattern: Pattern, head: int, inputs, cell: int, content: Mapping |
     the last tile row and column (under 16 tokens) are judged from the predicate on their real
     pairs (O(16 N) work).
     """
-    from attnlang.planner import make_plan
-
     n = pattern.n
     if cell < MIN_PLAN_TILE:
         raise AttnError(f"N = {n} is too large to draw at one character per {cell} tokens "

@@ -15,10 +15,15 @@ import json
 import pathlib
 import sys
 
+from attnlang.api import make_plan, sweep
 from attnlang.commands import (
     add_input_arguments, add_spec_arguments, check_tile_flags, resolve_pattern, spec_inputs, spec_params,
 )
 from attnlang.errors import AttnError
+from attnlang.simulate import (
+    format_speedup, format_time, json_safe, parse_sweep, sample_content, simulate_plan, simulate_ranks,
+)
+from attnlang.targets import load_target
 
 NAME = "simulate"
 HELP = "predict the speedup over dense attention on a GPU/CPU target (bounds, times, breakdown)"
@@ -48,9 +53,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from attnlang.api import make_plan
-    from attnlang.simulate import parse_sweep, sample_content, simulate_plan, sweep
-    from attnlang.targets import load_target
 
     for flag, v in (("--head-dim", args.head_dim), ("--batch", args.batch), ("--heads", args.heads),
                     ("--ranks", args.ranks)):
@@ -70,8 +72,6 @@ def run(args: argparse.Namespace) -> int:
     report = simulate_plan(plan, target, inputs=inputs, content=content, **kw)
     ranks = None
     if args.ranks is not None:
-        from attnlang.simulate import simulate_ranks
-
         ranks = simulate_ranks(plan, args.ranks, target, report=report, **kw)
     points = None
     if sweep_spec is not None:
@@ -120,14 +120,10 @@ def _progress(count: int):
 def _finite_point(p) -> dict:
     from dataclasses import asdict
 
-    from attnlang.simulate import json_safe
-
     return json_safe(asdict(p))
 
 
 def _sweep_rows(name: str, points) -> list[list[str]]:
-    from attnlang.simulate import format_speedup, format_time
-
     with_n = name != "N"  # sweeping another parameter: show the N it gives too
     rows = [[name] + (["N"] if with_n else []) +
             ["FLOP bound", "tile bound", "schedule bound", "predicted fwd", "predicted bwd", "time fwd"]]

@@ -18,7 +18,7 @@ __all__ = ["ContextParallel", "Sharding", "TileCost", "shard", "tile_rows"]
 
 def __getattr__(name):
     if name == "ContextParallel":  # torch loads here, never on `import attnlang.distributed`
-        from attnlang.distributed.parallel import ContextParallel
+        from attnlang.distributed.parallel import ContextParallel  # function-level: torch
 
         return ContextParallel
     raise AttributeError(f"module 'attnlang.distributed' has no attribute {name!r}")

@@ -41,15 +41,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import attnlang
 from attnlang.distributed.shard import Sharding, TileCost, group_heads, shard, tile_rows
 from attnlang.errors import AttnError
 from attnlang.inputs import by_keyword, check_inputs
-from attnlang.pattern import Env, Pattern
+from attnlang.pattern import Env, Pattern, Pyramid
+from attnlang.planner import make_plan
+from attnlang.routing import block_ids, eligibility, group_ids, routes, select
+from attnlang.runtime.call import check_call
+from attnlang.runtime.chunks import chunk_backward, chunk_forward
+from attnlang.runtime.tiles import partial_masks
+from attnlang.simulate import sample_content
 
 CHUNK_BYTES = 4 << 20  # fp32 scores per head per chunk of query tiles
-_FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-_FUSED_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
-USE_FUSED = True  # tests switch this off to check the explicit chunk math on CPU
 RECORD = 4  # int64 words of the agreement record: status, local length given, expected, digest
 
 
@@ -67,8 +71,6 @@ class ContextParallel:
     def __init__(self, spec: Any, pattern: str | None = None, group: Any = None, *, tokens: Any = None,
                  heads: int | None = None, block_m: int | None = None, block_n: int | None = None,
                  cost: TileCost | None = None, **params: Any):
-        import attnlang
-
         if not dist.is_available() or not dist.is_initialized():
             raise AttnError("ContextParallel needs an initialised torch.distributed process group",
                             hint="call torch.distributed.init_process_group(...) first (torchrun sets "
@@ -172,14 +174,16 @@ class ContextParallel:
             raise AttnError(f"q, k, v must share one float dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
         if not (q.device == k.device == v.device):
             raise AttnError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+        if not q.shape[3] == k.shape[3] == v.shape[3]:  # the exchange packs K and V of one head dim
+            raise AttnError(f"ContextParallel needs one head dim for q, k and v, got {q.shape[3]}, {k.shape[3]}, "
+                            f"{v.shape[3]}", hint="for Dv != D (MLA) run attnlang.compile(spec) on one device, "
+                                                  "or pad v to q's head dim and slice the output")
         lay = self._pending = self._layout_for(self._only_length(), q.shape[0], inputs)
         for name, t in (("q", q), ("k", k), ("v", v)):
             if t.shape[2] != lay.local_n:
                 raise AttnError(f"rank {self.rank}: {name} has {t.shape[2]} tokens but this rank's shard "
                                 f"holds {lay.local_n} (N = {lay.pattern.n} over {self.world_size} ranks)",
                                 hint="pass cp.shard(x) of the full tensor")
-        from attnlang.runtime.call import check_call
-
         full = lambda t: torch.zeros((), dtype=t.dtype).expand(t.shape[0], t.shape[1], lay.pattern.n, t.shape[3])  # noqa: E731
         call = check_call(lay.pattern, full(q), full(k), full(v), scale, inputs, None)
         digest = hashlib.blake2b(digest_size=16)
@@ -195,9 +199,6 @@ class ContextParallel:
         ``[B, Hkv, blocks, D]`` tensor), selection for this rank's own query groups, plans for its
         own query tiles, then one all_gather of every rank's needed key tiles: the exchange."""
         from dataclasses import replace
-
-        from attnlang.planner import make_plan
-        from attnlang.routing import block_ids, eligibility, group_ids, routes, select
 
         pattern, sh = lay.pattern, lay.sharding
         B, Hq, Hkv = q.shape[0], q.shape[1], k.shape[1]
@@ -280,8 +281,6 @@ class ContextParallel:
 
 def _routed_check(pattern: Pattern) -> None:
     """Routed patterns run when every route is one ContextParallel can split exactly."""
-    from attnlang.pattern import Pyramid
-    from attnlang.routing import routes
 
     why = None
     if isinstance(pattern.attend, Pyramid):
@@ -305,9 +304,6 @@ def _routed_static(pattern: Pattern):
     (every rank draws the same) for the costs, and units that hold whole key blocks and query
     groups, so each block's pooled K has one owner."""
     import math
-
-    from attnlang.routing import routes
-    from attnlang.simulate import sample_content
 
     unit = 1
     for r in routes(pattern):
@@ -391,8 +387,6 @@ class _Layout:
 
     @staticmethod
     def build(pattern, items, world_size, rank, blocks, cost) -> "_Layout":
-        from attnlang.planner import make_plan
-
         bm, bn = blocks
         content, unit = None, None
         if pattern.reads_content:  # routed: ownership from a representative selection (below)
@@ -472,8 +466,6 @@ class _Layout:
 
 
 def _phases(plan, gi, inputs, sh: Sharding, rank, q_local, my_q, buf_of, kv_owner, content) -> list[_Phase]:
-    from attnlang.runtime.tiles import partial_masks
-
     fq, fk, pq, pk = tile_rows(plan, gi)
     bm, bn = sh.block_m, sh.block_n
     T = len(my_q)
@@ -525,46 +517,6 @@ def _chunk(counts: np.ndarray, bm: int, bn: int) -> list[tuple[int, int, int]]:
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# Chunk math (fp32)
-# --------------------------------------------------------------------------------------------
-
-def _chunk_forward(q, k, v, bias, scale):
-    """``(out, lse)``; on rows with no allowed key ``out`` is 0 and ``lse`` 0 (callers track it)."""
-    if USE_FUSED and _FUSED is not None and q.device.type == "cpu":
-        out, lse = _FUSED(q, k, v, attn_mask=bias, scale=scale)[:2]
-        return out, lse
-    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
-    if bias is not None:
-        s.add_(bias)
-    m = s.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    p = s.sub_(m).exp_()
-    den = p.sum(dim=-1, keepdim=True)
-    out = torch.matmul(p, v).div_(torch.where(den > 0, den, torch.ones_like(den)))
-    lse = torch.where(den > 0, m + torch.log(den), torch.zeros_like(den))
-    return out, lse.squeeze(-1)
-
-
-def _chunk_backward(do, q, k, v, o, lse, bias, scale, dlse):
-    """``(dq, dk, dv)`` of one chunk against the *final* ``o`` and ``lse`` of its rows."""
-    if USE_FUSED and dlse is None and _FUSED_BWD is not None and q.device.type == "cpu":
-        if bias is not None:
-            bias = bias.expand(q.shape[0], -1, -1, -1).contiguous()
-        return _FUSED_BWD(do, q, k, v, o, lse, 0.0, False, attn_mask=bias, scale=scale)[:3]
-    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
-    if bias is not None:
-        s.add_(bias)
-    p = s.sub_(lse.unsqueeze(-1)).exp_()
-    dv = torch.matmul(p.transpose(-1, -2), do)
-    dp = torch.matmul(do, v.transpose(-1, -2))
-    delta = (do * o).sum(dim=-1, keepdim=True)
-    if dlse is not None:
-        delta = delta - dlse.unsqueeze(-1)
-    ds = p.mul_(dp.sub_(delta)).mul_(scale)
-    return torch.matmul(ds, k), torch.matmul(ds.transpose(-1, -2), q), dv
-
-
 def _gather(ph: _Phase, kb, vb, c0, c1, w, bn):
     """Key/value tiles ``[H, c, W*BN, D]`` and bias ``[1, c, BM, W*BN]`` of query tiles c0..c1."""
     H, D = kb.shape[0], kb.shape[-1]
@@ -593,7 +545,7 @@ def _attend_phase(ph: _Phase, qk, kb, vb, scale, bm, bn):
     for c0, c1, w in ph.chunks:
         _, kg, vg, bias = _gather(ph, kb, vb, c0, c1, w, bn)
         qc = qk[:, c0 * bm:c1 * bm].reshape(H, c1 - c0, bm, D)
-        o, l = _chunk_forward(qc, kg, vg, bias, scale)
+        o, l = chunk_forward(qc, kg, vg, bias, scale)
         out[:, c0 * bm:c1 * bm] = o.reshape(H, -1, D)
         lse[:, c0 * bm:c1 * bm] = l.reshape(H, -1)
     return out, lse
@@ -609,7 +561,7 @@ def _grad_phase(ph: _Phase, qk, kb, vb, ok, dok, lk, gk, scale, bm, bn):
         idx, kg, vg, bias = _gather(ph, kb, vb, c0, c1, w, bn)
         r = lambda x: x[:, c0 * bm:c1 * bm].reshape(H, c1 - c0, bm, x.shape[-1])  # noqa: E731
         g = None if gk is None else r(gk.unsqueeze(-1)).squeeze(-1)
-        dqc, dkg, dvg = _chunk_backward(r(dok), r(qk), kg, vg, r(ok), r(lk.unsqueeze(-1)).squeeze(-1), bias, scale, g)
+        dqc, dkg, dvg = chunk_backward(r(dok), r(qk), kg, vg, r(ok), r(lk.unsqueeze(-1)).squeeze(-1), bias, scale, g)
         dq[:, c0 * bm:c1 * bm] = dqc.reshape(H, -1, D)
         dkb.index_add_(1, idx, dkg.reshape(H, -1, bn, D))
         dvb.index_add_(1, idx, dvg.reshape(H, -1, bn, D))

@@ -41,7 +41,7 @@ def analytic_ranges(term: Term, layout: Layout, ordering: Ordering, bm: int, bn:
     bb = band_blocks(term)
     if bb is None:
         return None
-    from attnlang.closed_form import band_tile_range  # sympy: loaded only when a plan asks for it
+    from attnlang.closed_form import band_tile_range  # function-level: sympy, only when a plan asks
 
     band, blocks = bb
     tr, funcs = band_tile_range(band.lo, band.hi, tuple(blocks), layout.n, bm, bn)

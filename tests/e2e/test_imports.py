@@ -123,10 +123,7 @@ LAYERS = [
     ("cli", ["attnlang.cli", "attnlang.commands"]),
 ]
 # Upward edges that remain, each a known debt with its way out (keep this list shrinking).
-KNOWN_UPWARD = {
-    # simulate() resolves specs itself; it should take a bound Pattern from api.
-    ("attnlang.simulate", "attnlang.api"),
-}
+KNOWN_UPWARD: set[tuple[str, str]] = set()
 
 
 def layer(module: str) -> int:
@@ -141,3 +138,54 @@ def test_imports_point_down_the_layers():
                  if layer(b) > layer(a) and (a, b) not in KNOWN_UPWARD})
     assert not up, "imports that point up the layers:\n" + "\n".join(
         f"  {a} ({LAYERS[layer(a)][0]}) -> {b} ({LAYERS[layer(b)][0]}), line {line}" for a, b, line in up)
+
+
+# ---------------------------------------------------------------------------------------------
+# Function-level imports: each one must say why it is not at module level.
+
+HEAVY = ("torch", "triton", "lark", "sympy", "networkx", "matplotlib")
+MARKER = "# function-level:"
+
+
+def function_level_imports(mods: dict[str, pathlib.Path]) -> list[tuple[str, int, str]]:
+    """``(module, line, source line)`` of every import of an attnlang module inside a function."""
+    out = []
+    for name, path in mods.items():
+        text = path.read_text()
+        lines = text.splitlines()
+
+        def visit(node: ast.AST, in_function: bool) -> None:
+            for child in ast.iter_child_nodes(node):
+                if in_function and isinstance(child, (ast.Import, ast.ImportFrom)):
+                    target = child.module if isinstance(child, ast.ImportFrom) else child.names[0].name
+                    if (isinstance(child, ast.ImportFrom) and child.level) or (target or "").startswith("attnlang"):
+                        out.append((name, child.lineno, lines[child.lineno - 1].strip()))
+                visit(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+
+        visit(ast.parse(text, str(path)), False)
+    return out
+
+
+def test_every_function_level_import_says_why():
+    """An import of an attnlang module inside a function is hoisted to module level unless it
+    keeps a heavy library (HEAVY) out of ``import attnlang``/the CLI's start, or a layer rule
+    forbids the edge at module level; the reason stands on its line after ``# function-level:``."""
+    found = function_level_imports(modules())
+    assert found, "the walk found no function-level import at all: is it still looking?"
+    silent = [f"{m}:{line}: {src}" for m, line, src in found if MARKER not in src]
+    assert not silent, (f"function-level imports without a '{MARKER} <why>' comment (hoist them to module "
+                        "level unless they keep torch/triton/lark/sympy out of import time):\n  "
+                        + "\n  ".join(silent))
+
+
+def test_importing_attnlang_loads_no_heavy_library():
+    """``import attnlang`` (and the runtime and codegen packages, the CLI's commands and its
+    argument parser) load none of HEAVY: they load when a pattern is parsed, run or solved."""
+    import subprocess
+    import sys
+
+    code = ("import sys, attnlang, attnlang.runtime, attnlang.codegen, attnlang.commands, attnlang.cli; "
+            "attnlang.cli.build_parser(); "
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -54,11 +54,13 @@ def _cases(world: int):
 
 def _run_case(name, kw, inputs, shape, rank, world):
     import attnlang
-    from attnlang.distributed import ContextParallel, parallel
+    from attnlang.distributed import ContextParallel
+    from attnlang.runtime import chunks
 
-    # BigBird runs the explicit chunk math; the others PyTorch's fused CPU kernel (whose backward
-    # the lse term below routes to the explicit path: the example checks the fused backward).
-    parallel.USE_FUSED = name != "bigbird"
+    # The reference runs PyTorch's fused CPU kernel. Under ContextParallel BigBird runs the
+    # explicit chunk math, the others the fused kernel (whose backward the lse term below routes
+    # to the explicit path: the example checks the fused backward).
+    chunks.USE_FUSED = True
 
     spec = kw.pop("spec")
     B, H, N, D = shape
@@ -86,6 +88,7 @@ def _run_case(name, kw, inputs, shape, rank, world):
         return real(output, input, *a, **k)
 
     dist.all_to_all_single = counting
+    chunks.USE_FUSED = name != "bigbird"
     try:
         ol, ll = cp(cp.shard(qd, **inputs), cp.shard(kd, **inputs), cp.shard(vd, **inputs), return_lse=True,
                     **inputs)
@@ -94,6 +97,7 @@ def _run_case(name, kw, inputs, shape, rank, world):
         ((y * dy).sum() + (torch.where(torch.isinf(lse_full), 0.0, lse_full) * dl).sum()).backward()
     finally:
         dist.all_to_all_single = real
+        chunks.USE_FUSED = True
     # Bytes counted from the sharding = bytes the collectives moved (forward K/V, backward dK/dV).
     sh = cp.routed_sharding if name == "moba" else cp.sharding(N, **inputs)
     m = sh.recv_tokens() * (B * hk * D * 2 * 4)
@@ -140,6 +144,12 @@ def _errors(rank, world):
     except AttnError as e:
         if "scope = head" not in str(e):
             out.append(f"routed scope = head: unclear message {e}")
+    try:  # Dv != D: the exchange packs K and V of one head dim (it used to fail inside it)
+        cp(cp.shard(x), cp.shard(x), cp.shard(torch.randn(1, 1, 128, 2)))
+        out.append("Dv != D: no error")
+    except AttnError as e:
+        if "one head dim for q, k and v, got 4, 4, 2" not in str(e):
+            out.append(f"Dv != D: unclear message {e}")
     # After errors the group still works (no rank is left inside a collective).
     cp(cp.shard(x), cp.shard(x), cp.shard(x))
     return out

@@ -13,7 +13,8 @@ import attnlang
 from attnlang.errors import AttnError
 from attnlang.pattern import Pattern, and_, block, causal, full, sliding
 from attnlang.plan import Plan
-from attnlang.simulate import COMPONENTS, SCHEMA, parse_sweep, simulate, simulate_plan
+from attnlang import simulate
+from attnlang.simulate import COMPONENTS, SCHEMA, parse_sweep, simulate_plan
 from attnlang.targets import known_targets, load_target, target_from_dict
 from strategies import exprs, patterns
 
@@ -387,3 +388,23 @@ def test_calibrate_refuses_bad_arguments_before_measuring(capsys, args, words):
     err = capsys.readouterr().err
     assert rc != 0 and all(w in err for w in words), err
     assert "Traceback" not in err
+
+
+def test_every_spec_kind_simulates_its_bound_pattern():
+    """``attnlang.simulate`` resolves a spec (text, expression, Pattern, Compiled, Plan) in the
+    api layer and hands the simulator a bound pattern or a plan: every kind gives one report."""
+    from attnlang.simulate import simulate_pattern
+
+    text = "pattern p(N = 1024) { tokens n[N]\n attend causal & sliding(100) }"
+    p = attnlang.resolve(text)
+    want = simulate_pattern(p, "h100", heads=2).to_json()
+    specs = {"text": simulate(text, "h100", heads=2), "pattern": simulate(p, "h100", heads=2),
+             "expr": simulate(causal & sliding(100), "h100", tokens=1024, heads=2),
+             "compiled": simulate(attnlang.compile(text), "h100", heads=2),
+             "plan": simulate(attnlang.make_plan(p), "h100", heads=2)}
+    for kind, r in specs.items():
+        got, exp = json.loads(r.to_json()), json.loads(want)
+        got.pop("pattern"), exp.pop("pattern")  # the expression's pattern has no name
+        assert got == exp, kind
+    # Parameters are the .attn file's: N=2048 plans twice the tokens.
+    assert simulate(text, "h100", N=2048).n == 2048
