@@ -8,7 +8,7 @@ Every generated kernel of the pattern's plan that does the attention work (``_at
 Triton's own compiler and ``ptxas`` (``triton.compile`` on an ``ASTSource``, for a
 ``GPUTarget``), so no GPU and no driver are needed. Per kernel and config it reports what
 ``ptxas -v`` says (registers, spill store/load bytes) and what the compiled kernel holds
-(shared memory, static counts of ``wgmma``/``mma`` PTX instructions, ``cp.async.bulk.tensor``
+(shared memory, static counts of ``wgmma``/``mma``/``tcgen05.mma`` PTX instructions, ``cp.async.bulk.tensor``
 for TMA). The MMA counts are static: every head-group branch, masked/unmasked tile loop and
 loop body unrolled by the compiler counts, so they are a per-kernel total, not per iteration.
 
@@ -64,6 +64,7 @@ class KernelReport:
     shared: int  # bytes of shared memory the launch reserves
     wgmma: int  # static count of wgmma.mma_async instructions in the PTX
     mma: int  # static count of mma.sync instructions in the PTX
+    tcgen05: int  # static count of tcgen05.mma instructions (sm_100 tensor-memory MMA) in the PTX
     tma: bool  # cp.async.bulk.tensor (TMA) in the PTX
 
 
@@ -119,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"kernels of '{pattern.name}': N = {plan.n}, tiles {plan.block_m} x {plan.block_n}, "
               f"{args.target}, {dtype}, head dim {head_dim}, triton {triton.__version__}")
         print(format_table(reports))
-        print("wgmma/mma: static instruction counts in the PTX (all branches and unrolled loop "
+        print("wgmma/mma/tcgen05: static instruction counts in the PTX (all branches and unrolled loop "
               "bodies; not per iteration)")
     return 0
 
@@ -241,13 +242,15 @@ def _compile(triton, src, target, name: str, num_warps: int, num_stages: int) ->
                             f"num_stages={num_stages}): {text.strip().splitlines()[-1] if text.strip() else type(e).__name__}") from None
     text = log.getvalue()
     m = _LOG.search(text)
-    spills = _SPILL.search(text)
+    # the entry function's own properties: a callee's block, if any, comes before it
+    spills = _SPILL.search(text, m.start()) if m is not None else None
     if m is None or spills is None:
         raise AttnError(f"could not read ptxas -v output for {name}", hint=f"ptxas said: {text[-400:]!r}")
     ptx = c.asm["ptx"]
     return KernelReport(name, c.metadata.num_warps, c.metadata.num_stages, int(m.group("regs")),
                         int(spills.group(1)), int(spills.group(2)), int(c.metadata.shared),
                         len(re.findall(r"\bwgmma\.mma_async\b", ptx)), len(re.findall(r"\bmma\.sync\b", ptx)),
+                        len(re.findall(r"\btcgen05\.mma\b", ptx)),
                         "cp.async.bulk.tensor" in ptx)
 
 
@@ -262,9 +265,9 @@ def _knob(obj, name: str, value):
 
 
 COLUMNS = ("kernel", "num_warps", "num_stages", "registers", "spill_stores", "spill_loads", "shared",
-           "wgmma", "mma", "tma")
+           "wgmma", "mma", "tcgen05", "tma")
 HEADERS = ("kernel", "warps", "stages", "registers", "spill_st_B", "spill_ld_B", "shared_B", "wgmma",
-           "mma", "tma")
+           "mma", "tcgen05", "tma")
 
 
 def format_table(reports: list[KernelReport]) -> str:

@@ -108,3 +108,16 @@ def test_missing_triton_says_how_to_install(capsys, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_triton)
     rc, out, err = cli(capsys, "kernels", SWA, "--set", "N=512")
     assert rc != 0 and "pip install" in err and "triton" in err, err
+
+
+@needs_ptxas
+@pytest.mark.parametrize("target, column", [("sm_80", "mma"), ("sm_100", "tcgen05")])
+def test_each_target_counts_its_mma_instruction(capsys, monkeypatch, target, column):
+    """sm_80 lowers tl.dot to mma.sync and sm_100 to tcgen05.mma: a report that counted only
+    wgmma would show no MMA at all there."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    rc, out, err = cli(capsys, "kernels", SWA, "--set", "N=512", "--target", target, "--dtype", "bf16",
+                       "--head-dim", "64", "--kernel", "_attn_fwd", "--config", "0", "--json")
+    assert rc == 0, err
+    (k,) = json.loads(out)["kernels"]
+    assert k[column] > 0 and k["wgmma"] == 0, k
