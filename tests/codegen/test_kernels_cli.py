@@ -5,8 +5,11 @@ Spills are recorded, not asserted to be zero: the figures are what docs/benchmar
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -43,11 +46,20 @@ def cli(capsys, *args):
     return rc, out, err
 
 
+def cli_fresh(*args):
+    """The command in a process of its own, as a user runs it: other test modules set
+    TRITON_INTERPRET=1 before importing Triton, and a process that once interpreted kernels
+    cannot compile them for a GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", "import sys; from attnlang.cli import main; sys.exit(main(sys.argv[1:]))",
+                          *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
+    return res.returncode, res.stdout, res.stderr
+
+
 @needs_ptxas
-def test_swa_compiles_for_sm90_with_numbers(capsys, monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+def test_swa_compiles_for_sm90_with_numbers():
     args = (SWA, "--set", "N=512", "--target", "sm_90", "--dtype", "fp16", "--head-dim", "64", "--config", "0")
-    rc, out, err = cli(capsys, "kernels", *args)
+    rc, out, err = cli_fresh("kernels", *args)
     assert rc == 0, err
     lines = out.splitlines()
     header = next(ln for ln in lines if ln.startswith("kernel "))
@@ -56,7 +68,7 @@ def test_swa_compiles_for_sm90_with_numbers(capsys, monkeypatch):
     rows = [ln.split() for ln in lines if ln.startswith("_attn_")]
     assert [r[0] for r in rows] == ["_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"]
 
-    rc, out, err = cli(capsys, "kernels", *args, "--json")
+    rc, out, err = cli_fresh("kernels", *args, "--json")
     assert rc == 0, err
     report = json.loads(out)
     assert report["target"] == "sm_90" and report["head_dim"] == 64 and report["dtype"] == "fp16"
@@ -80,10 +92,10 @@ def test_swa_compiles_for_sm90_with_numbers(capsys, monkeypatch):
     (["--head-dim", "300"], "head dim 300 is not supported"),
     (["--config", "9"], "--config 9 is not an autotune config of _attn_fwd"),
 ])
-def test_bad_flags_are_attn_errors(capsys, flags, message):
+def test_bad_flags_are_attn_errors(flags, message):
     if flags[0] == "--config" and _SKIP is not None:
         pytest.skip(f"cannot compile for CUDA: {_SKIP}")
-    rc, out, err = cli(capsys, "kernels", SWA, "--set", "N=512", "--kernel", "_attn_fwd", *flags)
+    rc, out, err = cli_fresh("kernels", SWA, "--set", "N=512", "--kernel", "_attn_fwd", *flags)
     assert rc != 0 and message in err, err
     assert "Traceback" not in err
 
@@ -112,11 +124,10 @@ def test_missing_triton_says_how_to_install(capsys, monkeypatch):
 
 @needs_ptxas
 @pytest.mark.parametrize("target, column", [("sm_80", "mma"), ("sm_100", "tcgen05")])
-def test_each_target_counts_its_mma_instruction(capsys, monkeypatch, target, column):
+def test_each_target_counts_its_mma_instruction(target, column):
     """sm_80 lowers tl.dot to mma.sync and sm_100 to tcgen05.mma: a report that counted only
     wgmma would show no MMA at all there."""
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    rc, out, err = cli(capsys, "kernels", SWA, "--set", "N=512", "--target", target, "--dtype", "bf16",
+    rc, out, err = cli_fresh("kernels", SWA, "--set", "N=512", "--target", target, "--dtype", "bf16",
                        "--head-dim", "64", "--kernel", "_attn_fwd", "--config", "0", "--json")
     assert rc == 0, err
     (k,) = json.loads(out)["kernels"]
