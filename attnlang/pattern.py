@@ -23,9 +23,6 @@ The code lives in :mod:`attnlang.ir`, one module per idea; this module re-export
 """
 from __future__ import annotations
 
-from attnlang.ir.bind import (  # noqa: F401  (re-exported; pyramid.py binds with these)
-    _as_tuple, _check, _fmt_axis, _fmt_scalar, _len, _per_axis, _prim_name, check_boxes, clamp_extent,
-)
 from attnlang.ir.builders import (
     axial, block, causal, full, global_, grid, halo, keys, neighborhood, none, pyramid, queries,
     random, route, same, sink, sliding, strided, valid, window,
@@ -33,9 +30,9 @@ from attnlang.ir.builders import (
 from attnlang.ir.expr import INF, And, Empty, Expr, Full, Not, Or, PerAxis, and_, not_, or_
 from attnlang.ir.layout import DEFAULT_AXIS_NAMES, Axis, Env, Layout, Points
 from attnlang.ir.natten import natten_window
-from attnlang.ir.nodes import _PRIM_NAMES, COMBINATORS, NODES, PRIMITIVES  # noqa: F401
+from attnlang.ir.nodes import COMBINATORS, NODES, PRIMITIVES  # noqa: F401
 from attnlang.ir.pattern import (
-    ORDERS, ByHead, HeadRange, Input, Pattern, Pyramid, Schedule, bind_pyramid, block_sizes, exact_fraction,
+    ORDERS, ByHead, HeadRange, Input, Pattern, Pyramid, Schedule, block_sizes, exact_fraction,
 )
 from attnlang.ir.primitives import (
     Axial, Block, Causal, Grid, Halo, Indices, Keys, Neighborhood, Queries, Random, Range, Same,

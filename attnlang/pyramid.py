@@ -38,7 +38,6 @@ import numpy as np
 from attnlang.boxes import box_order, token_boxes
 from attnlang.errors import AttnError
 from attnlang.pattern import Env, Layout, Pattern, Pyramid, Route, exact_fraction
-from attnlang.pattern import block_sizes  # noqa: F401  (re-exported: the token counts a level must divide)
 from attnlang.plan import BlockTable, HeadGroup, Plan
 from attnlang.routing import eligibility, segment_mean
 

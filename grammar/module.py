@@ -170,7 +170,7 @@ class Module:
         for decl in self.patterns.values():
             _check_decl(self, ev, decl)
         for d in self.defs.values():
-            for node in _walk(d.body):
+            for node in walk(d.body):
                 _static_call(self, node, ev.out)
         if ev.out:
             raise AttnError(_dedupe(ev.out))
@@ -208,16 +208,15 @@ def _dedupe(diags: list[Diagnostic]) -> list[Diagnostic]:
 
 # --- static checks (no values needed) ---------------------------------------------------------
 
-_walk = walk
 
 
 def _walk_pattern(decl: A.PatternDecl):
     for p in decl.params or ():
         if p.default is not None:
-            yield from _walk(p.default)
+            yield from walk(p.default)
     for s in decl.body:
         for e in _stmt_exprs(s):
-            yield from _walk(e)
+            yield from walk(e)
 
 
 def _stmt_exprs(s) -> list[A.Expr]:
@@ -275,7 +274,7 @@ def _check_names(m: Module, out: list[Diagnostic]) -> None:
 
     def names_in(e: A.Expr, visible: set[str], axes: set[str] | None) -> None:
         literal: set[int] = set()
-        for node in _walk(e):
+        for node in walk(e):
             if isinstance(node, A.Call):
                 literal |= _literal_name_args(m, node)
                 # importance(...) is the value syntax of route's permute_keys, not a name

@@ -28,8 +28,10 @@ from attnlang.routing import eligibility, eligibility_permuted, routes, threshol
 from attnlang.routing import select as np_select
 
 
-def _segment_mean(x: torch.Tensor, ids: torch.Tensor, count: int) -> torch.Tensor:
-    """Mean of ``x [H, N, D]`` over tokens sharing an id (``ids [N]``): fp32 ``[H, count, D]``."""
+def segment_mean(x: torch.Tensor, ids: torch.Tensor, count: int) -> torch.Tensor:
+    """Mean of ``x [H, N, D]`` over tokens sharing an id (``ids [N]``): fp32 ``[H, count, D]``.
+    Context parallelism pools its own blocks with it too, so a block owner's mean is bit-identical
+    to the single-process one."""
     H, _, D = x.shape
     out = torch.zeros((H, count, D), dtype=torch.float32, device=x.device).index_add_(1, ids, x.float())
     num = torch.bincount(ids, minlength=count).clamp_min(1).to(torch.float32)
@@ -167,10 +169,10 @@ def route_content(route: Route, layout: Layout, q: torch.Tensor, k: torch.Tensor
     kv_of = torch.arange(Hq, device=dev) // (Hq // k.shape[0])
     G, nb = route.groups(layout), route.blocks(layout)
     with torch.no_grad():
-        qmean = _segment_mean(q, torch.from_numpy(group_ids(route, layout)).to(dev), G)
+        qmean = segment_mean(q, torch.from_numpy(group_ids(route, layout)).to(dev), G)
         out: dict[Any, np.ndarray] = {}
         if route.permute is None:
-            kmean = _segment_mean(k, torch.from_numpy(block_ids(route, layout)).to(dev), nb)[kv_of]
+            kmean = segment_mean(k, torch.from_numpy(block_ids(route, layout)).to(dev), nb)[kv_of]
             elig = torch.from_numpy(eligibility(route, layout)).to(dev)[None]
         else:
             perm = importance_perm(route, q, k, scale)

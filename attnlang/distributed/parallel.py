@@ -50,6 +50,7 @@ from attnlang.planner import make_plan
 from attnlang.routing import block_ids, eligibility, group_ids, routes, select
 from attnlang.runtime.call import check_call
 from attnlang.runtime.chunks import chunk_backward, chunk_forward
+from attnlang.runtime.routing import segment_mean
 from attnlang.runtime.tiles import partial_masks
 from attnlang.simulate import sample_content
 
@@ -214,12 +215,12 @@ class ContextParallel:
                     G, nb = r.groups(pattern.layout), r.blocks(pattern.layout)
                     kid = torch.from_numpy(block_ids(r, pattern.layout)).to(dev)[mine]
                     gid_np = group_ids(r, pattern.layout)[lay.tokens[self.rank]]
-                    kmean = _segment_mean(k[b], kid, nb)  # blocks this rank owns, zeros elsewhere
+                    kmean = segment_mean(k[b], kid, nb)  # blocks this rank owns, zeros elsewhere
                     dist.all_reduce(kmean, group=self.group)  # each block has one owner: exact
                     self.stats["routing_bytes"] = self.stats.get("routing_bytes", 0) + kmean.numel() * 4
                     my_groups = np.unique(gid_np)
                     local_gid = np.searchsorted(my_groups, gid_np)
-                    qmean = _segment_mean(q[b], torch.from_numpy(local_gid).to(dev), len(my_groups))
+                    qmean = segment_mean(q[b], torch.from_numpy(local_gid).to(dev), len(my_groups))
                     scores = np.einsum("hgd,hbd->hgb", qmean.cpu().numpy(), kmean[kv_of].cpu().numpy()
                                        ).astype(np.float32) * np.float32(scale)
                     elig = eligibility(r, pattern.layout)[my_groups][None]
@@ -311,15 +312,6 @@ def _routed_static(pattern: Pattern):
     return sample_content(pattern, 1, 16), unit
 
 
-def _segment_mean(x: torch.Tensor, ids: torch.Tensor, count: int) -> torch.Tensor:
-    """Mean of ``x [H, n, D]`` over tokens sharing an id: fp32 ``[H, count, D]``, the same
-    operations as the single-process routing stage (so a block owner's mean is bit-identical)."""
-    H, _, D = x.shape
-    out = torch.zeros((H, count, D), dtype=torch.float32, device=x.device).index_add_(1, ids, x.float())
-    num = torch.bincount(ids, minlength=count).clamp_min(1).to(torch.float32)
-    return out / num[None, :, None]
-
-
 def _check_4d(name: str, t: Any) -> None:
     if not isinstance(t, torch.Tensor):
         raise AttnError(f"{name} must be a torch.Tensor [B, H, N, D], got {type(t).__name__}")
@@ -403,7 +395,7 @@ class _Layout:
         """The layout of ``rank`` for a sharding and the plans (per batch item) it runs;
         ``contents``: per batch item routing content (routed patterns), else None."""
         world_size = sh.world_size
-        bm, bn = sh.block_m, sh.block_n
+        bn = sh.block_n
         tokens = [sh.tokens(r) for r in range(world_size)]
         mine = tokens[rank]
         local = np.full(pattern.n + 1, -1, dtype=np.int64)
@@ -661,7 +653,6 @@ class _CPAttention(torch.autograd.Function):
         B, Hq, n, D = q.shape
         Hkv = k.shape[1]
         dev = q.device
-        T = lay.q_tiles()
         q_rows = lay.q_rows.to(dev)
         dok = torch.zeros_like(out_k)
         if dout is not None:

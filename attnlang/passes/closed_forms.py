@@ -92,7 +92,7 @@ def _row_intervals(term: Term, layout: Layout, inputs, q: np.ndarray | None = No
                 plo, phi = p.reach(q, q)
                 lo, hi = np.maximum(lo, plo), np.minimum(hi, phi)
         elif t.op == Op.VALID:
-            m = input_length(inputs, t.arg.input, n)
+            m = input_length(inputs, t.arg.input)
             hi = np.where(q < m, np.minimum(hi, m - 1), -1)
         elif t.op in (Op.KEYS, Op.QUERIES) and isinstance(t.arg.sel, Range):
             r = t.arg.sel

@@ -25,7 +25,7 @@ def token_counts(t: Term, ctx: Ctx) -> tuple[np.ndarray, np.ndarray]:
     key = ("counts", id(t))
     if key not in ctx._cache:
         if t.op == Op.VALID:
-            n = input_length(ctx.inputs, t.arg.input, ctx.layout.n)
+            n = input_length(ctx.inputs, t.arg.input)
             pq = pk = lambda tok: tok < n  # noqa: E731
         elif t.op == Op.KEYS:
             pq, pk = (lambda tok: np.ones(len(tok), bool)), _sel_pred(t.arg.sel)
@@ -45,7 +45,7 @@ def join_pairs(t: Term, ctx: Ctx) -> tuple[np.ndarray, np.ndarray]:
     if key in ctx._cache:
         return ctx._cache[key]
     if t.op == Op.SAME:
-        ids = input_ids(ctx.inputs, t.arg.input, ctx.layout.n)
+        ids = input_ids(ctx.inputs, t.arg.input)
         _, inv = np.unique(ids, return_inverse=True)
         grp = lambda tok: inv[tok]  # noqa: E731
         n_groups = int(inv.max()) + 1 if len(inv) else 0

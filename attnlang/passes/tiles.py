@@ -135,11 +135,11 @@ def check_rows(n_kernel: int, bm: int, bn: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 # Checked once, at make_plan, by attnlang.inputs (ids [N] and a 0-d length, int64); these only read.
-def input_ids(inputs: Mapping[str, np.ndarray], name: str, n: int) -> np.ndarray:
+def input_ids(inputs: Mapping[str, np.ndarray], name: str) -> np.ndarray:
     return np.asarray(inputs[name]).reshape(-1).astype(np.int64)
 
 
-def input_length(inputs: Mapping[str, np.ndarray], name: str, n: int) -> int:
+def input_length(inputs: Mapping[str, np.ndarray], name: str) -> int:
     return int(np.asarray(inputs[name]).reshape(()))
 
 

@@ -169,18 +169,24 @@ for doc in (torch.zeros(50, dtype=torch.long), torch.zeros(3, 64, dtype=torch.lo
 """
 
 
-def test_standalone_module_wrong_length_runtime_input(tmp_path):
-    """A wrong-length ``doc`` given to a vendored module gets attnlang's own message (it leaked
-    torch's "expanded size" RuntimeError)."""
+def _run_vendored_packed_docs(tmp_path, script: str) -> str:
+    """Vendor packed_docs (N = 64, 16 x 16 tiles) with `attnlang compile`, then run ``script`` on it
+    in an isolated process where attnlang cannot be imported; its stdout."""
     argv = ["compile", str(EXAMPLES / "packed_docs.attn"), "--set", "N=64", "-o", str(tmp_path / "out"),
             "--target", "cpu", "--block-m", "16", "--block-n", "16"]
     assert main(argv) == 0
-    (tmp_path / "bad.py").write_text(BAD_INPUTS)
+    (tmp_path / "run_vendored.py").write_text(script)
     env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)}
-    r = subprocess.run([sys.executable, "-I", str(tmp_path / "bad.py"), str(tmp_path / "out"), "packed_docs"],
+    r = subprocess.run([sys.executable, "-I", str(tmp_path / "run_vendored.py"), str(tmp_path / "out"), "packed_docs"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    lines = r.stdout.splitlines()
+    return r.stdout
+
+
+def test_standalone_module_wrong_length_runtime_input(tmp_path):
+    """A wrong-length ``doc`` given to a vendored module gets attnlang's own message (it leaked
+    torch's "expanded size" RuntimeError)."""
+    lines = _run_vendored_packed_docs(tmp_path, BAD_INPUTS).splitlines()
     assert lines == [f"ValueError: runtime input 'doc' (ids) must have shape [B, N] = [2, 64] or [N], got {shape}"
                      for shape in ("(50,)", "(3, 64)", "(2, 2, 64)")]
     # the same words as the main API
@@ -225,12 +231,4 @@ print("OK" if ok else "LEAK")
 def test_standalone_module_isolates_nan(tmp_path):
     """A vendored module keeps NaN in one document's keys/values out of the other documents'
     rows and gradients (its kernels' EXACT variant), with attnlang not importable."""
-    argv = ["compile", str(EXAMPLES / "packed_docs.attn"), "--set", "N=64", "-o", str(tmp_path / "out"),
-            "--target", "cpu", "--block-m", "16", "--block-n", "16"]
-    assert main(argv) == 0
-    (tmp_path / "nan.py").write_text(NAN_RUNNER)
-    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)}
-    r = subprocess.run([sys.executable, "-I", str(tmp_path / "nan.py"), str(tmp_path / "out"), "packed_docs"],
-                       capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.strip() == "OK"
+    assert _run_vendored_packed_docs(tmp_path, NAN_RUNNER).strip() == "OK"

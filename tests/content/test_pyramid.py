@@ -11,7 +11,8 @@ from hypothesis import given, settings, strategies as st
 import attnlang
 from attnlang.errors import AttnError
 from attnlang.pattern import Causal, Full, Layout, Pattern, Pyramid, causal, full, pyramid
-from attnlang.pyramid import block_sizes, level_table
+from attnlang.pattern import block_sizes
+from attnlang.pyramid import level_table
 from strategies import exprs, layouts
 
 
